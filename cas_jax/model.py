@@ -1,0 +1,266 @@
+"""A pure-functional Llama-family decoder (Llama 2/3, SmolLM, Mistral, Qwen2, Qwen3).
+
+Params are a plain dict of arrays; per-layer weights are stacked on a leading layer axis L so
+the layers run under `jax.lax.scan`:
+
+  embed        [V, D]
+  final_norm   [D]
+  lm_head      [D, V]          only when the embeddings are untied
+  layers/
+    attn_norm  [L, D]          mlp_norm  [L, D]
+    q          [L, D, H*Dh]    k, v      [L, D, K*Dh]     o   [L, H*Dh, D]
+    q_bias     [L, H*Dh]       k_bias, v_bias [L, K*Dh]   (Qwen2, Llama attention_bias)
+    o_bias     [L, D]          (Llama attention_bias)
+    q_norm     [L, Dh]         k_norm    [L, Dh]          (Qwen3)
+    gate, up   [L, D, F]       down      [L, F, D]
+
+Letters: B batch, T query tokens, S key slots, L layers, D hidden, H query heads, K kv heads,
+G = H // K query heads per kv head, Dh head dim, F MLP width, V vocab, P prefix tokens.
+
+Position convention: `positions[b, t]` is the RoPE position of token t in row b. A negative
+position marks padding: the token is never attended to and its outputs are meaningless.
+Keys in caches and prefixes are stored after RoPE, so they are never rotated again. A query at
+position p attends to cache/token keys whose position is in [0, p] (and within the sliding
+window, if any) and to every prefix slot whose mask is True. Callers put query positions after
+the prefix: with n valid prefix tokens the first query token has position n.
+
+KV cache (dict):  k, v [L, B, S, K, Dh];  pos [B, S] int32 (-1 = empty slot);  index [] int32,
+the slot where the next tokens are written (all rows write at the same slot: left padding).
+Prefix (dict):    k, v [L, B, P, K, Dh] after RoPE;  mask [B, P] bool (False = unused slot).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cas_jax.config import ModelConfig
+
+Params = dict[str, Any]
+KVCache = dict[str, jax.Array]
+Prefix = dict[str, jax.Array]
+
+_NEG = -1e30
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [Dh/2] with linear or llama3 scaling applied (float64 numpy)."""
+    dh = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (np.arange(0, dh, 2, dtype=np.float64) / dh))
+    if config.rope_llama3 is not None:
+        factor, lo, hi, orig = config.rope_llama3
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > orig / lo, inv / factor, inv)
+        smooth = (orig / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < orig / hi) & ~(wavelen > orig / lo)
+        inv = np.where(medium, smoothed, scaled)
+    return inv / config.rope_linear_factor
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotates x [B, T, N, Dh] by positions [B, T] (HF "rotate_half" layout)."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def key_visibility(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
+    """[B, T, S] bool: query at q_pos [B, T] may see key at k_pos [B, S] (causal, no padding)."""
+    qp = q_pos[:, :, None]
+    kp = k_pos[:, None, :]
+    visible = (kp >= 0) & (kp <= qp)
+    if window is not None:
+        visible &= qp - kp < window
+    return visible
+
+
+def attend(q: jax.Array, blocks: list[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
+    """Grouped-query attention over several key/value blocks sharing one softmax.
+
+    q [B, T, H, Dh]; each block is (k, v [B, S_i, K, Dh], visible [B, T, S_i]) -> [B, T, H, Dh].
+    Blocks (prefix, cache, new tokens) are never concatenated: only their scores are, which are
+    small, so a long cache is read once and not copied. Softmax in float32; rows with no visible
+    key give a uniform average (never NaN).
+    """
+    b, t, h, dh = q.shape
+    kh = blocks[0][0].shape[2]
+    q = q.reshape(b, t, kh, h // kh, dh)
+    scores = []
+    for k, _, visible in blocks:
+        s = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
+                       preferred_element_type=jnp.float32) * (1.0 / math.sqrt(dh))
+        scores.append(jnp.where(visible[:, None, None, :, :], s, _NEG))
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+    out = 0
+    start = 0
+    for k, v, _ in blocks:
+        p = probs[..., start:start + k.shape[1]].astype(q.dtype)
+        out = out + jnp.einsum("bkgts,bskd->btkgd", p, v.astype(q.dtype),
+                               preferred_element_type=jnp.float32)
+        start += k.shape[1]
+    return out.astype(q.dtype).reshape(b, t, h, dh)
+
+
+def _linear(x, w, b=None):
+    y = jnp.einsum("btd,df->btf", x, w)
+    return y if b is None else y + b
+
+
+def _layer(config: ModelConfig, inv_freq, x, positions, lp, pre, cache_l, cache_pos):
+    """One decoder layer.
+
+    cache_l: None, or this layer's cache (k, v) [B, S, K, Dh] holding earlier tokens only, with
+    cache_pos [B, S] their positions. Returns (x_out, (k, v)): this call's keys (after RoPE) and
+    values [B, T, K, Dh], which the caller writes into the cache.
+    """
+    b, t, _ = x.shape
+    h = rms_norm(x, lp["attn_norm"], config.rms_norm_eps)
+    q = _linear(h, lp["q"], lp.get("q_bias")).reshape(b, t, config.num_heads, config.head_dim)
+    k = _linear(h, lp["k"], lp.get("k_bias")).reshape(b, t, config.num_kv_heads, config.head_dim)
+    v = _linear(h, lp["v"], lp.get("v_bias")).reshape(b, t, config.num_kv_heads, config.head_dim)
+    if config.qk_norm:
+        q = rms_norm(q, lp["q_norm"], config.rms_norm_eps)
+        k = rms_norm(k, lp["k_norm"], config.rms_norm_eps)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+
+    blocks = []
+    if pre is not None:
+        pk, pv, pmask = pre
+        blocks.append((pk, pv, jnp.broadcast_to(pmask[:, None, :], (b, t, pmask.shape[1]))))
+    if cache_l is not None:
+        ck, cv = cache_l
+        blocks.append((ck, cv, key_visibility(positions, cache_pos, config.sliding_window)))
+    blocks.append((k, v, key_visibility(positions, positions, config.sliding_window)))
+    attn = attend(q, blocks)
+    attn = attn.reshape(b, t, config.num_heads * config.head_dim)
+    x = x + _linear(attn, lp["o"], lp.get("o_bias"))
+
+    h = rms_norm(x, lp["mlp_norm"], config.rms_norm_eps)
+    gate = jax.nn.silu(_linear(h, lp["gate"]))
+    x = x + _linear(gate * _linear(h, lp["up"]), lp["down"])
+    return x, (k, v)
+
+
+def forward(params: Params, tokens: jax.Array, positions: jax.Array,
+            kv_cache: KVCache | None = None, prefix: Prefix | None = None, *,
+            config: ModelConfig, return_hidden: bool = False, remat: bool = False):
+    """Runs the decoder.
+
+    tokens, positions: [B, T] int32 (negative position = padding).
+    kv_cache: optional cache (see module doc); the T new tokens' K/V are written at
+      `kv_cache["index"]` and the returned cache has index advanced by T.
+    prefix: optional K/V placed before every key (cartridges); gradients flow into it.
+    Returns (logits [B, T, V] float32, or the final hidden states [B, T, D] if return_hidden,
+    and the new KV cache, or when no cache was given a dict {k, v: [L, B, T, K, Dh]} with this
+    call's keys (after RoPE) and values).
+    """
+    inv_freq = rope_inv_freq(config)
+    x = params["embed"][tokens]
+    index = None if kv_cache is None else kv_cache["index"]
+    pre_xs = None if prefix is None else (
+        prefix["k"], prefix["v"],
+        jnp.broadcast_to(prefix["mask"], (config.num_layers,) + prefix["mask"].shape))
+    cache_xs = None if kv_cache is None else (kv_cache["k"], kv_cache["v"])
+    cache_pos = None if kv_cache is None else kv_cache["pos"]
+
+    def body(x, xs):
+        lp, pre, cache_l = xs
+        return _layer(config, inv_freq, x, positions, lp, pre, cache_l, cache_pos)
+
+    if remat:
+        body = jax.checkpoint(body)
+    # The cache is read per layer as scan input; only the T new tokens' K/V come out of the
+    # scan and are written into the cache once, in place when the caller donates it.
+    x, (k_new, v_new) = jax.lax.scan(body, x, (params["layers"], pre_xs, cache_xs))
+    if kv_cache is None:
+        new_cache = {"k": k_new, "v": v_new}
+    else:
+        index = kv_cache["index"]
+        new_pos = jnp.where(positions >= 0, positions, -1).astype(jnp.int32)
+        new_cache = {
+            "k": jax.lax.dynamic_update_slice(
+                kv_cache["k"], k_new.astype(kv_cache["k"].dtype), (0, 0, index, 0, 0)),
+            "v": jax.lax.dynamic_update_slice(
+                kv_cache["v"], v_new.astype(kv_cache["v"].dtype), (0, 0, index, 0, 0)),
+            "pos": jax.lax.dynamic_update_slice_in_dim(kv_cache["pos"], new_pos, index, axis=1),
+            "index": index + tokens.shape[1]}
+    x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
+    if return_hidden:
+        return x, new_cache
+    return logits_from_hidden(params, x, config), new_cache
+
+
+def logits_from_hidden(params: Params, hidden: jax.Array, config: ModelConfig) -> jax.Array:
+    """hidden [..., D] -> float32 logits [..., V] (tied or untied head)."""
+    if config.tie_embeddings:
+        w = params["embed"]
+        return jnp.einsum("...d,vd->...v", hidden, w, preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", hidden, params["lm_head"],
+                      preferred_element_type=jnp.float32)
+
+
+def init_cache(config: ModelConfig, batch: int, size: int, dtype=jnp.float32) -> KVCache:
+    """An empty cache of `size` slots per row."""
+    shape = (config.num_layers, batch, size, config.num_kv_heads, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "pos": jnp.full((batch, size), -1, jnp.int32), "index": jnp.zeros((), jnp.int32)}
+
+
+def param_shapes(config: ModelConfig) -> dict[str, Any]:
+    """The params pytree as shape tuples (see module doc)."""
+    c = config
+    L, D, F = c.num_layers, c.hidden_size, c.intermediate_size
+    hq, hk = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    layers = {"attn_norm": (L, D), "mlp_norm": (L, D), "q": (L, D, hq), "k": (L, D, hk),
+              "v": (L, D, hk), "o": (L, hq, D), "gate": (L, D, F), "up": (L, D, F),
+              "down": (L, F, D)}
+    if c.qkv_bias:
+        layers.update(q_bias=(L, hq), k_bias=(L, hk), v_bias=(L, hk))
+    if c.o_bias:
+        layers["o_bias"] = (L, D)
+    if c.qk_norm:
+        layers.update(q_norm=(L, c.head_dim), k_norm=(L, c.head_dim))
+    shapes = {"embed": (c.vocab_size, D), "final_norm": (D,), "layers": layers}
+    if not c.tie_embeddings:
+        shapes["lm_head"] = (D, c.vocab_size)
+    return shapes
+
+
+def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
+    """Random params (normal, std 0.02; norms at 1) for tests and benchmarks."""
+    shapes = param_shapes(config)
+    leaves, treedef = jax.tree_util.tree_flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+        shapes, is_leaf=lambda s: isinstance(s, tuple))[0]]
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for path, shape, k in zip(paths, leaves, keys):
+        if "norm" in path:
+            out.append(jnp.ones(shape, dtype))
+        else:
+            out.append((0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def prefill_kv(params: Params, tokens: jax.Array, positions: jax.Array, *,
+               config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """K/V (after RoPE) of `tokens` [B, T]: two arrays [L, B, T, K, Dh]."""
+    _, kv = forward(params, tokens, positions, config=config, return_hidden=True)
+    return kv["k"], kv["v"]

@@ -1,0 +1,159 @@
+"""Batched, jitted generation with a preallocated KV cache.
+
+Prompts are LEFT-padded to a common length so every row writes its next token into the same
+cache slot; padding tokens get position -1 (never attended). A row's first prompt token has
+position n_prefix[b] (the number of valid prefix tokens of that row), so generation continues
+after any cartridges in `prefix`.
+
+To avoid recompiling for every new shape, the prompt length, the batch size, the cache size and
+the output length are rounded up to buckets (`bucket`); temperature, top-p, the real number of new
+tokens and the stop ids are traced values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cas_jax import model as model_lib
+from cas_jax.config import ModelConfig
+
+MAX_STOP_IDS = 8
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Rounds n up to a power of two (at least `minimum`), or to a multiple of 1024 past 1024."""
+    n = max(n, minimum)
+    if n > 1024:
+        return -(-n // 1024) * 1024
+    return 1 << (n - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 means greedy; top_p 1.0 disables nucleus filtering."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop_ids: tuple[int, ...] = ()
+
+
+def sample_logits(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_p: jax.Array
+                  ) -> jax.Array:
+    """logits [B, V] -> token ids [B]. Greedy where temperature <= 0, else top-p sampling."""
+    greedy = jnp.argmax(logits, axis=-1)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    order = jnp.argsort(-scaled, axis=-1)
+    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    sorted_logits = jnp.where(mass_before < top_p, sorted_logits, -jnp.inf)
+    choice = jax.random.categorical(rng, sorted_logits, axis=-1)
+    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "cache_size", "out_len"),
+                   donate_argnames=())
+def _generate(params, tokens, positions, prefix, rng, temperature, top_p, max_new, stop_ids,
+              *, config: ModelConfig, cache_size: int, out_len: int):
+    """tokens/positions [B, Tp] left-padded; returns (new tokens [B, out_len], lengths [B])."""
+    b = tokens.shape[0]
+    dtype = params["embed"].dtype
+    cache = model_lib.init_cache(config, b, cache_size, dtype)
+    logits, cache = model_lib.forward(params, tokens, positions, cache, prefix, config=config)
+    last_pos = jnp.max(positions, axis=1)
+    rng, sub = jax.random.split(rng)
+    first = sample_logits(logits[:, -1], sub, temperature, top_p)
+
+    def is_stop(tok):
+        return jnp.any(tok[:, None] == stop_ids[None, :], axis=1)
+
+    out = jnp.zeros((b, out_len), jnp.int32).at[:, 0].set(first)
+    done = is_stop(first) | (max_new <= 1)
+    lengths = jnp.ones((b,), jnp.int32)
+
+    def cond(state):
+        step, _, _, _, done, _, _ = state
+        return (step < jnp.minimum(max_new, out_len)) & ~jnp.all(done)
+
+    def body(state):
+        step, cache, out, tok, done, lengths, rng = state
+        pos = (last_pos + step)[:, None]
+        logits, cache = model_lib.forward(params, tok[:, None], pos, cache, prefix, config=config)
+        rng, sub = jax.random.split(rng)
+        nxt = sample_logits(logits[:, 0], sub, temperature, top_p)
+        nxt = jnp.where(done, 0, nxt)
+        out = out.at[:, step].set(nxt)
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | is_stop(nxt)
+        return step + 1, cache, out, nxt, done, lengths, rng
+
+    state = (jnp.int32(1), cache, out, first, done, lengths, rng)
+    _, _, out, _, _, lengths, _ = jax.lax.while_loop(cond, body, state)
+    return out, lengths
+
+
+def left_pad(prompts: list[list[int]], length: int, n_prefix: np.ndarray, pad_id: int = 0
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads prompts to `length`; positions count from n_prefix[b], padding gets -1."""
+    b = len(prompts)
+    tokens = np.full((b, length), pad_id, np.int32)
+    positions = np.full((b, length), -1, np.int32)
+    for i, p in enumerate(prompts):
+        n = len(p)
+        tokens[i, length - n:] = p
+        positions[i, length - n:] = n_prefix[i] + np.arange(n)
+    return tokens, positions
+
+
+def _pad_rows(x, rows: int):
+    pad = rows - x.shape[0]
+    return x if pad == 0 else jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)], axis=0)
+
+
+def generate(params, config: ModelConfig, prompts: list[list[int]],
+             sampling: SamplingParams = SamplingParams(), *, prefix=None, seed: int = 0
+             ) -> list[list[int]]:
+    """Generates a continuation for each prompt (lists of token ids), batched.
+
+    prefix: optional {k, v: [L, B, P, K, Dh], mask: [B, P]} placed before every row's prompt
+      (e.g. `attention.compose` of cartridges). Returns, per row, the new tokens up to and
+      including the first stop id (or max_new_tokens of them).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    b = len(prompts)
+    b_pad = bucket(b, minimum=1)
+    tp = bucket(max(len(p) for p in prompts))
+    out_len = bucket(sampling.max_new_tokens)
+    prefix_len = 0 if prefix is None else prefix["mask"].shape[1]
+    cache_size = bucket(tp + out_len)
+    if tp + out_len + prefix_len > config.max_position_embeddings:
+        raise ValueError(f"generate: prompt ({tp}) + new tokens ({out_len}) + prefix "
+                         f"({prefix_len}) exceed the model window "
+                         f"{config.max_position_embeddings}")
+    n_prefix = (np.zeros(b, np.int32) if prefix is None
+                else np.asarray(prefix["mask"]).sum(axis=1).astype(np.int32)[:b])
+    rows = list(prompts) + [prompts[-1]] * (b_pad - b)
+    n_prefix = np.concatenate([n_prefix, np.repeat(n_prefix[-1:], b_pad - b)])
+    tokens, positions = left_pad(rows, tp, n_prefix)
+    if prefix is not None:
+        prefix = {"k": jnp.swapaxes(_pad_rows(jnp.swapaxes(prefix["k"], 0, 1), b_pad), 0, 1),
+                  "v": jnp.swapaxes(_pad_rows(jnp.swapaxes(prefix["v"], 0, 1), b_pad), 0, 1),
+                  "mask": _pad_rows(prefix["mask"], b_pad)}
+    stops = list(sampling.stop_ids)[:MAX_STOP_IDS]
+    stop_arr = np.full((MAX_STOP_IDS,), -1, np.int32)
+    stop_arr[:len(stops)] = stops
+    out, lengths = _generate(
+        params, jnp.asarray(tokens), jnp.asarray(positions), prefix, jax.random.PRNGKey(seed),
+        jnp.float32(sampling.temperature), jnp.float32(sampling.top_p),
+        jnp.int32(sampling.max_new_tokens), jnp.asarray(stop_arr),
+        config=config, cache_size=cache_size, out_len=out_len)
+    out, lengths = np.asarray(out), np.asarray(lengths)
+    return [out[i, :lengths[i]].tolist() for i in range(b)]
