@@ -65,7 +65,7 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
     """Rotates x [B, T, N, Dh] by positions [B, T] (HF "rotate_half" layout)."""
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)[None, None]
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -76,7 +76,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (xf * weight.astype(jnp.float32)).astype(x.dtype)
+    w = weight.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + weight.shape)
+    return (xf * w).astype(x.dtype)
 
 
 def key_visibility(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
@@ -118,7 +119,7 @@ def attend(q: jax.Array, blocks: list[tuple[jax.Array, jax.Array, jax.Array]]) -
 
 def _linear(x, w, b=None):
     y = jnp.einsum("btd,df->btf", x, w)
-    return y if b is None else y + b
+    return y if b is None else y + b[None, None]
 
 
 def _layer(config: ModelConfig, inv_freq, x, positions, lp, pre, cache_l, cache_pos):
@@ -264,3 +265,7 @@ def prefill_kv(params: Params, tokens: jax.Array, positions: jax.Array, *,
     """K/V (after RoPE) of `tokens` [B, T]: two arrays [L, B, T, K, Dh]."""
     _, kv = forward(params, tokens, positions, config=config, return_hidden=True)
     return kv["k"], kv["v"]
+
+
+forward_jit = jax.jit(forward, static_argnames=("config", "return_hidden", "remat"))
+"""`forward` jitted with the config (and flags) static."""
