@@ -1,0 +1,334 @@
+"""Cartridges at Scale: one cartridge per document, trained jointly with distractor cartridges.
+
+Each step takes a batch of self-study conversations (rows of many documents), draws distractors
+for every row (`distractors.plan_step`), pages the step's cartridges and their optimizer state in
+through the `BudgetManager` (the next step's are prefetched while this one runs), stacks them
+into a step bank of fixed capacity N = batch * (1 + k_max) slots (so the jitted step never
+recompiles), takes one optimisation step and hands the changed cartridges back to the manager,
+which writes them to the store when it evicts them or at a checkpoint.
+
+Per-cartridge optimizer state: every cartridge has its own Adam state (`optimizer.init` of its
+`split_cartridges` parts, with its own step count); the step applies the optimizer vmapped over
+the bank slots, so paging a cartridge out and back in resumes its optimizer exactly. Clipping is
+per cartridge. The sink token is frozen by the optimizer (see `train.make_optimizer`).
+
+Gradient scope: "target" (default) updates only the cartridges that are some row's own
+document (distractor slots are wrapped in stop_gradient and their state is left untouched);
+"all" updates every active cartridge, distractors included.
+
+Crash safety: between checkpoints, write-backs go to a pending store (`<store>/../pending`); a
+checkpoint flushes the manager, records the step and the data iterator state, then promotes the
+pending cartridges into the main store. A run killed between checkpoints discards the pending
+cartridges and resumes from the last checkpoint with the data iterator rewound to it, so every
+cartridge update is applied exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cas_jax import cartridge as cart_lib, dataset, train
+from cas_jax.budget import BudgetManager
+from cas_jax.cartridge import Cartridge
+from cas_jax.distractors import DistractorSchedule, StepPlan, plan_step
+from cas_jax.loading import LoadedModel
+from cas_jax.store import CartridgeStore
+
+GRAD_SCOPES = ("target", "all")
+RUN_STATE = "collection_run.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectionConfig:
+    """tokens_per_doc: P of every document's cartridge. budget_bytes: device bytes for resident
+    cartridges + optimizer state. checkpoint_every: steps between checkpoints."""
+
+    tokens_per_doc: int = 128
+    batch_size: int = 4
+    seq_len: int = 512
+    steps: int = 100
+    distractors: DistractorSchedule = DistractorSchedule()
+    grad_scope: str = "target"
+    budget_bytes: int = 1 << 30
+    checkpoint_every: int = 50
+    prefetch: bool = True
+    seed: int = 0
+    log_every: int = 5
+
+    def __post_init__(self):
+        if self.grad_scope not in GRAD_SCOPES:
+            raise ValueError(f"grad_scope {self.grad_scope!r}: expected one of {GRAD_SCOPES}")
+
+
+class PendingStore:
+    """A CartridgeStore view whose writes land in `pending` until `commit` promotes them."""
+
+    def __init__(self, main: CartridgeStore, pending: CartridgeStore):
+        self.main, self.pending = main, pending
+
+    def load(self, doc_id, opt_template=None, expected_fingerprint=None, read_opt_state=True):
+        src = self.pending if self.pending.exists(doc_id) else self.main
+        return src.load(doc_id, opt_template, expected_fingerprint, read_opt_state)
+
+    def save(self, doc_id, cartridge, opt_state=None, step=0):
+        self.pending.save(doc_id, cartridge, opt_state, step)
+
+    def commit(self, opt_template) -> int:
+        """Moves every pending cartridge into the main store; returns how many."""
+        ids = self.pending.list()
+        for doc_id in ids:
+            self.main.save(doc_id, *self.pending.load(doc_id, opt_template))
+            self.pending.delete(doc_id)
+        return len(ids)
+
+    def discard(self) -> int:
+        ids = self.pending.list()
+        for doc_id in ids:
+            self.pending.delete(doc_id)
+        return len(ids)
+
+
+def document_tokens(tokenizer, text: str, num_tokens: int) -> np.ndarray:
+    """The first num_tokens tokens of text; a shorter document is repeated to fill them."""
+    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
+    if len(ids) == 0:
+        raise ValueError("cannot initialise a cartridge from an empty document")
+    return np.resize(ids, num_tokens)
+
+
+def single_parts(c: Cartridge) -> dict:
+    """One cartridge's {frozen, trainable} parts (no slot axis), as `train` splits them."""
+    parts = train.split_cartridges(c.keys[None], c.values[None], c.meta.num_frozen)
+    return jax.tree.map(lambda x: x[0], parts)
+
+
+def opt_template_fn(optimizer: optax.GradientTransformation) -> Callable[[Cartridge], Any]:
+    """What the store restores a cartridge's optimizer state into (shapes only)."""
+    return lambda c: jax.eval_shape(optimizer.init, single_parts(c))
+
+
+def initialise_store(store: CartridgeStore, model: LoadedModel, texts: dict[str, str],
+                     tokens_per_doc: int, optimizer: optax.GradientTransformation,
+                     num_frozen: int = 1) -> list[str]:
+    """Saves a first-P-tokens cartridge (with fresh optimizer state) for every document the
+    store lacks; returns the ids it created."""
+    made = []
+    for doc_id, text in texts.items():
+        if store.exists(doc_id):
+            continue
+        ids = document_tokens(model.tokenizer, text, tokens_per_doc)
+        c = cart_lib.init_from_tokens(model.config, model.params, ids,
+                                      fingerprint=model.fingerprint, doc_id=doc_id,
+                                      num_frozen=num_frozen)
+        c = jax.device_get(c)
+        store.save(doc_id, c, jax.device_get(optimizer.init(single_parts(c))), step=0)
+        made.append(doc_id)
+    return made
+
+
+def _slot_mask(mask: jax.Array, leaf: jax.Array) -> jax.Array:
+    return mask.reshape(mask.shape + (1,) * (leaf.ndim - 1))
+
+
+def make_collection_step(model: LoadedModel, train_config: train.TrainConfig,
+                         optimizer: optax.GradientTransformation, mesh) -> Callable:
+    """(parts [N,...], opt_state [N,...], trainable [N] bool, params, batch) ->
+    (parts, opt_state, metrics), jitted with the batch sharded over "data" and the rest
+    replicated; parts and opt_state are donated. Slots with trainable False come back unchanged.
+    """
+    def step(parts, opt_state, trainable, params, batch):
+        def loss(p):
+            p = jax.tree.map(lambda x: jnp.where(_slot_mask(trainable, x), x,
+                                                 jax.lax.stop_gradient(x)), p)
+            return train.loss_fn(p, params, batch, config=model.config,
+                                 train_config=train_config)
+
+        (value, count), grads = jax.value_and_grad(loss, has_aux=True)(parts)
+        updates, new_opt = jax.vmap(optimizer.update)(grads, opt_state, parts)
+        new_parts = optax.apply_updates(parts, updates)
+
+        def keep(new, old):
+            return jnp.where(_slot_mask(trainable, new), new, old)
+
+        return (jax.tree.map(keep, new_parts, parts), jax.tree.map(keep, new_opt, opt_state),
+                {"loss": value, "loss_tokens": count,
+                 "grad_norm": optax.global_norm(grads["trainable"])})
+
+    rep = train.replicated(mesh)
+    return jax.jit(step, in_shardings=(rep, rep, rep, rep, train.batch_sharding(mesh)),
+                   out_shardings=(rep, rep, rep), donate_argnums=(0, 1))
+
+
+def _stack(trees: list, capacity: int):
+    """Stacks per-cartridge pytrees on a new slot axis, zero-padded to `capacity` slots."""
+    pad = capacity - len(trees)
+    return jax.tree.map(
+        lambda *xs: jnp.concatenate([jnp.stack(xs), jnp.zeros((pad,) + xs[0].shape,
+                                                               xs[0].dtype)]) if pad else
+        jnp.stack(xs), *trees)
+
+
+@dataclasses.dataclass
+class CollectionReport:
+    step: int
+    total_steps: int
+    loss: float
+    tokens_per_s: float
+    io_wait_share: float  # share of wall time blocked on paging since the last report
+    resident_mb: float
+    eta_s: float
+    hits: int
+    misses: int
+
+
+def _write_run_state(path: str, state: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(state, f)
+    os.replace(tmp, path)
+
+
+def train_collection(model: LoadedModel, data_dir: str, store_dir: str, cfg: CollectionConfig,
+                     train_config: train.TrainConfig, *, texts: dict[str, str] | None = None,
+                     mesh=None, on_report: Callable[[CollectionReport], None] | None = None,
+                     stop_after: int | None = None) -> dict:
+    """Trains every document's cartridge in `store_dir` on the self-study data in `data_dir`.
+
+    texts: document texts used to initialise missing cartridges (first P tokens); needed on the
+    first run. Resumes from `<store_dir>/collection_run.json` when present. `stop_after` ends
+    the run after that many steps of this call without a final checkpoint (simulates a kill).
+    Returns a summary dict (steps, final loss, paging stats, io wait share, peak RSS).
+    """
+    mesh = mesh or train.make_mesh()
+    optimizer = train.make_optimizer(train_config)
+    template = opt_template_fn(optimizer)
+    os.makedirs(store_dir, exist_ok=True)
+    main = CartridgeStore(os.path.join(store_dir, "cartridges"), model.fingerprint)
+    pending = CartridgeStore(os.path.join(store_dir, "pending"), model.fingerprint)
+    view = PendingStore(main, pending)
+    all_ids = dataset.doc_ids(data_dir)
+    missing = [d for d in all_ids if not main.exists(d)]
+    if missing:
+        if texts is None or any(d not in texts for d in missing):
+            raise ValueError(f"{store_dir}: no cartridge yet for {missing[:5]}... and no document "
+                             "text given to initialise them")
+        initialise_store(main, model, {d: texts[d] for d in missing}, cfg.tokens_per_doc,
+                         optimizer)
+
+    run_path = os.path.join(store_dir, RUN_STATE)
+    data = dataset.make_train_iterator(data_dir, cfg.batch_size, cfg.seq_len, cfg.seed,
+                                       num_epochs=None, drop_remainder=True)
+    step = 0
+    if os.path.exists(run_path):
+        with open(run_path) as f:
+            run = json.load(f)
+        if run.get("committing"):
+            view.commit(template)
+            run["committing"] = False
+            _write_run_state(run_path, run)
+        else:
+            view.discard()
+        step = int(run["step"])
+        data.set_state(run["data"])
+    else:
+        view.discard()
+
+    capacity = cfg.batch_size * (1 + cfg.distractors.k_max)
+    step_fn = make_collection_step(model, train_config, optimizer, mesh)
+    rep = train.replicated(mesh)
+    params = jax.device_put(model.params, rep)
+    manager = BudgetManager(view, cfg.budget_bytes, opt_template=template, sharding=rep)
+
+    def next_plan(at_step: int):
+        state = data.get_state()
+        batch = next(data)
+        targets = [all_ids[i] for i in np.asarray(batch["doc_index"])]
+        return state, batch, plan_step(targets, all_ids, cfg.distractors, at_step, cfg.seed)
+
+    def checkpoint(at_step: int, data_state: dict) -> None:
+        manager.flush()
+        run = {"step": at_step, "data": data_state, "committing": True}
+        _write_run_state(run_path, run)
+        view.commit(template)
+        run["committing"] = False
+        _write_run_state(run_path, run)
+
+    t_start = t_last = time.perf_counter()
+    wait_last = 0.0
+    losses: list[float] = []
+    tokens = 0
+    last_loss = float("nan")
+    start = step
+    data_state, batch, plan = next_plan(step)
+    try:
+        while step < cfg.steps:
+            if stop_after is not None and step - start >= stop_after:
+                return {"stopped_at": step}
+            doc_ids = list(plan.doc_ids)
+            pairs = manager.acquire(doc_ids)
+            following = None
+            if step + 1 < cfg.steps:
+                following = next_plan(step + 1)
+                if cfg.prefetch:
+                    manager.prefetch(following[2].doc_ids)
+            parts = _stack([single_parts(c) for c, _ in pairs], capacity)
+            opt_state = _stack([o for _, o in pairs], capacity)
+            trainable = np.zeros((capacity,), bool)
+            if cfg.grad_scope == "target":
+                trainable[np.unique(plan.targets)] = True
+            else:
+                trainable[:len(doc_ids)] = True
+            host_batch = dict(batch, selection=plan.selection, selected=plan.selected)
+            parts, opt_state, metrics = step_fn(parts, opt_state, jnp.asarray(trainable),
+                                                params, train.device_batch(host_batch, mesh))
+            keys, values = train.merge_cartridges(parts)
+            for slot, (doc_id, (c, _)) in enumerate(zip(doc_ids, pairs)):
+                if trainable[slot]:
+                    manager.update(doc_id, c.replace(keys=keys[slot], values=values[slot]),
+                                   jax.tree.map(lambda x, s=slot: x[s], opt_state))
+            manager.release(doc_ids)
+            losses.append(float(metrics["loss"]))
+            tokens += int(np.sum(batch["length"]))
+            step += 1
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                next_state = following[0] if following is not None else data.get_state()
+                checkpoint(step, next_state)
+            if on_report is not None and (step % cfg.log_every == 0 or step == cfg.steps):
+                now = time.perf_counter()
+                stats = manager.stats
+                dt = max(now - t_last, 1e-9)
+                on_report(CollectionReport(
+                    step=step, total_steps=cfg.steps, loss=float(np.mean(losses)),
+                    tokens_per_s=tokens / dt,
+                    io_wait_share=(stats.acquire_wait_s - wait_last) / dt,
+                    resident_mb=manager.resident_bytes / 2**20,
+                    eta_s=(now - t_start) / (step - start) * (cfg.steps - step),
+                    hits=stats.hits + stats.prefetch_hits, misses=stats.misses))
+                t_last, wait_last, tokens = now, stats.acquire_wait_s, 0
+                last_loss, losses = float(np.mean(losses)), []
+            if following is not None:
+                data_state, batch, plan = following
+    finally:
+        # Also on a simulated kill: what this flushes lands in the pending store, which the
+        # next run discards, exactly as after a real kill.
+        manager.close()
+    stats = manager.stats
+    wall = time.perf_counter() - t_start
+    return {"steps": step, "final_loss": last_loss if not losses else float(np.mean(losses)),
+            "wall_s": wall, "io_wait_share": stats.acquire_wait_s / max(wall, 1e-9),
+            "bytes_paged_in": stats.bytes_in, "bytes_read": stats.bytes_read,
+            "read_s": stats.read_s, "bytes_written": stats.bytes_written,
+            "hits": stats.hits + stats.prefetch_hits, "misses": stats.misses,
+            "evictions": stats.evictions,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

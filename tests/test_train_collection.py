@@ -1,0 +1,130 @@
+"""CAS collection training: distractor plans, paging through the budget, exact resume."""
+
+import numpy as np
+import pytest
+import jax
+
+from cas_jax import cartridge as cart_lib, dataset, model as model_lib, train
+from cas_jax.config import ModelConfig
+from cas_jax.distractors import DistractorSchedule, plan_step
+from cas_jax.loading import LoadedModel
+from cas_jax.store import CartridgeStore
+from cas_jax import train_collection as tc
+
+CFG = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                  num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+DOCS = ["a", "b", "c", "d", "e", "f", "g", "h"]
+P = 6
+
+
+def test_plan_never_picks_the_target_and_respects_k():
+    ids = tuple(DOCS)
+    for step in range(30):
+        plan = plan_step(["a", "c", "a"], ids, DistractorSchedule(3, "uniform"), step, seed=1)
+        for row in range(3):
+            chosen = [plan.doc_ids[s] for s, on in zip(plan.selection[row], plan.selected[row])
+                      if on]
+            target = plan.doc_ids[plan.targets[row]]
+            assert target == ["a", "c", "a"][row]
+            assert chosen.count(target) == 1 and len(set(chosen)) == len(chosen)
+            assert len(chosen) <= 4
+    ramp = DistractorSchedule(4, "ramp", ramp_steps=10)
+    assert [ramp.cap(s) for s in (0, 5, 10, 50)] == [0, 2, 4, 4]
+    plan = plan_step(["b"], ids, DistractorSchedule(2, "fixed"), 0, seed=0)
+    assert plan.selected.sum() == 3
+
+
+def _dataset(path, rng):
+    convs = []
+    for i in range(24):
+        doc = DOCS[i % len(DOCS)]
+        n = int(rng.integers(8, 14))
+        mask = np.zeros(n, bool)
+        mask[n - 5:n - 1] = True
+        ids = rng.integers(0, CFG.vocab_size, size=(4, 3)).astype(np.int32)
+        lp = np.log(np.sort(rng.dirichlet(np.ones(3), size=4), axis=1)[:, ::-1]).astype(np.float32)
+        convs.append(dataset.Conversation(
+            tokens=rng.integers(0, CFG.vocab_size, n).astype(np.int32), loss_mask=mask,
+            teacher_ids=ids, teacher_logprobs=np.ascontiguousarray(lp), doc_id=doc,
+            conversation_index=i, chunk_start=0, chunk_end=n, seed_family="question",
+            messages="[]"))
+    w = dataset.ShardWriter(str(path), 0, 1, run={"t": 1}, doc_ids=DOCS, num_items=24,
+                            num_batches=1)
+    w.write_batch(0, convs)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    params = model_lib.init_params(CFG, jax.random.PRNGKey(0))
+    model = LoadedModel(CFG, params, None, "tiny-model", "")
+    rng = np.random.default_rng(0)
+    _dataset(tmp_path / "data", rng)
+    tcfg = train.TrainConfig(lr=5e-2)
+    return model, str(tmp_path / "data"), tcfg
+
+
+def _init_store(root, model, tcfg):
+    store = CartridgeStore(root + "/cartridges", model.fingerprint)
+    opt = train.make_optimizer(tcfg)
+    for i, d in enumerate(DOCS):
+        c = jax.device_get(cart_lib.init_random_tokens(
+            CFG, model.params, P, jax.random.PRNGKey(i), fingerprint=model.fingerprint,
+            doc_id=d))
+        store.save(d, c, jax.device_get(opt.init(tc.single_parts(c))), step=0)
+    return store
+
+
+def _all(root, model):
+    store = CartridgeStore(root + "/cartridges", model.fingerprint)
+    return {d: store.load(d, read_opt_state=False)[0] for d in DOCS}
+
+
+def _cfg(**kw):
+    # Budget for ~5 cartridges + Adam state out of the step's up to 2 * 3 slots: forces paging.
+    per = 3 * 2 * CFG.num_layers * P * CFG.num_kv_heads * CFG.head_dim * 4
+    base = dict(tokens_per_doc=P, batch_size=2, seq_len=16, steps=6,
+                distractors=DistractorSchedule(2, "uniform"), budget_bytes=int(per * 6.5),
+                checkpoint_every=2, log_every=1)
+    base.update(kw)
+    return tc.CollectionConfig(**base)
+
+
+def test_killed_run_resumes_with_no_update_lost_or_repeated(setup, tmp_path):
+    model, data, tcfg = setup
+    straight, killed = str(tmp_path / "s"), str(tmp_path / "k")
+    _init_store(straight, model, tcfg)
+    _init_store(killed, model, tcfg)
+    reports = []
+    tc.train_collection(model, data, straight, _cfg(), tcfg, on_report=reports.append)
+    assert [r.step for r in reports] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(r.loss) for r in reports)
+    out = tc.train_collection(model, data, killed, _cfg(), tcfg, stop_after=3)
+    assert out == {"stopped_at": 3}
+    summary = tc.train_collection(model, data, killed, _cfg(), tcfg)
+    assert summary["steps"] == 6 and summary["evictions"] > 0
+    a, b = _all(straight, model), _all(killed, model)
+    for d in DOCS:
+        np.testing.assert_array_equal(np.asarray(a[d].keys), np.asarray(b[d].keys))
+        np.testing.assert_array_equal(np.asarray(a[d].values), np.asarray(b[d].values))
+    _init_store(str(tmp_path / "fresh"), model, tcfg)
+    init = _all(str(tmp_path / "fresh"), model)
+    changed = [d for d in DOCS if not np.array_equal(a[d].keys, init[d].keys)]
+    assert changed, "training changed no cartridge"
+    for d in changed:  # the sink never moves
+        np.testing.assert_array_equal(a[d].keys[:, :1], init[d].keys[:, :1])
+
+
+def test_target_scope_leaves_distractors_untouched(setup, tmp_path):
+    model, data, tcfg = setup
+    root = str(tmp_path / "t")
+    _init_store(root, model, tcfg)
+    init = _all(root, model)
+    cfg = _cfg(steps=1, distractors=DistractorSchedule(2, "fixed"), budget_bytes=1 << 30)
+    it = dataset.make_train_iterator(data, 2, 16, 0, num_epochs=None, drop_remainder=True)
+    first = next(it)
+    targets = {DOCS[i] for i in np.asarray(first["doc_index"])}
+    tc.train_collection(model, data, root, cfg, tcfg)
+    after = _all(root, model)
+    for d in DOCS:
+        same = np.array_equal(after[d].keys, init[d].keys)
+        assert same == (d not in targets), d
