@@ -13,6 +13,11 @@ The first `num_frozen` tokens (default 1: the attention sink) are never updated 
 optimizer masks them (see `train.make_optimizer`).
 
 Metadata is static (pytree aux data), so jit and tree_map see only the two arrays.
+
+Initialisation (all through `model.prefill_kv`, keys rotated with positions 0..P-1):
+  init_from_tokens      K/V of the document's first P tokens (the paper's default and best)
+  init_random_tokens    K/V of P tokens drawn uniformly from the vocabulary
+  init_random_vectors   Gaussian K/V with the per-(layer, head, dim) mean/std of real K/V
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from cas_jax import model as model_lib
+from cas_jax.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,3 +101,72 @@ def check_compatible(cartridge: Cartridge, model_fingerprint: str, num_layers: i
             f"{name}: keys/values shaped {tuple(cartridge.keys.shape)}/"
             f"{tuple(cartridge.values.shape)}, expected [layers={want[0]}, tokens, "
             f"kv_heads={want[1]}, head_dim={want[2]}]")
+
+
+def _check_frozen(num_tokens: int, num_frozen: int) -> None:
+    if not 0 <= num_frozen < num_tokens:
+        raise ValueError(f"a cartridge of {num_tokens} tokens cannot freeze {num_frozen}: "
+                         f"need 0 <= num_frozen < num_tokens")
+
+
+def kv_of_tokens(config: ModelConfig, params: Any, token_ids) -> tuple[jax.Array, jax.Array]:
+    """K/V (keys after RoPE) of token_ids [P] at positions 0..P-1: two arrays [L, P, K, Dh]."""
+    tokens = jnp.asarray(np.asarray(token_ids, np.int32)[None])
+    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    k, v = model_lib.prefill_kv(params, tokens, positions, config=config)
+    return k[:, 0], v[:, 0]
+
+
+def init_from_tokens(config: ModelConfig, params: Any, token_ids, *, fingerprint: str,
+                     num_tokens: int | None = None, doc_id: str = "",
+                     num_frozen: int = 1) -> Cartridge:
+    """The paper's default: the K/V of the document's first `num_tokens` tokens.
+
+    token_ids [>= P] int: the document's tokens (all of them when num_tokens is None). Token t
+    gets position t, so the cartridge equals the document's own KV cache: a query placed at
+    position P sees exactly what it would see with those P tokens in context.
+    """
+    token_ids = np.asarray(token_ids, np.int32).reshape(-1)
+    p = len(token_ids) if num_tokens is None else num_tokens
+    if len(token_ids) < p:
+        raise ValueError(f"document {doc_id!r} has {len(token_ids)} tokens, fewer than the "
+                         f"{p} the cartridge needs")
+    _check_frozen(p, num_frozen)
+    k, v = kv_of_tokens(config, params, token_ids[:p])
+    return Cartridge(k, v, CartridgeMeta(fingerprint, doc_id, num_frozen, "first_tokens"))
+
+
+def init_random_tokens(config: ModelConfig, params: Any, num_tokens: int, key: jax.Array, *,
+                       fingerprint: str, doc_id: str = "", num_frozen: int = 1) -> Cartridge:
+    """The K/V of `num_tokens` tokens drawn uniformly from the vocabulary (positions 0..P-1)."""
+    _check_frozen(num_tokens, num_frozen)
+    token_ids = jax.random.randint(key, (num_tokens,), 0, config.vocab_size, jnp.int32)
+    k, v = kv_of_tokens(config, params, token_ids)
+    return Cartridge(k, v, CartridgeMeta(fingerprint, doc_id, num_frozen, "random_tokens"))
+
+
+def init_random_vectors(config: ModelConfig, params: Any, num_tokens: int, key: jax.Array,
+                        reference_tokens, *, fingerprint: str, doc_id: str = "",
+                        num_frozen: int = 1) -> Cartridge:
+    """Gaussian K/V matched to the model's real K/V statistics.
+
+    The K/V of reference_tokens [R] (R >= 2, e.g. the document) give a mean and a standard
+    deviation per (layer, kv head, head dim) entry, taken over the R tokens; every cartridge
+    entry, the sink included, is drawn independently from that normal distribution.
+    """
+    _check_frozen(num_tokens, num_frozen)
+    reference_tokens = np.asarray(reference_tokens, np.int32).reshape(-1)
+    if len(reference_tokens) < 2:
+        raise ValueError("init_random_vectors needs at least 2 reference tokens for a std")
+    real_k, real_v = kv_of_tokens(config, params, reference_tokens)
+    shape = (config.num_layers, num_tokens, config.num_kv_heads, config.head_dim)
+    key_k, key_v = jax.random.split(key)
+
+    def draw(real, key):
+        real = real.astype(jnp.float32)
+        mean = jnp.mean(real, axis=1, keepdims=True)
+        std = jnp.std(real, axis=1, keepdims=True)
+        return (mean + std * jax.random.normal(key, shape, jnp.float32)).astype(real_k.dtype)
+
+    return Cartridge(draw(real_k, key_k), draw(real_v, key_v),
+                     CartridgeMeta(fingerprint, doc_id, num_frozen, "random_vectors"))

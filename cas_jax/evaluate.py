@@ -1,0 +1,833 @@
+"""Evaluation of a question file under context methods: closed book, ICL, RAG and cartridges.
+
+Every method answers the same questions with the same query tokens (`build_prompt`); methods
+differ only in what comes before the query:
+
+  closed_book           nothing
+  icl                   the question's document, as a system turn at the start of the sequence,
+                        cut to the token budget (window minus room for the query and answer)
+  rag                   the top-k retrieved chunks (of `chunk_tokens` tokens, over all documents)
+  oracle_cartridge      the question's document's cartridge, as the attention prefix
+  retrieval_cartridges  the top-k retrieved documents' cartridges, composed (`attention.compose`)
+  cartridges            any cartridge source and selection rule (e.g. one monolithic cartridge)
+
+ICL and RAG context is prefilled once per distinct context (a document, a retrieved chunk set)
+and enters the forward as a prefix of its exact K/V, which is the same computation as placing
+its tokens at the start of the sequence (tested); queries start at position = visible prefix
+tokens, as with cartridges. Its prefill time counts in the method's time.
+
+Metrics (per method, over its questions):
+  accuracy_ll     multiple choice: the option with the highest log-likelihood as the assistant's
+                  reply wins; `option_score` "mean" (default: mean log-prob per option token) or
+                  "sum" (sum favours short options: on SmolLM2-135M with Factbook questions the
+                  mean picks the gold option more often, see the report in experiments/)
+  accuracy_gen    multiple choice: greedy generation parsed by `parse_choice`
+  free_match      free answer: the normalised gold text appears in the greedy generation
+  gold_nll        mean over questions of the per-token NLL (nats) of the gold answer text
+  prompt_tokens   mean tokens of the prompt: context (ICL/RAG) plus query
+  context_tokens  mean tokens of context in the prompt (0 for closed book and cartridges)
+  cartridge_tokens mean visible cartridge tokens in the prefix (0 without cartridges)
+  kv_bytes        mean (prompt + cartridge tokens) * `ModelConfig.kv_bytes_per_token`: the K/V a
+                  question needs resident (bf16 convention)
+  seconds         wall time of retrieval, context prefill, scoring and generation, without the
+                  time JAX spent tracing and compiling (reported as compile_s / compilations)
+
+Rows go through one jitted forward in buckets: row count `rows_per_call` (fewer when the
+prefix is long, to bound memory), token length rounded by `sampling.bucket`, padding at
+position -1. Prefixes come from a `CartridgeBank` with a fixed slot count per row, so which and
+how many cartridges a row uses changes values, not shapes, and never recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+import string
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cas_jax import attention, chunking, model as model_lib, retrieval, sampling
+from cas_jax import tokenizer as tok_lib
+from cas_jax.cartridge import Cartridge, CartridgeMeta, check_compatible
+from cas_jax.corpus import Collection
+from cas_jax.loading import LoadedModel
+from cas_jax.questions import Question
+
+METHODS = ("closed_book", "icl", "rag", "oracle_cartridge", "retrieval_cartridges", "cartridges")
+OPTION_SCORES = ("mean", "sum")
+LETTERS = string.ascii_uppercase
+MC_INSTRUCTION = "Answer with the correct option."
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+
+
+class CartridgeSource(Protocol):
+    """Where cartridges come from: a dict, or an adapter over a CartridgeStore."""
+
+    def get(self, doc_id: str) -> Cartridge | None: ...
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """Token ids of one question's prompt: `context` (a system turn, [] without context), then
+    `query` (the chat template for the user question, ending with the assistant header)."""
+
+    context: list[int]
+    query: list[int]
+
+
+def question_text(question: Question) -> str:
+    """The user message: the question, then for multiple choice "A. ...", "B. ..." lines and
+    `MC_INSTRUCTION`."""
+    if question.options is None:
+        return question.question
+    if len(question.options) > len(LETTERS):
+        raise ValueError(f"{len(question.options)} options exceed the {len(LETTERS)} letters")
+    lines = [f"{LETTERS[i]}. {o}" for i, o in enumerate(question.options)]
+    return f"{question.question}\n\n" + "\n".join(lines) + f"\n\n{MC_INSTRUCTION}"
+
+
+def context_message(passages: Sequence[tuple[str, str]]) -> str:
+    """The system message holding context passages, (title, text) pairs, best first."""
+    docs = "\n\n".join(f"<document title=\"{title}\">\n{text}\n</document>"
+                       for title, text in passages)
+    return f"Answer using the following documents.\n\n{docs}"
+
+
+def build_prompt(tokenizer, question: Question, context: str | None = None) -> Prompt:
+    """The prompt of every method (the single definition of the format).
+
+    query: the chat template for `[{"role": "user", "content": question_text(question)}]` with
+      the generation prompt, exactly the student's view in training (SmolLM2's template adds its
+      default system turn); identical whatever the context.
+    context: `None`, or a system message (e.g. `context_message(...)`) rendered as a system turn
+      without generation prompt, placed before the query. So a method with context sees
+      context + query, and a cartridge made from the context's K/V sees the same sequence.
+    """
+    query = tok_lib.encode_chat(tokenizer, [{"role": "user", "content": question_text(question)}])
+    if context is None:
+        return Prompt([], query)
+    block = tok_lib.encode_chat(tokenizer, [{"role": "system", "content": context}],
+                                add_generation_prompt=False)
+    return Prompt(block, query)
+
+
+def fit_context(tokenizer, passages: Sequence[tuple[str, str]], budget: int
+                ) -> tuple[list[int], int]:
+    """The context turn for `passages` in at most `budget` tokens: (tokens, text tokens dropped).
+
+    Trailing passages are dropped first, then the last kept one is cut at a token boundary.
+    """
+    passages = list(passages)
+    block = _context_tokens(tokenizer, passages)
+    dropped = 0
+    while len(block) > budget and len(passages) > 1:
+        dropped += len(tokenizer.encode(passages.pop()[1], add_special_tokens=False))
+        block = _context_tokens(tokenizer, passages)
+    if len(block) <= budget:
+        return block, dropped
+    title, text = passages[-1]
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    keep = len(offsets) - (len(block) - budget)
+    while True:
+        if keep < 1:
+            raise ValueError(f"a context budget of {budget} tokens has no room for any text")
+        cut = passages[:-1] + [(title, text[:offsets[keep - 1][1]])]
+        block = _context_tokens(tokenizer, cut)
+        if len(block) <= budget:
+            return block, dropped + len(offsets) - keep
+        keep -= len(block) - budget
+
+
+def _context_tokens(tokenizer, passages) -> list[int]:
+    return tok_lib.encode_chat(tokenizer, [{"role": "system", "content": context_message(passages)}],
+                               add_generation_prompt=False)
+
+
+# ----------------------------------------------------------------------------- answers
+
+
+def _normalise(text: str) -> str:
+    return " " + " ".join(re.sub(r"[^0-9a-z]+", " ", text.casefold()).split()) + " "
+
+
+def parse_choice(text: str, options: Sequence[str]) -> int | None:
+    """The option a generated answer picks, or None.
+
+    In order: a leading letter followed by punctuation or the end ("B", "(B)", "B. Paris");
+    else the longest option whose normalised text appears in the answer; else "answer is B".
+    """
+    letters = LETTERS[:len(options)]
+    m = re.match(r"\s*\(?([A-Z])\s*(?:[.):]|$)", text)
+    if m and m.group(1) in letters:
+        return letters.index(m.group(1))
+    norm = _normalise(text)
+    found = [i for i, o in enumerate(options) if _normalise(o).strip() and _normalise(o) in norm]
+    if found:
+        return max(found, key=lambda i: len(_normalise(options[i])))
+    m = re.search(r"answer is:?\s*\(?([A-Z])\b", text)
+    if m and m.group(1) in letters:
+        return letters.index(m.group(1))
+    return None
+
+
+def answer_matches(text: str, gold: str) -> bool:
+    """True iff the normalised gold text (casefolded, punctuation as spaces) is in `text`."""
+    return _normalise(gold) in _normalise(text)
+
+
+# ----------------------------------------------------------------------------- forwards
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_targets"))
+def _score_rows(params, bank, selection, selected, tokens, lengths, starts, *,
+                config, num_targets: int):
+    """Log-probabilities [B, num_targets] of tokens[b, starts[b]:lengths[b]] (0 past the end).
+
+    tokens [B, T] right-padded; lengths, starts [B]; the prefix is compose(bank, selection
+    [B, C], selected [B, C]) (none when bank is None) and positions start after it.
+    """
+    b, t = tokens.shape
+    prefix = None if bank is None else attention.compose(bank, selection, selected)
+    n_prefix = attention.num_prefix_tokens(prefix, b)
+    idx = jnp.arange(t)[None, :]
+    positions = jnp.where(idx < lengths[:, None], n_prefix[:, None] + idx, -1)
+    hidden, _ = model_lib.forward(params, tokens, positions, None, prefix, config=config,
+                                  return_hidden=True)
+    target_idx = starts[:, None] + jnp.arange(num_targets)[None, :]
+    h = jnp.take_along_axis(hidden, jnp.clip(target_idx - 1, 0, t - 1)[..., None], axis=1)
+    logp = jax.nn.log_softmax(model_lib.logits_from_hidden(params, h, config), axis=-1)
+    targets = jnp.take_along_axis(tokens, jnp.clip(target_idx, 0, t - 1), axis=1)
+    lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return jnp.where(target_idx < lengths[:, None], lp, 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
+def _prefill_step(params, tokens, positions, cache, *, config):
+    """Writes the K/V of tokens [B, c] (positions [B, c], -1 = padding) into the cache."""
+    _, cache = model_lib.forward(params, tokens, positions, cache, config=config,
+                                 return_hidden=True)
+    return cache
+
+
+def _rows_per_call(rows_per_call: int, prefix_slots: int, prefix_tokens_per_call: int) -> int:
+    """Rows per forward: `rows_per_call`, halved until rows * prefix slots fit the cap."""
+    b = rows_per_call
+    while b > 1 and b * prefix_slots > prefix_tokens_per_call:
+        b //= 2
+    return b
+
+
+def _selection_arrays(selections: Sequence[Sequence[int]], slots: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """[N, slots] int32 bank slots and bool `selected` from per-row lists (best first)."""
+    sel = np.zeros((len(selections), slots), np.int32)
+    on = np.zeros((len(selections), slots), bool)
+    for i, s in enumerate(selections):
+        if len(s) > slots:
+            raise ValueError(f"row {i} selects {len(s)} cartridges, only {slots} slots per row")
+        sel[i, :len(s)] = s
+        on[i, :len(s)] = True
+    return sel, on
+
+
+def score_continuations(model: LoadedModel, prompts: Sequence[list[int]],
+                        continuations: Sequence[list[int]], *,
+                        bank: attention.CartridgeBank | None = None,
+                        selections: Sequence[Sequence[int]] | None = None, slots: int = 1,
+                        rows_per_call: int = 16, prefix_tokens_per_call: int = 32768
+                        ) -> list[np.ndarray]:
+    """Per row, the log-probabilities [len(continuation)] of `continuation` after `prompt`.
+
+    With a bank, row i's prefix composes the bank slots `selections[i]` (at most `slots`) and its
+    prompt positions start after the visible prefix tokens.
+    """
+    if len(prompts) != len(continuations):
+        raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+    n = len(prompts)
+    if bank is None:
+        sel = on = None
+        b = rows_per_call
+    else:
+        sel, on = _selection_arrays(selections, slots)
+        b = _rows_per_call(rows_per_call, slots * bank.max_tokens, prefix_tokens_per_call)
+    order = sorted(range(n), key=lambda i: len(prompts[i]) + len(continuations[i]))
+    out: list[np.ndarray] = [np.zeros(0, np.float32)] * n
+    for start in range(0, n, b):
+        rows = order[start:start + b]
+        t = sampling.bucket(max(len(prompts[i]) + len(continuations[i]) for i in rows))
+        tc = sampling.bucket(max(len(continuations[i]) for i in rows), minimum=8)
+        tokens = np.zeros((b, t), np.int32)
+        lengths = np.zeros((b,), np.int32)
+        starts = np.ones((b,), np.int32)
+        for r, i in enumerate(rows):
+            if not prompts[i] or not continuations[i]:
+                raise ValueError(f"row {i}: prompt and continuation need at least one token")
+            seq = list(prompts[i]) + list(continuations[i])
+            tokens[r, :len(seq)] = seq
+            lengths[r], starts[r] = len(seq), len(prompts[i])
+        pad = [rows[0]] * (b - len(rows))
+        lp = _score_rows(model.params, bank,
+                         None if sel is None else jnp.asarray(sel[rows + pad]),
+                         None if on is None else jnp.asarray(on[rows + pad]),
+                         jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(starts),
+                         config=model.config, num_targets=tc)
+        lp = np.asarray(lp)
+        for r, i in enumerate(rows):
+            out[i] = lp[r, :len(continuations[i])]
+    return out
+
+
+def generate_answers(model: LoadedModel, prompts: Sequence[list[int]], max_new_tokens: int, *,
+                     bank: attention.CartridgeBank | None = None,
+                     selections: Sequence[Sequence[int]] | None = None, slots: int = 1,
+                     rows_per_call: int = 16, prefix_tokens_per_call: int = 32768) -> list[str]:
+    """Greedy replies (decoded, up to the end of turn) to `prompts`, batched as in
+    `score_continuations`; every call gets the same row count, so shapes repeat."""
+    stops = tuple(tok_lib.stop_token_ids(model.tokenizer))
+    params = sampling.SamplingParams(max_new_tokens=max_new_tokens, stop_ids=stops)
+    n = len(prompts)
+    if bank is None:
+        b = rows_per_call
+    else:
+        sel, on = _selection_arrays(selections, slots)
+        b = _rows_per_call(rows_per_call, slots * bank.max_tokens, prefix_tokens_per_call)
+    texts = []
+    for start in range(0, n, b):
+        rows = list(range(start, min(start + b, n)))
+        rows += [rows[-1]] * (b - len(rows))
+        prefix = None if bank is None else attention.compose(
+            bank, jnp.asarray(sel[rows]), jnp.asarray(on[rows]))
+        out = sampling.generate(model.params, model.config, [prompts[i] for i in rows], params,
+                                prefix=prefix)
+        for r in range(min(b, n - start)):
+            ids = [t for t in out[r] if t not in stops]
+            texts.append(model.tokenizer.decode(ids, skip_special_tokens=True).strip())
+    return texts
+
+
+def prefill_contexts(model: LoadedModel, contexts: Sequence[list[int]], names: Sequence[str],
+                     chunk_tokens: int = 512, prefix_tokens_per_call: int = 32768,
+                     rows_per_call: int = 16) -> list[Cartridge]:
+    """The exact K/V of each context's tokens (positions 0..n-1) as a Cartridge named `names[i]`.
+
+    Rows are prefilled together, `chunk_tokens` at a time through a KV cache, so attention
+    memory is chunk x cache rather than n x n.
+    """
+    cfg = model.config
+    out: list[Cartridge] = []
+    s = -(-sampling.bucket(max(len(c) for c in contexts)) // chunk_tokens) * chunk_tokens
+    b = max(1, min(rows_per_call, prefix_tokens_per_call // s))
+    for start in range(0, len(contexts), b):
+        rows = list(contexts[start:start + b])
+        tokens = np.zeros((len(rows), s), np.int32)
+        positions = np.full((len(rows), s), -1, np.int32)
+        for r, c in enumerate(rows):
+            tokens[r, :len(c)] = c
+            positions[r, :len(c)] = np.arange(len(c))
+        cache = model_lib.init_cache(cfg, len(rows), s, model.params["embed"].dtype)
+        for c0 in range(0, s, chunk_tokens):
+            cache = _prefill_step(model.params, jnp.asarray(tokens[:, c0:c0 + chunk_tokens]),
+                                  jnp.asarray(positions[:, c0:c0 + chunk_tokens]), cache,
+                                  config=cfg)
+        k, v = np.asarray(cache["k"]), np.asarray(cache["v"])
+        for r, c in enumerate(rows):
+            meta = CartridgeMeta(model.fingerprint, doc_id=names[start + r], num_frozen=0)
+            out.append(Cartridge(keys=k[:, r, :len(c)], values=v[:, r, :len(c)], meta=meta))
+    return out
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation settings.
+
+    window: tokens a question may use (context + query + answer); None = the model's window.
+    max_new_tokens: greedy generation length; 0 skips generation (no accuracy_gen/free_match).
+    option_score: "mean" or "sum" log-probability of an option's tokens (see module doc).
+    rows_per_call: rows per jitted forward (a power of two keeps shapes few).
+    prefix_tokens_per_call: cap on rows x prefix slots per forward (bounds prefix memory).
+    prefill_chunk: context tokens prefilled per step.
+    chunk_tokens: RAG chunk length in tokens.
+    """
+
+    window: int | None = None
+    max_new_tokens: int = 24
+    option_score: str = "mean"
+    rows_per_call: int = 16
+    prefix_tokens_per_call: int = 32768
+    prefill_chunk: int = 512
+    chunk_tokens: int = 256
+
+    def __post_init__(self):
+        if self.option_score not in OPTION_SCORES:
+            raise ValueError(f"option_score must be one of {OPTION_SCORES}, "
+                             f"got {self.option_score!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    """One method's metrics (see module doc; None where no question of that kind was asked)
+    and a record per question."""
+
+    method: str
+    num_questions: int
+    num_mc: int
+    accuracy_ll: float | None
+    accuracy_gen: float | None
+    free_match: float | None
+    gold_nll: float
+    prompt_tokens: float
+    context_tokens: float
+    cartridge_tokens: float
+    kv_bytes: float
+    truncated: int  # questions whose context was cut to the budget
+    truncated_tokens: float  # mean text tokens cut, over those questions
+    retrieval_recall: float | None  # share of questions whose own document was retrieved
+    seconds: float
+    compile_s: float
+    compilations: int
+    records: tuple[dict[str, Any], ...] = dataclasses.field(repr=False, default=())
+
+    @property
+    def latency_s(self) -> float:
+        """Seconds per question (batched: wall time over questions)."""
+        return self.seconds / max(self.num_questions, 1)
+
+    @property
+    def throughput(self) -> float:
+        """Questions per second."""
+        return self.num_questions / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def accuracy(self) -> float:
+        """The headline accuracy: accuracy_ll if there are multiple-choice questions, else
+        free_match (nan without generation)."""
+        if self.accuracy_ll is not None:
+            return self.accuracy_ll
+        return float("nan") if self.free_match is None else self.free_match
+
+    def summary(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "records"}
+        d.update(latency_s=self.latency_s, throughput=self.throughput, accuracy=self.accuracy)
+        return d
+
+
+_COLUMNS = (
+    ("method", "method", "{}"), ("questions", "num_questions", "{}"),
+    ("acc (LL)", "accuracy_ll", "{:.3f}"), ("acc (gen)", "accuracy_gen", "{:.3f}"),
+    ("free match", "free_match", "{:.3f}"), ("gold NLL", "gold_nll", "{:.3f}"),
+    ("prompt tok/q", "prompt_tokens", "{:.0f}"), ("context tok/q", "context_tokens", "{:.0f}"),
+    ("cartridge tok/q", "cartridge_tokens", "{:.0f}"), ("KV MiB/q", "kv_mib", "{:.2f}"),
+    ("truncated", "truncated", "{}"), ("recall", "retrieval_recall", "{:.3f}"),
+    ("s/q", "latency_s", "{:.3f}"), ("q/s", "throughput", "{:.2f}"),
+)
+
+
+def format_table(results: Sequence[EvalResult]) -> str:
+    """A markdown table, one row per method ("-" where a metric does not apply)."""
+    lines = ["| " + " | ".join(c[0] for c in _COLUMNS) + " |",
+             "|" + "|".join("---" for _ in _COLUMNS) + "|"]
+    for r in results:
+        values = dict(r.summary(), kv_mib=r.kv_bytes / 2 ** 20)
+        cells = ["-" if values[key] is None else fmt.format(values[key])
+                 for _, key, fmt in _COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(results: Sequence[EvalResult], out_dir: str) -> tuple[str, str]:
+    """Writes `report.md` (the table) and `results.json` (summaries and per-question records)
+    under `out_dir`; returns both paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    md, js = os.path.join(out_dir, "report.md"), os.path.join(out_dir, "results.json")
+    with open(md, "w", encoding="utf-8") as f:
+        f.write(format_table(results) + "\n")
+    with open(js, "w", encoding="utf-8") as f:
+        json.dump({"methods": [r.summary() for r in results],
+                   "records": {r.method: list(r.records) for r in results}},
+                  f, indent=1, ensure_ascii=False)
+    return md, js
+
+
+class _CompileClock:
+    """Wall time of a block minus the time JAX spent tracing, lowering and compiling in it."""
+
+    def __enter__(self):
+        self.compile_s, self.compilations = 0.0, 0
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        self._t0 = time.perf_counter()
+        return self
+
+    def _listen(self, event: str, duration: float, **kwargs) -> None:
+        if event in _COMPILE_EVENTS:
+            self.compile_s += duration
+            self.compilations += event == _COMPILE_EVENTS[-1]
+
+    def __exit__(self, *exc) -> None:
+        self.wall_s = time.perf_counter() - self._t0
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+    @property
+    def seconds(self) -> float:
+        return max(self.wall_s - self.compile_s, 0.0)
+
+
+
+@dataclasses.dataclass(frozen=True)
+class _Context:
+    """One question's context under ICL or RAG: the prefilled turn `key` with its tokens."""
+
+    key: str
+    tokens: list[int]
+    truncated_tokens: int
+    retrieved: list[str] | None = None
+    hit: bool | None = None
+
+
+# ----------------------------------------------------------------------------- evaluator
+
+
+class Evaluator:
+    """Runs the methods on questions about `collection` with one model.
+
+    Retrievers and RAG chunks are built on first use and kept; prefilled contexts are not
+    (each method run prefills its own, in groups of at most `prefix_tokens_per_call` tokens).
+    """
+
+    def __init__(self, model: LoadedModel, collection: Collection,
+                 config: EvalConfig = EvalConfig()):
+        self.model = model
+        self.collection = collection
+        self.config = config
+        self.window = config.window or model.config.max_position_embeddings
+        if self.window > model.config.max_position_embeddings:
+            raise ValueError(f"window {self.window} exceeds the model's "
+                             f"{model.config.max_position_embeddings} positions")
+        self._retrievers: dict[tuple[str, str], retrieval.Retriever] = {}
+        self._chunks: dict[str, tuple[str, str]] | None = None
+
+    # -- methods
+
+    def closed_book(self, questions: Sequence[Question]) -> EvalResult:
+        """No context: the query alone."""
+        with _CompileClock() as clock:
+            records = self._records(questions, [[] for _ in questions], {}, 1)
+            for r in records:
+                r.update(context_tokens=0, cartridge_tokens=0, truncated_tokens=0)
+        return self._result("closed_book", records, clock)
+
+    def icl(self, questions: Sequence[Question]) -> EvalResult:
+        """The question's document as context, cut to `context_budget(questions)` tokens."""
+        missing = sorted({q.doc_id for q in questions} - set(self.collection.ids))
+        if missing:
+            raise KeyError(f"questions about documents {missing} not in the collection")
+        with _CompileClock() as clock:
+            budget = self.context_budget(questions)
+            fitted = {}
+            for doc_id in dict.fromkeys(q.doc_id for q in questions):
+                doc = self.collection[doc_id]
+                fitted[doc_id] = fit_context(self.model.tokenizer, [(doc.title, doc.text)], budget)
+            contexts = [_Context(q.doc_id, *fitted[q.doc_id]) for q in questions]
+            records = self._context_records(questions, contexts, budget)
+        return self._result("icl", records, clock)
+
+    def rag(self, questions: Sequence[Question], top_k: int = 3, retriever: str = "bm25"
+            ) -> EvalResult:
+        """The top_k chunks (`chunk_tokens` each, over all documents) retrieved for the question
+        text, best first, as context; trailing chunks are dropped if over the budget."""
+        chunks = self._rag_chunks()
+        index = self._retriever(retriever, "chunks",
+                                lambda: {i: text for i, (_, text) in chunks.items()})
+        with _CompileClock() as clock:
+            budget = self.context_budget(questions)
+            contexts = []
+            for q in questions:
+                ids = [i for i, _ in index.search(q.question, top_k)]
+                block, dropped = fit_context(self.model.tokenizer, [chunks[i] for i in ids], budget)
+                hit = any(i.rsplit("#", 1)[0] == q.doc_id for i in ids)
+                contexts.append(_Context("|".join(ids), block, dropped, ids, hit))
+            records = self._context_records(questions, contexts, budget)
+        return self._result(f"rag_{retriever}_k{top_k}", records, clock)
+
+    def cartridges(self, questions: Sequence[Question], source: CartridgeSource,
+                   select: Callable[[Question], Sequence[str]], name: str = "cartridges",
+                   slots: int | None = None, bank_ids: Sequence[str] | None = None
+                   ) -> EvalResult:
+        """The cartridges `select(question)` (ids into `source`, best first) composed as prefix.
+
+        slots: composition slots per row (default: the most any question selects).
+        bank_ids: the bank's slots (default: the selected ids); a fixed list keeps the bank's
+          shape, so changing the selection does not recompile. Only selected ids are loaded.
+        A monolithic baseline is `select=lambda q: ["all"]` with `source={"all": cartridge}`.
+        """
+        with _CompileClock() as clock:
+            records = self._cartridge_records(questions, source, [list(select(q)) for q in questions],
+                                              slots, bank_ids)
+        return self._result(name, records, clock)
+
+    def oracle_cartridge(self, questions: Sequence[Question], source: CartridgeSource,
+                         name: str = "oracle_cartridge") -> EvalResult:
+        """The question's own document's cartridge."""
+        return self.cartridges(questions, source, lambda q: [q.doc_id], name, slots=1)
+
+    def retrieval_cartridges(self, questions: Sequence[Question], source: CartridgeSource,
+                             top_k: int = 3, retriever: str = "bm25", slots: int | None = None,
+                             name: str | None = None) -> EvalResult:
+        """The top_k documents retrieved for the question text, their cartridges composed.
+
+        The bank has a slot for every document of the collection and each row `slots`
+        (default top_k) composition slots, so changing top_k up to `slots` does not recompile.
+        """
+        slots = slots or top_k
+        if top_k > slots:
+            raise ValueError(f"top_k {top_k} exceeds the {slots} composition slots")
+        index = self._retriever(retriever, "docs", lambda: self.collection.texts)
+        with _CompileClock() as clock:
+            # Searching `slots` deep for every top_k keeps the retriever's shapes fixed too.
+            entries = [[i for i, _ in index.search(q.question, slots)][:top_k] for q in questions]
+            records = self._cartridge_records(questions, source, entries, slots,
+                                              self.collection.ids)
+            for r, q, e in zip(records, questions, entries):
+                r.update(retrieved=e, retrieval_hit=q.doc_id in e)
+        return self._result(name or f"retrieval_cartridges_{retriever}_k{top_k}", records, clock)
+
+    # -- shared machinery
+
+    def _room(self, questions: Sequence[Question]) -> int:
+        """Tokens the longest query needs with its answer: the longest option or gold answer,
+        and (with generation) the bucketed prompt plus the bucketed new tokens."""
+        tok, room = self.model.tokenizer, 0
+        for q in questions:
+            query = self._query(q)
+            answers = q.options if q.options is not None else (q.gold,)
+            room = max(room, len(query) + max(len(tok.encode(a, add_special_tokens=False))
+                                              for a in answers))
+            if self.config.max_new_tokens:
+                room = max(room, sampling.bucket(len(query))
+                           + sampling.bucket(self.config.max_new_tokens))
+        return room
+
+    def context_budget(self, questions: Sequence[Question]) -> int:
+        """Context tokens (ICL, RAG) allowed per question: the window minus `_room`, rounded
+        down to a multiple of 64."""
+        room = self._room(questions)
+        budget = (self.window - room) // 64 * 64
+        if budget < 64:
+            raise ValueError(f"window {self.window} leaves no room for context after the "
+                             f"{room} tokens the queries and answers need")
+        return budget
+
+    def _query(self, q: Question) -> list[int]:
+        return build_prompt(self.model.tokenizer, q).query
+
+    def _result(self, method: str, records: list[dict[str, Any]], clock: _CompileClock
+                ) -> EvalResult:
+        for r in records:
+            r["prompt_tokens"] = r["query_tokens"] + r["context_tokens"]
+            r.setdefault("retrieved", None)
+            r.setdefault("retrieval_hit", None)
+        return dataclasses.replace(
+            _summarise(method, records, self.model.config.kv_bytes_per_token),
+            seconds=clock.seconds, compile_s=clock.compile_s, compilations=clock.compilations)
+
+    def _retriever(self, kind: str, over: str, texts: Callable[[], dict[str, str]]):
+        if (kind, over) not in self._retrievers:
+            self._retrievers[kind, over] = retrieval.make_retriever(kind, texts())
+        return self._retrievers[kind, over]
+
+    def _rag_chunks(self) -> dict[str, tuple[str, str]]:
+        """chunk id "doc_id#i" -> (document title, chunk text), `chunk_tokens` tokens each."""
+        if self._chunks is None:
+            tok = self.model.tokenizer
+            self._chunks = {}
+            for doc_id, doc in self.collection.items():
+                ids = tok.encode(doc.text, add_special_tokens=False)
+                for i, (s, e) in enumerate(chunking.split_chunks(len(ids),
+                                                                 self.config.chunk_tokens)):
+                    self._chunks[f"{doc_id}#{i}"] = (doc.title, tok.decode(ids[s:e]))
+        return self._chunks
+
+    def _load(self, source: CartridgeSource, doc_id: str) -> Cartridge:
+        cartridge = source.get(doc_id)
+        if cartridge is None:
+            raise KeyError(f"no cartridge for {doc_id!r} in the cartridge source")
+        cfg = self.model.config
+        check_compatible(cartridge, self.model.fingerprint, cfg.num_layers, cfg.num_kv_heads,
+                         cfg.head_dim, name=f"cartridge {doc_id!r}")
+        return cartridge
+
+    def _cartridge_records(self, questions: Sequence[Question], source: CartridgeSource,
+                           entries: list[list[str]], slots: int | None,
+                           bank_ids: Sequence[str] | None) -> list[dict[str, Any]]:
+        """Records for questions whose prefix composes the cartridges `entries[i]`."""
+        needed = sorted({i for e in entries for i in e})
+        bank_ids = list(bank_ids) if bank_ids is not None else needed
+        unknown = sorted(set(needed) - set(bank_ids))
+        if unknown:
+            raise ValueError(f"selected cartridges {unknown} are not among the bank's ids")
+        bank = {i: self._load(source, i) if i in needed else None for i in bank_ids}
+        slots = slots or max(len(e) for e in entries)
+        max_tokens = max(c.num_tokens for c in bank.values() if c is not None)
+        room = self._room(questions)
+        if slots * max_tokens + room > self.window:
+            raise ValueError(f"{slots} slots of {max_tokens} cartridge tokens plus {room} for "
+                             f"the queries exceed the window {self.window}")
+        records = self._records(questions, entries, bank, slots)
+        for r, e in zip(records, entries):
+            lengths = [bank[i].num_tokens for i in e]
+            # composition shows one attention sink: later cartridges' token 0 is masked
+            r.update(context_tokens=0, truncated_tokens=0,
+                     cartridge_tokens=sum(lengths) - max(len(lengths) - 1, 0))
+        return records
+
+    def _context_records(self, questions: Sequence[Question], contexts: list[_Context],
+                         budget: int) -> list[dict[str, Any]]:
+        """Records for questions whose prefix is their context's exact K/V.
+
+        Questions go in groups whose distinct contexts total at most `prefix_tokens_per_call`
+        tokens (at least one context): each group's contexts are prefilled, used, and freed.
+        """
+        cfg = self.config
+        order = sorted(range(len(questions)), key=lambda i: contexts[i].key)
+        groups, group, size, keys = [], [], 0, set()
+        for i in order:
+            c = contexts[i]
+            if c.key not in keys and group and size + len(c.tokens) > cfg.prefix_tokens_per_call:
+                groups.append(group)
+                group, size, keys = [], 0, set()
+            if c.key not in keys:
+                keys.add(c.key)
+                size += len(c.tokens)
+            group.append(i)
+        groups.append(group)
+        records: list[dict[str, Any] | None] = [None] * len(questions)
+        for group in groups:
+            blocks = {contexts[i].key: contexts[i].tokens for i in group}
+            names = list(blocks)
+            prefilled = prefill_contexts(self.model, [blocks[k] for k in names], names,
+                                         cfg.prefill_chunk, cfg.prefix_tokens_per_call,
+                                         cfg.rows_per_call)
+            # Padded shapes (tokens to a multiple of 64, within the budget; slots to a power of
+            # two) keep recompilation rare from one group to the next.
+            max_tokens = min(-(-max(len(b) for b in blocks.values()) // 64) * 64, budget)
+            bank = dict(zip(names, prefilled))
+            bank.update({f"empty{j}": None
+                         for j in range(sampling.bucket(len(names), minimum=1) - len(names))})
+            rows = self._records([questions[i] for i in group], [[contexts[i].key] for i in group],
+                                 bank, 1, max_tokens)
+            for i, r in zip(group, rows):
+                c = contexts[i]
+                r.update(context_tokens=len(c.tokens), cartridge_tokens=0,
+                         truncated_tokens=c.truncated_tokens, retrieved=c.retrieved,
+                         retrieval_hit=c.hit)
+                records[i] = r
+        return records
+
+    def _records(self, questions: Sequence[Question], entries: list[list[str]],
+                 bank_items: dict[str, Cartridge | None], slots: int,
+                 max_tokens: int | None = None) -> list[dict[str, Any]]:
+        """Scores every option (or the gold answer) and generates a reply for each question,
+        with prefix = bank_items[entries[i]] composed in order; returns one record each.
+
+        bank_items: the bank's slots in order (None = unused slot); max_tokens: bank slot
+        length (default: the longest cartridge).
+        """
+        if not questions:
+            raise ValueError("no questions to evaluate")
+        cfg, tok = self.config, self.model.tokenizer
+        bank = None
+        if bank_items:
+            present = [c for c in bank_items.values() if c is not None]
+            bank = attention.bank_from_cartridges(
+                [c if c is not None else _empty_like(present[0]) for c in bank_items.values()],
+                max_tokens=max_tokens)
+        slot_of = {k: i for i, k in enumerate(bank_items)}
+        selections = [[slot_of[k] for k in e] for e in entries]
+        queries = [self._query(q) for q in questions]
+
+        owner, conts = [], []
+        for qi, q in enumerate(questions):
+            for a in (q.options if q.options is not None else (q.gold,)):
+                ids = tok.encode(a, add_special_tokens=False)
+                if not ids:
+                    raise ValueError(f"question {q.question!r}: answer {a!r} has no tokens")
+                owner.append(qi)
+                conts.append(ids)
+        kw = dict(bank=bank, slots=slots, rows_per_call=cfg.rows_per_call,
+                  prefix_tokens_per_call=cfg.prefix_tokens_per_call)
+        scored = score_continuations(self.model, [queries[i] for i in owner], conts,
+                                     selections=[selections[i] for i in owner], **kw)
+        generated = (generate_answers(self.model, queries, cfg.max_new_tokens,
+                                      selections=selections, **kw)
+                     if cfg.max_new_tokens else [None] * len(questions))
+
+        records, row = [], 0
+        for qi, q in enumerate(questions):
+            n = 1 if q.options is None else len(q.options)
+            lps = scored[row:row + n]
+            row += n
+            gold_lp = lps[0] if q.options is None else lps[q.answer]
+            rec: dict[str, Any] = dict(doc_id=q.doc_id, question=q.question, kind=q.kind,
+                                       gold=q.gold, query_tokens=len(queries[qi]),
+                                       gold_nll=float(-gold_lp.mean()), generation=generated[qi])
+            if q.options is not None:
+                scores = [float(lp.mean() if cfg.option_score == "mean" else lp.sum())
+                          for lp in lps]
+                rec.update(answer=q.answer, option_scores=scores,
+                           prediction_ll=int(np.argmax(scores)))
+                rec["correct_ll"] = rec["prediction_ll"] == q.answer
+                if generated[qi] is not None:
+                    rec["prediction_gen"] = parse_choice(generated[qi], q.options)
+                    rec["correct_gen"] = rec["prediction_gen"] == q.answer
+            elif generated[qi] is not None:
+                rec["correct_gen"] = answer_matches(generated[qi], q.gold)
+            records.append(rec)
+        return records
+
+
+def _empty_like(c: Cartridge) -> Cartridge:
+    """A one-token placeholder for an unused bank slot (never selected)."""
+    z = np.zeros((c.keys.shape[0], 1) + tuple(c.keys.shape[2:]), c.keys.dtype)
+    return Cartridge(keys=z, values=z, meta=c.meta)
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return float(np.mean(values)) if values else None
+
+
+def _summarise(method: str, records: list[dict[str, Any]], kv_bytes_per_token: int) -> EvalResult:
+    mc = [r for r in records if r["kind"] == "mc"]
+    free = [r for r in records if r["kind"] == "free"]
+    cut = [r["truncated_tokens"] for r in records if r["truncated_tokens"] > 0]
+    hits = [r["retrieval_hit"] for r in records if r["retrieval_hit"] is not None]
+    return EvalResult(
+        method=method, num_questions=len(records), num_mc=len(mc),
+        accuracy_ll=_mean(r["correct_ll"] for r in mc),
+        accuracy_gen=_mean(r["correct_gen"] for r in mc if "correct_gen" in r),
+        free_match=_mean(r["correct_gen"] for r in free if "correct_gen" in r),
+        gold_nll=_mean(r["gold_nll"] for r in records),
+        prompt_tokens=_mean(r["prompt_tokens"] for r in records),
+        context_tokens=_mean(r["context_tokens"] for r in records),
+        cartridge_tokens=_mean(r["cartridge_tokens"] for r in records),
+        kv_bytes=_mean((r["prompt_tokens"] + r["cartridge_tokens"]) * kv_bytes_per_token
+                       for r in records),
+        truncated=len(cut), truncated_tokens=_mean(cut) or 0.0,
+        retrieval_recall=_mean(hits), seconds=0.0, compile_s=0.0, compilations=0,
+        records=tuple(records))

@@ -1,0 +1,404 @@
+"""Self-study: synthetic conversations about document chunks, with teacher top-k targets.
+
+For each work item (doc_id, conversation index, seed) a chunk of `chunk_min..chunk_max` tokens
+is drawn from the document (`chunking.sample_chunk`, never across documents) and a seed prompt
+from one family (`SEED_PROMPTS`). Two agents share the system prompt `chunk_system_prompt`,
+which holds the chunk:
+  A reads the seed prompt and writes the user message (temperature 0.6);
+  B answers it (greedy).
+With `rounds > 1`, A sees the conversation with roles swapped (B's answers as user turns) and
+writes the next user message. All conversations of a batch go through the batched sampler
+together.
+
+Two views of each conversation are tokenised with the chat template:
+  teacher: [system: chunk] + conversation   (what B saw)
+  student: the conversation with no system message, i.e. exactly what the chat template gives
+    for `[{"role": "user", "content": question}]` at evaluation, where the cartridge replaces the
+    document (for SmolLM2 the template inserts its default system prompt in both cases).
+Alignment of a stored example (see `dataset.Conversation`): `loss_mask[t]` is True iff student
+token t+1 belongs to an assistant turn (its content and end-of-turn token), and the teacher rows
+hold the top-k of the teacher's next-token log-softmax at that position, i.e. its prediction of
+student token t+1 from chunk + tokens[:t+1]. Rows are computed in batches by one jitted forward
+over right-padded, bucketed lengths.
+
+Determinism: an item's chunk and seed prompt depend only on its seed; sampled text depends on the
+batch it is generated in, which `run_shard` fixes from (seed, batch_size, shard layout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cas_jax import chunking, dataset, model as model_lib, sampling, tokenizer as tok_lib
+from cas_jax.config import ModelConfig
+from cas_jax.corpus import Document
+from cas_jax.loading import LoadedModel
+
+_ONLY = "Output only the message, nothing else."
+
+SEED_PROMPTS: dict[str, tuple[str, ...]] = {
+    "structuring": (
+        "Ask the assistant to reorganise one part of the document excerpt into a table, a "
+        f"bulleted list or key-value pairs. Say precisely which part. {_ONLY}",
+        "Write a request asking for the facts in one section of the excerpt to be laid out as a "
+        f"JSON object with clearly named fields. {_ONLY}",
+        "Pick a group of related facts in the excerpt (numbers, dates or names) and ask for them "
+        f"to be arranged as a table with labelled columns. {_ONLY}",
+        "Ask for an outline of the excerpt, with headings and sub-points that follow its "
+        f"structure. {_ONLY}",
+    ),
+    "summarization": (
+        f"Ask the assistant to summarise a specific part of the excerpt in a few sentences, "
+        f"naming the part. {_ONLY}",
+        "Write a request for a short summary of the most important facts in the excerpt, for a "
+        f"reader who has never seen it. {_ONLY}",
+        "Ask for a one-paragraph summary of one topic the excerpt covers, naming the topic. "
+        f"{_ONLY}",
+        f"Ask the assistant to list the three to five key points of the excerpt. {_ONLY}",
+    ),
+    "question": (
+        "Write one question about a specific fact stated in the excerpt (a name, number, date or "
+        f"place) that can be answered from the excerpt alone. {_ONLY}",
+        "Write a question whose answer needs two facts from different parts of the excerpt. "
+        f"{_ONLY}",
+        "Ask about a number or quantity given in the excerpt, with enough context that the "
+        f"question is unambiguous. {_ONLY}",
+        "Write a question a student of this document might ask to check their understanding. "
+        f"{_ONLY}",
+    ),
+    "use_case": (
+        "Imagine a person who needs the information in the excerpt for their work (a student, a "
+        "traveller, a journalist, an analyst). Write the message they would send asking for "
+        f"help with a concrete task that uses it. {_ONLY}",
+        "Describe a practical decision the excerpt could help with and ask the assistant for "
+        f"advice grounded in it. {_ONLY}",
+        "Ask the assistant to prepare a short briefing from the excerpt for someone about to "
+        f"attend a meeting on this subject. {_ONLY}",
+        f"Ask how a specific fact from the excerpt could be used in a report. {_ONLY}",
+    ),
+    "creative": (
+        f"Ask the assistant for a short poem built on specific details of the excerpt. {_ONLY}",
+        "Ask for a short story or dialogue whose characters mention facts from the excerpt. "
+        f"{_ONLY}",
+        f"Ask the assistant to explain part of the excerpt to a ten-year-old with an analogy. "
+        f"{_ONLY}",
+        f"Ask for a few quiz questions with their answers, based on the excerpt. {_ONLY}",
+    ),
+    "generic": (
+        "Write a message to an assistant who has read the excerpt, asking it something about "
+        f"the document. {_ONLY}",
+        f"Start a conversation about the excerpt with a message it can answer. {_ONLY}",
+        f"Ask the assistant for some information contained in the excerpt. {_ONLY}",
+    ),
+}
+FAMILIES = tuple(SEED_PROMPTS)
+
+
+def chunk_system_prompt(title: str, chunk: str) -> str:
+    """The system message of both agents and of the teacher: the chunk and its document title."""
+    return (f"Below is an excerpt of the document \"{title}\". Answer using this information."
+            f"\n\n<document>\n{chunk}\n</document>")
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthesisConfig:
+    """Self-study settings (defaults follow the Cartridges reference).
+
+    family_weights: sampling weight per seed family, in `FAMILIES` order; None = uniform.
+    teacher_batch_size: rows per teacher forward (bounds its memory).
+    """
+
+    chunk_min: int = 512
+    chunk_max: int = 1024
+    max_user_tokens: int = 512
+    max_answer_tokens: int = 1024
+    user_temperature: float = 0.6
+    answer_temperature: float = 0.0
+    rounds: int = 1
+    topk: int = 20
+    family_weights: tuple[float, ...] | None = None
+    teacher_batch_size: int = 8
+
+    def family_probs(self) -> np.ndarray:
+        w = np.ones(len(FAMILIES)) if self.family_weights is None else np.asarray(
+            self.family_weights, np.float64)
+        if w.shape != (len(FAMILIES),) or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"family_weights must be {len(FAMILIES)} non-negative weights for "
+                             f"{FAMILIES}, got {self.family_weights}")
+        return w / w.sum()
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkItem:
+    """One conversation to synthesise; `seed` fixes its chunk and seed prompt."""
+
+    doc_id: str
+    conversation_index: int
+    seed: int
+
+
+def work_items(doc_ids: Sequence[str], conversations_per_doc: int, seed: int) -> list[WorkItem]:
+    """The deterministic work list: every (doc, conversation index), docs in the order given."""
+    items = []
+    for doc_id in doc_ids:
+        doc_key = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "little")
+        for i in range(conversations_per_doc):
+            state = np.random.SeedSequence([seed, doc_key, i]).generate_state(1)[0]
+            items.append(WorkItem(doc_id, i, int(state)))
+    return items
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()[:16]
+
+
+def _batch_seed(items: Sequence[WorkItem], *salt: int) -> int:
+    return int(np.random.SeedSequence([*(it.seed for it in items), *salt]
+                                      ).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "k", "chunk"))
+def teacher_topk(params, tokens: jax.Array, positions: jax.Array, targets: jax.Array, *,
+                 config: ModelConfig, k: int, chunk: int):
+    """Top-k next-token log-probabilities at chosen positions.
+
+    tokens, positions [B, T] (position -1 = padding); targets [B, M] int32 token indices whose
+    next-token distribution is kept (M a multiple of `chunk`). Log-softmax in float32.
+    Returns ids [B, M, k] int32 and logprobs [B, M, k] float32, best first.
+    """
+    hidden, _ = model_lib.forward(params, tokens, positions, config=config, return_hidden=True)
+    h_bmd = jnp.take_along_axis(hidden, targets[:, :, None], axis=1)
+    b, m, d = h_bmd.shape
+    h_cbnd = h_bmd.reshape(b, m // chunk, chunk, d).swapaxes(0, 1)
+
+    def one(h_bnd):
+        logits = model_lib.logits_from_hidden(params, h_bnd, config).astype(jnp.float32)
+        logprobs, ids = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), k)
+        return ids.astype(jnp.int32), logprobs
+
+    ids, logprobs = jax.lax.map(one, h_cbnd)
+    return (ids.swapaxes(0, 1).reshape(b, m, k), logprobs.swapaxes(0, 1).reshape(b, m, k))
+
+
+@dataclasses.dataclass
+class Plan:
+    """A conversation in the making: its chunk, seed prompt and the turns written so far.
+
+    span: the chunk's token span [start, end) in the document; system: the agents' (and
+    teacher's) system prompt with the chunk; conversation: [{"role", "content"}] user/assistant
+    turns, without the system message.
+    """
+
+    item: WorkItem
+    span: tuple[int, int]
+    family: str
+    seed_prompt: str
+    system: str
+    conversation: list[dict[str, str]]
+
+
+class SelfStudy:
+    """Synthesises batches of self-study conversations for the documents of a collection."""
+
+    def __init__(self, model: LoadedModel, documents: Mapping[str, Document],
+                 config: SynthesisConfig = SynthesisConfig()):
+        self.model = model
+        self.documents = documents
+        self.config = config
+        self.probs = config.family_probs()
+        tok = model.tokenizer
+        self.stop_ids = tuple(tok_lib.stop_token_ids(tok))
+        self.special = sorted(tok.all_special_tokens, key=len, reverse=True)
+        self._doc_tokens: dict[str, np.ndarray] = {}
+
+    def doc_tokens(self, doc_id: str) -> np.ndarray:
+        """[N] int32 token ids of a document's text (no special tokens), cached."""
+        if doc_id not in self._doc_tokens:
+            ids = self.model.tokenizer(self.documents[doc_id].text,
+                                       add_special_tokens=False)["input_ids"]
+            self._doc_tokens[doc_id] = np.asarray(ids, np.int32)
+        return self._doc_tokens[doc_id]
+
+    def plan(self, item: WorkItem) -> Plan:
+        """Draws the item's chunk and seed prompt from its seed; no turns yet."""
+        cfg = self.config
+        rng = np.random.default_rng(item.seed)
+        tokens = self.doc_tokens(item.doc_id)
+        start, end = chunking.sample_chunk(len(tokens), rng, cfg.chunk_min, cfg.chunk_max)
+        family = FAMILIES[int(rng.choice(len(FAMILIES), p=self.probs))]
+        prompts = SEED_PROMPTS[family]
+        seed_prompt = prompts[int(rng.integers(len(prompts)))]
+        doc = self.documents[item.doc_id]
+        chunk = self.model.tokenizer.decode(tokens[start:end].tolist())
+        return Plan(item, (start, end), family, seed_prompt,
+                    chunk_system_prompt(doc.title, chunk), [])
+
+    def user_prompt(self, plan: Plan) -> list[int]:
+        """Agent A's prompt: the seed prompt, then the turns so far with roles swapped."""
+        swapped = [{"role": "assistant" if m["role"] == "user" else "user",
+                    "content": m["content"]} for m in plan.conversation]
+        return tok_lib.encode_chat(self.model.tokenizer, [
+            {"role": "system", "content": plan.system},
+            {"role": "user", "content": plan.seed_prompt}] + swapped)
+
+    def answer_prompt(self, plan: Plan) -> list[int]:
+        """Agent B's prompt (the teacher's context): the chunk, then the turns so far."""
+        return tok_lib.encode_chat(self.model.tokenizer,
+                                   [{"role": "system", "content": plan.system}]
+                                   + plan.conversation)
+
+    def message_text(self, ids: list[int]) -> str:
+        """Generated ids -> message text, with special tokens (and their spellings) removed."""
+        text = self.model.tokenizer.decode(ids, skip_special_tokens=True)
+        for s in self.special:
+            text = text.replace(s, "")
+        return text.strip()
+
+    def _generate(self, prompts: list[list[int]], max_new: int, temperature: float,
+                  seed: int) -> list[list[int]]:
+        params = sampling.SamplingParams(max_new_tokens=max_new, temperature=temperature,
+                                         stop_ids=self.stop_ids)
+        return sampling.generate(self.model.params, self.model.config, prompts, params,
+                                 seed=seed)
+
+    def run_batch(self, items: Sequence[WorkItem]) -> tuple[list[dataset.Conversation], int]:
+        """Synthesises one batch; returns its conversations (item order) and tokens generated."""
+        cfg = self.config
+        plans = [self.plan(it) for it in items]
+        generated = 0
+        for r in range(cfg.rounds):
+            outs = self._generate([self.user_prompt(p) for p in plans], cfg.max_user_tokens,
+                                  cfg.user_temperature, _batch_seed(items, r, 0))
+            generated += sum(map(len, outs))
+            for p, out in zip(plans, outs):
+                # An empty message (A stopped at once) falls back to the seed prompt itself.
+                p.conversation.append({"role": "user",
+                                       "content": self.message_text(out) or p.seed_prompt})
+            outs = self._generate([self.answer_prompt(p) for p in plans], cfg.max_answer_tokens,
+                                  cfg.answer_temperature, _batch_seed(items, r, 1))
+            generated += sum(map(len, outs))
+            for p, out in zip(plans, outs):
+                p.conversation.append({"role": "assistant", "content": self.message_text(out)})
+        views = [self._views(p) for p in plans]
+        teacher = self._teacher_targets([(t, tg) for t, tg, _, _ in views])
+        convs = []
+        for p, (_, _, student, mask), (ids, logprobs) in zip(plans, views, teacher):
+            convs.append(dataset.Conversation(
+                tokens=student, loss_mask=mask, teacher_ids=ids, teacher_logprobs=logprobs,
+                doc_id=p.item.doc_id, conversation_index=p.item.conversation_index,
+                chunk_start=p.span[0], chunk_end=p.span[1], seed_family=p.family,
+                messages=json.dumps(p.conversation)))
+        return convs, generated
+
+    def _views(self, plan: Plan):
+        """(teacher tokens [Tt], teacher target indices [M], student tokens [T], loss_mask [T])."""
+        tok = self.model.tokenizer
+        conv = plan.conversation
+        student = tok_lib.encode_chat(tok, conv, add_generation_prompt=False)
+        teacher = tok_lib.encode_chat(tok, [{"role": "system", "content": plan.system}] + conv,
+                                      add_generation_prompt=False)
+        offset = len(teacher) - len(student)
+        mask = np.zeros(len(student), bool)
+        for i, m in enumerate(conv):
+            if m["role"] != "assistant":
+                continue
+            before = tok_lib.encode_chat(tok, conv[:i], add_generation_prompt=True)
+            upto = tok_lib.encode_chat(tok, conv[:i + 1], add_generation_prompt=False)
+            start, end = len(before), len(upto)
+            if student[:start] != before or student[:end] != upto or start == 0:
+                raise ValueError("the chat template does not render a conversation as the "
+                                 "concatenation of its turns; self-study cannot align it")
+            stops = [j for j in range(start, end) if student[j] in self.stop_ids]
+            end = stops[0] + 1 if stops else end
+            if teacher[offset + start - 1:offset + end] != student[start - 1:end]:
+                raise ValueError("teacher and student views disagree on an assistant turn: the "
+                                 "chat template renders turns differently after a system prompt")
+            mask[start - 1:end - 1] = True
+        return (np.asarray(teacher, np.int32), np.flatnonzero(mask) + offset,
+                np.asarray(student, np.int32), mask)
+
+    def _teacher_targets(self, rows: list[tuple[np.ndarray, np.ndarray]]
+                         ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per row (teacher tokens, target indices [M]) -> (ids [M, k], logprobs [M, k])."""
+        out = []
+        n = self.config.teacher_batch_size
+        for i in range(0, len(rows), n):
+            group = rows[i:i + n]
+            b = sampling.bucket(len(group), minimum=1)
+            t = sampling.bucket(max(len(tk) for tk, _ in group))
+            m = sampling.bucket(max(len(tg) for _, tg in group))
+            tokens = np.zeros((b, t), np.int32)
+            positions = np.full((b, t), -1, np.int32)
+            targets = np.zeros((b, m), np.int32)
+            for j, (tk, tg) in enumerate(group):
+                tokens[j, :len(tk)] = tk
+                positions[j, :len(tk)] = np.arange(len(tk))
+                targets[j, :len(tg)] = tg
+            ids, logprobs = teacher_topk(self.model.params, jnp.asarray(tokens),
+                                         jnp.asarray(positions), jnp.asarray(targets),
+                                         config=self.model.config, k=self.config.topk,
+                                         chunk=min(m, 128))
+            ids, logprobs = np.asarray(ids), np.asarray(logprobs)
+            out.extend((ids[j, :len(tg)], logprobs[j, :len(tg)])
+                       for j, (_, tg) in enumerate(group))
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """Reported after each written batch of a shard."""
+
+    conversations_done: int  # in the shard, including those of earlier (killed) runs
+    conversations_total: int
+    conversations_resumed: int  # done before this run started
+    generated_tokens: int  # generated in this run
+    elapsed_s: float  # since this run started
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / max(self.elapsed_s, 1e-9)
+
+    @property
+    def eta_s(self) -> float:
+        """Seconds left at this run's conversation rate."""
+        rate = (self.conversations_done - self.conversations_resumed) / max(self.elapsed_s, 1e-9)
+        return (self.conversations_total - self.conversations_done) / max(rate, 1e-9)
+
+
+def run_shard(study: SelfStudy, items: Sequence[WorkItem], data_dir: str, *, batch_size: int,
+              shard_index: int = 0, shard_count: int = 1,
+              on_batch: Callable[[Progress], None] | None = None) -> dataset.ShardWriter:
+    """Synthesises shard `shard_index` of `shard_count` of `items` into `data_dir`, resumably.
+
+    The shard takes items[shard_index::shard_count] in batches of `batch_size`; batch j is
+    written as one finalised file before the manifest records it, so a killed run restarts at
+    the first unrecorded batch. The manifest records what decides the content (model
+    fingerprint, document texts, work items with their seeds, settings); resuming with any of
+    them changed raises.
+    """
+    mine = list(items)[shard_index::shard_count]
+    batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    doc_ids = sorted({it.doc_id for it in items})
+    run = {"model": study.model.fingerprint, "synthesis": dataclasses.asdict(study.config),
+           "batch_size": batch_size, "items": _digest([dataclasses.astuple(it) for it in items]),
+           "documents": _digest([dataclasses.astuple(study.documents[d]) for d in doc_ids])}
+    writer = dataset.ShardWriter(data_dir, shard_index, shard_count, run=run, doc_ids=doc_ids,
+                                 num_items=len(mine), num_batches=len(batches))
+    t0, generated, resumed = time.perf_counter(), 0, writer.conversations_done
+    for j in range(writer.batches_done, len(batches)):
+        convs, n = study.run_batch(batches[j])
+        writer.write_batch(j, convs)
+        generated += n
+        if on_batch is not None:
+            on_batch(Progress(writer.conversations_done, len(mine), resumed, generated,
+                              time.perf_counter() - t0))
+    return writer

@@ -1,0 +1,74 @@
+"""Self-study synthesis: writes shard `--shard_index` of `--shard_count` of a dataset.
+
+  python -m experiments.synthesize --collection factbook --documents fr,gm \
+      --conversations_per_doc 64 --output runs/selfstudy
+
+Rerunning the same command resumes a killed run. Every process of a multi-process run uses the
+same flags except --shard_index; `dataset.make_train_iterator(--output, ...)` reads the result.
+"""
+
+import time
+
+from absl import app, flags
+
+from cas_jax import corpus, loading, synthesis
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "", "HF folder or GGUF file; empty = embedded SmolLM2-135M-Instruct.")
+flags.DEFINE_string("collection", "factbook", "'factbook' or a folder of .txt/.md/.json files.")
+flags.DEFINE_string("documents", "", "Comma-separated doc ids; empty = fr,gm,ja for the "
+                    "Factbook, every document of a folder.")
+flags.DEFINE_integer("conversations_per_doc", 16, "Conversations synthesised per document.")
+flags.DEFINE_integer("chunk_min", 512, "Shortest chunk, in tokens.")
+flags.DEFINE_integer("chunk_max", 1024, "Longest chunk, in tokens.")
+flags.DEFINE_integer("max_user_tokens", 512, "Most tokens of a user message (agent A).")
+flags.DEFINE_integer("max_answer_tokens", 1024, "Most tokens of an answer (agent B).")
+flags.DEFINE_integer("rounds", 1, "User/assistant exchanges per conversation.")
+flags.DEFINE_integer("batch_size", 16, "Conversations generated together (one file each batch).")
+flags.DEFINE_integer("topk", 20, "Teacher log-probabilities kept per answer token.")
+flags.DEFINE_string("output", "runs/selfstudy", "Dataset folder (created; resumed if present).")
+flags.DEFINE_integer("shard_index", 0, "This process's shard.")
+flags.DEFINE_integer("shard_count", 1, "Number of shards (processes).")
+flags.DEFINE_integer("seed", 0, "Seed of every chunk, seed prompt and sample.")
+
+DEFAULT_FACTBOOK_DOCS = ("fr", "gm", "ja")
+
+
+def _collection() -> corpus.Collection:
+    ids = [d for d in FLAGS.documents.split(",") if d]
+    if FLAGS.collection == "factbook":
+        return corpus.load_factbook(documents=ids or DEFAULT_FACTBOOK_DOCS)
+    docs = corpus.load_folder(FLAGS.collection)
+    return docs.subset(ids) if ids else docs
+
+
+def _report(shard: str):
+    def report(p: synthesis.Progress) -> None:
+        eta = time.strftime("%H:%M:%S", time.gmtime(p.eta_s))
+        print(f"[{shard}] {p.conversations_done}/{p.conversations_total} conversations, "
+              f"{p.tokens_per_s:.1f} generated tok/s, ETA {eta}", flush=True)
+    return report
+
+
+def main(argv):
+    del argv
+    model = loading.load_model(FLAGS.model or None)
+    docs = _collection()
+    config = synthesis.SynthesisConfig(
+        chunk_min=FLAGS.chunk_min, chunk_max=FLAGS.chunk_max,
+        max_user_tokens=FLAGS.max_user_tokens, max_answer_tokens=FLAGS.max_answer_tokens,
+        rounds=FLAGS.rounds, topk=FLAGS.topk)
+    study = synthesis.SelfStudy(model, docs, config)
+    items = synthesis.work_items(docs.ids, FLAGS.conversations_per_doc, FLAGS.seed)
+    shard = f"shard {FLAGS.shard_index}/{FLAGS.shard_count}"
+    print(f"[{shard}] {len(docs)} documents, {len(items)} conversations in all -> "
+          f"{FLAGS.output}", flush=True)
+    writer = synthesis.run_shard(study, items, FLAGS.output, batch_size=FLAGS.batch_size,
+                                 shard_index=FLAGS.shard_index, shard_count=FLAGS.shard_count,
+                                 on_batch=_report(shard))
+    print(f"[{shard}] done: {writer.conversations_done} conversations in "
+          f"{writer.batches_done} files, manifest {writer.manifest_path}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,181 @@
+"""Cartridge initialisation, composition of a variable set, positions, gradients, model checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cas_jax import attention, cartridge as cart_lib, model as model_lib, store
+from cas_jax.config import ModelConfig
+
+CONFIG = ModelConfig(model_type="llama", vocab_size=61, hidden_size=32, intermediate_size=48,
+                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                     max_position_embeddings=512)
+FP = "tiny-fp"
+
+
+@pytest.fixture(scope="module")
+def params():
+    return model_lib.init_params(CONFIG, jax.random.PRNGKey(0))
+
+
+def _tokens(n, seed):
+    return np.random.default_rng(seed).integers(0, CONFIG.vocab_size, n).astype(np.int32)
+
+
+def _forward_after_prefix(params, prefix, query):
+    """Logits of query [B, T] with positions starting after each row's visible prefix."""
+    b, t = query.shape
+    n = attention.num_prefix_tokens(prefix, b)
+    positions = n[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+    logits, _ = model_lib.forward_jit(params, jnp.asarray(query), positions, prefix=prefix,
+                                      config=CONFIG)
+    return logits
+
+
+def test_first_tokens_cartridge_equals_text_in_context(params):
+    text, query = _tokens(24, 0), _tokens(9, 1)
+    c = cart_lib.init_from_tokens(CONFIG, params, text, fingerprint=FP, doc_id="doc")
+    assert c.keys.shape == (2, 24, 2, 8) and c.meta == cart_lib.CartridgeMeta(
+        FP, "doc", 1, "first_tokens")
+    full = np.concatenate([text, query])[None]
+    want, _ = model_lib.forward_jit(params, jnp.asarray(full), jnp.arange(33)[None],
+                                    config=CONFIG)
+    got = _forward_after_prefix(params, attention.single_prefix(c, 1), query[None])
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0, 24:]), atol=1e-5)
+    # Positions matter: queries placed at 0 instead of after the prefix give other logits.
+    wrong, _ = model_lib.forward_jit(params, jnp.asarray(query[None]), jnp.arange(9)[None],
+                                     prefix=attention.single_prefix(c, 1), config=CONFIG)
+    assert np.abs(np.asarray(wrong) - np.asarray(got)).max() > 1e-3
+
+
+def test_first_tokens_takes_a_prefix_of_the_document(params):
+    doc = _tokens(30, 2)
+    c = cart_lib.init_from_tokens(CONFIG, params, doc, fingerprint=FP, num_tokens=12)
+    whole = cart_lib.init_from_tokens(CONFIG, params, doc, fingerprint=FP)
+    np.testing.assert_allclose(np.asarray(c.keys), np.asarray(whole.keys[:, :12]), atol=1e-6)
+    with pytest.raises(ValueError, match="fewer than the 40"):
+        cart_lib.init_from_tokens(CONFIG, params, doc, fingerprint=FP, num_tokens=40,
+                                  doc_id="short")
+    with pytest.raises(ValueError, match="cannot freeze"):
+        cart_lib.init_from_tokens(CONFIG, params, doc[:1], fingerprint=FP)
+
+
+def test_random_tokens_is_the_kv_of_vocabulary_tokens(params):
+    key = jax.random.PRNGKey(3)
+    c = cart_lib.init_random_tokens(CONFIG, params, 16, key, fingerprint=FP, doc_id="d")
+    assert c.meta.init == "random_tokens" and c.keys.shape == (2, 16, 2, 8)
+    ids = jax.random.randint(key, (16,), 0, CONFIG.vocab_size, jnp.int32)
+    same = cart_lib.init_from_tokens(CONFIG, params, np.asarray(ids), fingerprint=FP)
+    np.testing.assert_array_equal(np.asarray(c.values), np.asarray(same.values))
+
+
+def test_random_vectors_match_real_kv_statistics(params):
+    ref = _tokens(200, 4)
+    c = cart_lib.init_random_vectors(CONFIG, params, 4000, jax.random.PRNGKey(5), ref,
+                                     fingerprint=FP, num_frozen=1)
+    assert c.meta.init == "random_vectors" and c.keys.shape == (2, 4000, 2, 8)
+    real_k, real_v = cart_lib.kv_of_tokens(CONFIG, params, ref)
+    for got, real in ((c.keys, real_k), (c.values, real_v)):
+        got, real = np.asarray(got), np.asarray(real)
+        std = real.std(axis=1)
+        np.testing.assert_allclose(got.mean(axis=1), real.mean(axis=1), atol=0.1 * std.max())
+        np.testing.assert_allclose(got.std(axis=1), std, rtol=0.1)
+
+
+def _bank(params, lengths, max_tokens):
+    carts = [cart_lib.init_from_tokens(CONFIG, params, _tokens(n, 10 + i), fingerprint=FP,
+                                       doc_id=f"d{i}") for i, n in enumerate(lengths)]
+    return carts, attention.bank_from_cartridges(carts, capacity=len(lengths) + 1,
+                                                 max_tokens=max_tokens)
+
+
+def _concatenation(carts):
+    """One cartridge holding the composition: the first sink, then every non-sink token."""
+    keys = np.concatenate([np.asarray(carts[0].keys)]
+                          + [np.asarray(c.keys[:, 1:]) for c in carts[1:]], axis=1)
+    values = np.concatenate([np.asarray(carts[0].values)]
+                            + [np.asarray(c.values[:, 1:]) for c in carts[1:]], axis=1)
+    return cart_lib.Cartridge(jnp.asarray(keys), jnp.asarray(values), carts[0].meta)
+
+
+def test_composed_cartridges_equal_one_cartridge_of_their_concatenation(params):
+    carts, bank = _bank(params, [7, 12, 5], max_tokens=12)
+    query = _tokens(6, 20)[None]
+    prefix = attention.compose(bank, jnp.array([[2, 0, 3, 1]]),
+                               jnp.array([[True, True, False, True]]))
+    assert int(attention.num_prefix_tokens(prefix, 1)[0]) == 5 + 7 + 12 - 2
+    got = _forward_after_prefix(params, prefix, query)
+    order = [carts[2], carts[0], carts[1]]
+    want = _forward_after_prefix(params, attention.single_prefix(_concatenation(order), 1),
+                                 query)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+def test_each_row_reads_its_own_selection(params):
+    _, bank = _bank(params, [7, 12, 5], max_tokens=12)
+    selection = jnp.array([[0, 1], [2, 2], [1, 0], [0, 0]])
+    selected = jnp.array([[True, True], [True, False], [True, True], [False, True]])
+    query = np.stack([_tokens(6, 30 + i) for i in range(4)])
+    got = _forward_after_prefix(params, attention.compose(bank, selection, selected), query)
+    assert attention.num_prefix_tokens(attention.compose(bank, selection, selected),
+                                       4).tolist() == [18, 5, 18, 7]
+    for b in range(4):  # each row alone, with the others' selections removed
+        alone = attention.compose(bank, jnp.tile(selection[b:b + 1], (4, 1)),
+                                  jnp.tile(selected[b:b + 1], (4, 1)))
+        want = _forward_after_prefix(params, alone, np.tile(query[b:b + 1], (4, 1)))
+        np.testing.assert_allclose(np.asarray(got[b]), np.asarray(want[0]), atol=1e-5)
+
+
+def test_changing_the_active_set_does_not_recompile(params):
+    _, bank = _bank(params, [7, 12, 5], max_tokens=12)
+    traces = []
+
+    @jax.jit
+    def run(bank, selection, selected, query):
+        traces.append(1)
+        return _forward_after_prefix(params, attention.compose(bank, selection, selected),
+                                     query)
+
+    query = jnp.asarray(np.stack([_tokens(6, 40), _tokens(6, 41)]))
+    outs = []
+    for sel, on in [([[0, 1, 2], [0, 0, 0]], [[True, True, True], [True, False, False]]),
+                    ([[2, 0, 1], [1, 3, 3]], [[True, False, True], [True, True, True]]),
+                    ([[3, 3, 3], [2, 1, 0]], [[True, False, False], [False, True, True]])]:
+        outs.append(np.asarray(run(bank, jnp.array(sel), jnp.array(on), query)))
+    _, other = _bank(params, [9, 3, 11], max_tokens=12)  # new cartridge values, same shapes
+    outs.append(np.asarray(run(other, jnp.array(sel), jnp.array(on), query)))
+    assert len(traces) == 1 and run._cache_size() == 1
+    assert all(np.abs(a - b).max() > 1e-4 for a, b in zip(outs, outs[1:]))
+
+
+def test_gradients_reach_every_active_cartridge(params):
+    _, bank = _bank(params, [7, 12, 5], max_tokens=12)
+    selection = jnp.array([[0, 2], [2, 3]])
+    selected = jnp.array([[True, True], [True, False]])
+    query = jnp.asarray(np.stack([_tokens(6, 50), _tokens(6, 51)]))
+
+    def loss(keys, values):
+        b = attention.CartridgeBank(keys, values, bank.lengths)
+        logits = _forward_after_prefix(params, attention.compose(b, selection, selected), query)
+        return jnp.sum(jax.nn.log_softmax(logits)[..., 0])
+
+    gk, gv = jax.grad(loss, argnums=(0, 1))(bank.keys, bank.values)
+    per_token = np.abs(np.asarray(gk)).sum(axis=(1, 3, 4)) + np.abs(np.asarray(gv)).sum(
+        axis=(1, 3, 4))  # [N, P_max]
+    assert (per_token[0, :7] > 0).all() and (per_token[2, :5] > 0).all()
+    assert (per_token[0, 7:] == 0).all() and (per_token[2, 5:] == 0).all()  # padding slots
+    assert (per_token[1] == 0).all() and (per_token[3] == 0).all()  # inactive cartridges
+
+
+def test_loading_a_cartridge_for_another_model_fails_clearly(params, tmp_path):
+    c = cart_lib.init_from_tokens(CONFIG, params, _tokens(8, 60), fingerprint=FP, doc_id="fr")
+    path = str(tmp_path / "fr_cartridge")
+    store.save_cartridge(path, c)
+    back = store.load_cartridge(path, expected_fingerprint=FP)
+    np.testing.assert_array_equal(np.asarray(back.keys), np.asarray(c.keys))
+    assert back.meta == c.meta
+    with pytest.raises(cart_lib.CartridgeMismatchError, match="fr_cartridge.*other-model"):
+        store.load_cartridge(path, expected_fingerprint="other-model")
+    with pytest.raises(cart_lib.CartridgeMismatchError, match="fr_cartridge.*kv_heads=4"):
+        cart_lib.check_compatible(back, FP, 2, 4, 8, name=path)

@@ -1,0 +1,163 @@
+"""Self-study synthesis with a tiny random model and the real SmolLM2 tokenizer."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from cas_jax import dataset, loading, model as model_lib, synthesis, tokenizer as tok_lib
+from cas_jax.config import ModelConfig
+from cas_jax.corpus import Document
+
+CONFIG = synthesis.SynthesisConfig(chunk_min=24, chunk_max=48, max_user_tokens=6,
+                                   max_answer_tokens=10, topk=5)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = tok_lib.load_tokenizer(loading.default_model_path())
+    config = ModelConfig(model_type="llama", vocab_size=len(tok), hidden_size=32,
+                         intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                         head_dim=8, max_position_embeddings=2048)
+    params = model_lib.init_params(config, jax.random.PRNGKey(0))
+    return loading.LoadedModel(config, params, tok, "tiny-test", "")
+
+
+@pytest.fixture(scope="module")
+def documents():
+    docs = [Document(f"doc{i}", f"Report {i}",
+                     " ".join(f"Item {j} of report {i} has value {7 * i + j}." for j in range(n)))
+            for i, n in enumerate((40, 25, 3))]  # doc2 is shorter than chunk_min
+    return {d.doc_id: d for d in docs}
+
+
+def test_work_items_are_deterministic_and_distinct():
+    a = synthesis.work_items(["x", "y"], 3, seed=5)
+    assert a == synthesis.work_items(["x", "y"], 3, seed=5)
+    assert [(it.doc_id, it.conversation_index) for it in a] == [
+        ("x", 0), ("x", 1), ("x", 2), ("y", 0), ("y", 1), ("y", 2)]
+    assert len({it.seed for it in a}) == 6
+    assert {it.seed for it in a}.isdisjoint(it.seed for it in synthesis.work_items(["x", "y"], 3, 6))
+
+
+def test_family_weights_are_validated_and_used():
+    probs = synthesis.SynthesisConfig(family_weights=(0, 0, 1, 0, 0, 0)).family_probs()
+    assert synthesis.FAMILIES[int(np.argmax(probs))] == "question" and probs.max() == 1
+    with pytest.raises(ValueError, match="family_weights"):
+        synthesis.SynthesisConfig(family_weights=(1, 2)).family_probs()
+    assert all(len(p) >= 3 for p in synthesis.SEED_PROMPTS.values())
+    assert set(synthesis.FAMILIES) == {"structuring", "summarization", "question", "use_case",
+                                       "creative", "generic"}
+
+
+def _teacher_context(tiny, documents, conv):
+    tok = tiny.tokenizer
+    doc = documents[conv.doc_id]
+    ids = tok(doc.text, add_special_tokens=False)["input_ids"]
+    chunk = tok.decode(ids[conv.chunk_start:conv.chunk_end])
+    system = {"role": "system", "content": synthesis.chunk_system_prompt(doc.title, chunk)}
+    return tok_lib.encode_chat(tok, [system] + json.loads(conv.messages),
+                               add_generation_prompt=False), len(ids)
+
+
+def test_batch_alignment_spans_and_teacher_logprobs(tiny, documents):
+    study = synthesis.SelfStudy(tiny, documents, CONFIG)
+    items = synthesis.work_items(sorted(documents), 2, seed=0)
+    convs, generated = study.run_batch(items)
+    assert generated > 0 and len(convs) == len(items)
+    for item, conv in zip(items, convs):
+        assert (conv.doc_id, conv.conversation_index) == (item.doc_id, item.conversation_index)
+        teacher, doc_len = _teacher_context(tiny, documents, conv)
+        assert 0 <= conv.chunk_start < conv.chunk_end <= doc_len
+        assert (CONFIG.chunk_min <= conv.chunk_end - conv.chunk_start <= CONFIG.chunk_max
+                or (conv.chunk_start, conv.chunk_end) == (0, doc_len))
+        assert conv.seed_family in synthesis.FAMILIES
+
+        # loss_mask[t] marks predictions of the assistant turn: its content + end of turn.
+        messages = json.loads(conv.messages)
+        targets = np.flatnonzero(conv.loss_mask) + 1
+        assert tiny.tokenizer.decode(conv.tokens[targets]) == messages[1]["content"] + "<|im_end|>"
+        assert np.all(np.diff(targets) == 1)
+        assert conv.teacher_ids.shape == conv.teacher_logprobs.shape == (len(targets), 5)
+
+        # Stored teacher rows equal an unpadded direct forward of chunk + conversation.
+        offset = len(teacher) - len(conv.tokens)
+        assert teacher[offset + targets[0] - 1:] == conv.tokens[targets[0] - 1:].tolist()
+        logits, _ = model_lib.forward(tiny.params, np.asarray([teacher], np.int32),
+                                      np.arange(len(teacher), dtype=np.int32)[None],
+                                      config=tiny.config)
+        logp = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))[targets - 1 + offset]
+        np.testing.assert_allclose(np.take_along_axis(logp, conv.teacher_ids, axis=1),
+                                   conv.teacher_logprobs, atol=1e-5)
+        kth = np.sort(logp, axis=1)[:, -5]
+        assert np.all(conv.teacher_logprobs[:, -1] >= kth - 1e-5)
+        assert np.all(np.diff(conv.teacher_logprobs, axis=1) <= 0)
+
+
+def test_two_rounds_mask_both_answers(tiny, documents):
+    study = synthesis.SelfStudy(tiny, documents, synthesis.SynthesisConfig(
+        chunk_min=24, chunk_max=48, max_user_tokens=4, max_answer_tokens=5, topk=3, rounds=2))
+    convs, _ = study.run_batch(synthesis.work_items(["doc0"], 2, seed=1))
+    for conv in convs:
+        messages = json.loads(conv.messages)
+        assert [m["role"] for m in messages] == ["user", "assistant"] * 2
+        runs = np.flatnonzero(np.diff(np.concatenate([[0], conv.loss_mask.astype(int), [0]])))
+        spans = runs.reshape(-1, 2)
+        assert len(spans) == 2
+        for (s, e), m in zip(spans, messages[1::2]):
+            assert tiny.tokenizer.decode(conv.tokens[s + 1:e + 1]) == m["content"] + "<|im_end|>"
+
+
+def _records(data_dir):
+    source = dataset.ConversationSource(data_dir)
+    return [source[i] for i in range(len(source))]
+
+
+def _same(a, b):
+    return all(np.array_equal(getattr(a, f), getattr(b, f)) if isinstance(getattr(a, f), np.ndarray)
+               else getattr(a, f) == getattr(b, f) for f in (
+                   "tokens", "loss_mask", "teacher_ids", "teacher_logprobs", "doc_id",
+                   "conversation_index", "chunk_start", "chunk_end", "seed_family", "messages"))
+
+
+def test_killed_synthesis_resumes_to_the_uninterrupted_result(tiny, documents, tmp_path):
+    study = synthesis.SelfStudy(tiny, documents, CONFIG)
+    items = synthesis.work_items(sorted(documents), 2, seed=3)
+    whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
+    synthesis.run_shard(study, items, whole, batch_size=2)
+
+    class Killed(Exception):
+        pass
+
+    def kill(progress):
+        assert (progress.conversations_done, progress.conversations_total) == (2, 6)
+        raise Killed
+
+    with pytest.raises(Killed):
+        synthesis.run_shard(study, items, resumed, batch_size=2, on_batch=kill)
+    assert len(_records(resumed)) == 2
+    (tmp_path / "resumed" / "shard-00000-of-00001" / "batch-000001.array_record.tmp").write_bytes(
+        b"partial write of a killed run")
+    seen = []
+    writer = synthesis.run_shard(study, items, resumed, batch_size=2, on_batch=seen.append)
+    assert writer.complete and [p.conversations_done for p in seen] == [4, 6]
+    assert all(p.conversations_resumed == 2 and p.eta_s >= 0 for p in seen)
+    assert not list((tmp_path / "resumed").rglob("*.tmp"))
+    a, b = _records(whole), _records(resumed)
+    assert len(a) == len(b) == 6 and all(_same(x, y) for x, y in zip(a, b))
+    assert [(r.doc_id, r.conversation_index) for r in b] == [
+        (it.doc_id, it.conversation_index) for it in items]
+    with pytest.raises(ValueError, match="batch_size"):
+        synthesis.run_shard(study, items, resumed, batch_size=3)
+
+
+def test_shards_partition_the_work(tiny, documents, tmp_path):
+    study = synthesis.SelfStudy(tiny, documents, CONFIG)
+    items = synthesis.work_items(sorted(documents), 1, seed=0)
+    for i in range(2):
+        synthesis.run_shard(study, items, str(tmp_path), batch_size=4, shard_index=i,
+                            shard_count=2)
+    keys = sorted((r.doc_id, r.conversation_index) for r in _records(str(tmp_path)))
+    assert keys == sorted((it.doc_id, it.conversation_index) for it in items)
+    assert dataset.doc_ids(str(tmp_path)) == ("doc0", "doc1", "doc2")
