@@ -1,31 +1,34 @@
 """Persistent cartridge storage: one versioned, checksummed directory per cartridge.
 
-A cartridge directory (what `save_cartridge` writes, and each store version):
-  manifest.json        format, doc_id, training step, CartridgeMeta, and for every array its file,
-                       shape, dtype, byte count and crc32; the manifest carries its own crc32 too
-  keys/, values/       zarr v3 arrays [layers, tokens, kv_heads, head_dim]: a zarr.json and one
-                       uncompressed chunk (`bytes` codec, little endian, "." chunk key separator),
-                       so the chunk file `keys/c.0.0.0.0` holds exactly the array's C-order bytes
-  opt.0/, opt.1/, ...  the same for the optimizer-state leaves; the manifest names each leaf's
-                       pytree path (`jax.tree_util.keystr`, e.g. "[0].mu.keys")
+A cartridge directory (what `save_cartridge` writes; a store keeps one per cartridge id):
+  CURRENT          name of the live version, e.g. "v00000007", switched with `os.replace`
+  v00000007.json   manifest: format, doc_id, training step, CartridgeMeta, the data file's size,
+                   and per array its name, byte offset, byte count, shape, dtype and CRC-32C
+                   (optimizer-state leaves also their pytree path, `jax.tree_util.keystr`, e.g.
+                   "[0].mu.keys"); the manifest carries a CRC-32C of itself
+  v00000007.bin    data: the arrays' C-order little-endian bytes, each at a 64-byte aligned
+                   offset: keys, values [layers, tokens, kv_heads, head_dim], then the
+                   optimizer-state leaves (`np.fromfile(..., offset=, count=)` reads one)
+  v00000006.*      the previous version; older ones are deleted by the next save
 
-Any zarr v3 reader (tensorstore, zarr-python) opens the arrays. This module writes and reads the
-files with plain file I/O (one write / one `readinto` per array, crc32 checked against the
-manifest on every read): measured on small cartridges, a save takes half the time of
-tensorstore's zarr3 driver and a fifth of an Orbax PyTreeCheckpointer's, and a missing chunk is an
-error here where a zarr reader would return the fill value.
+A save writes the next version's data file and manifest, then points CURRENT at it: a crash at
+any point leaves the previous version loadable, and the next save deletes the files of a version
+that never went live. Writes are not fsynced: this protects against process crashes, not power
+loss (the checksums catch what a power loss tears). Every load checks every checksum it reads.
 
-A store (`CartridgeStore(root)`) lays the cartridges out as
-  <root>/STORE.json                             {"format": "cas_jax.store/1"}
-  <root>/cartridges/<quoted id>/CURRENT         name of the live version, e.g. "v00000007"
-  <root>/cartridges/<quoted id>/v00000007/      live version (a cartridge directory)
-  <root>/cartridges/<quoted id>/v00000006/      the previous version; older ones are deleted
+Plain files, two per version and no per-version directory, because per-cartridge cost is the
+point. Saving a small cartridge with its Adam state (7 arrays) on this project's CPU machine took
+14 ms with an Orbax PyTreeCheckpointer, ~3 ms with tensorstore's zarr3 driver (a directory and two
+files per array, plus a directory per version whose deletion alone costs ~3 ms on an ext4 mounted
+with online discard) and ~1.2 ms in this layout (~850 saves/s, ~2500 loads/s).
+
+A store (`CartridgeStore(root)`):
+  <root>/STORE.json                  {"format": "cas_jax.store/1"}
+  <root>/cartridges/<quoted id>/     the cartridge directory of `id`
 where <quoted id> is `urllib.parse.quote(doc_id, safe="")` with a leading "." written "%2E".
-A save writes a hidden temporary directory, renames it to the next version, then replaces CURRENT
-with `os.replace`: a crash at any point leaves the previous version loadable. Writes are not
-fsynced, so this protects against process crashes, not power loss (the checksums catch what a
-power loss tears). Reading or writing one cartridge touches only that cartridge's directory.
-One process writes a store; within it, calls are thread-safe (one lock per cartridge id).
+Reading or writing one cartridge touches only its directory. One process writes a store; within
+it, calls are thread-safe (one lock per cartridge id). A reader in another process keeps reading
+the version it started with unless two more saves of that cartridge complete meanwhile.
 """
 
 from __future__ import annotations
@@ -34,14 +37,13 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import sys
 import threading
 import urllib.parse
 import uuid
-import zlib
 from typing import Any, Callable
 
+import google_crc32c
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,14 +52,15 @@ from cas_jax.cartridge import Cartridge, CartridgeMeta, CartridgeMismatchError
 
 CARTRIDGE_FORMAT = "cas_jax.cartridge/1"
 STORE_FORMAT = "cas_jax.store/1"
-MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
 _VERSION_RE = re.compile(r"^v(\d{8})$")
+_VERSION_FILE_RE = re.compile(r"^(v\d{8})\.(json|bin)$")
+_CURRENT_TMP_PREFIX = f".{CURRENT}.tmp-"
 _MAX_DIR_NAME = 200
-_ALIGN = 64  # bytes; XLA's CPU client aliases host buffers aligned this way
+_ALIGN = 64  # bytes; XLA's CPU client aliases host buffers aligned this way instead of copying
 
 # Pytree of arrays; or a function from the loaded Cartridge to one (e.g. a `jax.eval_shape` of
-# `optimizer.init`), whose leaves give the expected shapes and dtypes.
+# `optimizer.init`, see `cached_opt_template`), whose leaves give the expected shapes and dtypes.
 OptTemplate = Any | Callable[[Cartridge], Any]
 
 
@@ -79,7 +82,7 @@ class OptStateMismatchError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class VerifyReport:
-    """Result of `CartridgeStore.verify`: ids that loaded cleanly and an error message per failure."""
+    """Result of `CartridgeStore.verify`: ids that loaded cleanly, an error message per failure."""
 
     ok: tuple[str, ...]
     errors: dict[str, str]
@@ -89,155 +92,162 @@ class VerifyReport:
         return not self.errors
 
 
-# ----------------------------------------------------------------------------- arrays on disk
+# ----------------------------------------------------------------------------- data files
 
 
 def _checksum(data: np.ndarray) -> int:
-    """crc32 of a contiguous array's bytes."""
-    return zlib.crc32(data.reshape(-1).view(np.uint8))
-
-
-def _chunk_file(name: str, ndim: int) -> str:
-    """Relative path of the single chunk of zarr v3 array `name` ("." chunk key separator)."""
-    return name + "/" + ".".join(["c"] + ["0"] * ndim)
-
-
-def _zarr_metadata(a: np.ndarray) -> dict[str, Any]:
-    """zarr.json of a one-chunk, uncompressed, little-endian zarr v3 array shaped like `a`."""
-    return {
-        "zarr_format": 3,
-        "node_type": "array",
-        "shape": list(a.shape),
-        "data_type": a.dtype.name,
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(a.shape)}},
-        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}},
-        "fill_value": False if a.dtype.kind == "b" else 0 if a.dtype.kind in "iu" else 0.0,
-        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
-    }
-
-
-def _write_arrays(directory: str, arrays: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
-    """Writes each (C-contiguous) array as a zarr v3 array under `directory`; returns the
-    manifest entries."""
-    if sys.byteorder != "little":
-        raise NotImplementedError("cartridge files are little endian; this host is not")
-    entries = {}
-    for name, a in arrays.items():
-        if a.size == 0:
-            raise ValueError(f"array {name!r} of shape {a.shape} is empty; cannot store it")
-        os.mkdir(os.path.join(directory, name))
-        with open(os.path.join(directory, name, "zarr.json"), "w") as f:
-            f.write(json.dumps(_zarr_metadata(a)))
-        entries[name] = {"file": _chunk_file(name, a.ndim), "shape": list(a.shape),
-                         "dtype": a.dtype.name, "nbytes": int(a.nbytes), "crc32": _checksum(a)}
-        with open(os.path.join(directory, entries[name]["file"]), "wb") as f:
-            f.write(a.reshape(-1).view(np.uint8))
-    return entries
+    """CRC-32C of a contiguous array's bytes (hardware accelerated: ~19 GB/s here, where
+    zlib's CRC-32 runs at 2-4 GB/s and would cost more than reading the file)."""
+    return google_crc32c.value(data.reshape(-1).view(np.uint8))
 
 
 def _aligned_empty(nbytes: int) -> np.ndarray:
-    """An uninitialised uint8 buffer at a 64-byte aligned address: `jax.device_put` on CPU then
-    aliases it instead of copying."""
+    """An uninitialised uint8 buffer at an `_ALIGN`-byte aligned address."""
     raw = np.empty(nbytes + _ALIGN, np.uint8)
     offset = -raw.ctypes.data % _ALIGN
     return raw[offset:offset + nbytes]
 
 
-def _advise_will_read(paths: list[str]) -> None:
-    """Asks the kernel to start reading `paths` now, so disk reads overlap our crc checks."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            continue  # Reported by _read_array.
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
+def _write_data(path: str, arrays: dict[str, np.ndarray]) -> tuple[list[dict[str, Any]], int]:
+    """Writes C-contiguous arrays back to back at aligned offsets; returns (entries, file size)."""
+    entries, offset = [], 0
+    with open(path, "wb") as f:
+        for name, a in arrays.items():
+            pad = -offset % _ALIGN
+            f.write(b"\0" * pad)
+            offset += pad
+            entries.append({"name": name, "offset": offset, "nbytes": int(a.nbytes),
+                            "shape": list(a.shape), "dtype": a.dtype.name,
+                            "crc32c": _checksum(a)})
+            f.write(a.reshape(-1).view(np.uint8))
+            offset += a.nbytes
+    return entries, offset
 
 
-def _read_array(directory: str, entry: dict[str, Any], label: str) -> np.ndarray:
-    """Reads one array listed in a manifest and checks its size and crc32."""
-    path = os.path.join(directory, entry["file"])
-    nbytes = entry["nbytes"]
+def _read_data(path: str, entries: list[dict[str, Any]], data_nbytes: int,
+               label: str) -> dict[str, np.ndarray]:
+    """Reads the byte range holding `entries` from a data file with one `readinto`, then checks
+    each array's checksum. Returns views of one aligned buffer."""
+    start = min(e["offset"] for e in entries)
+    buf = _aligned_empty(max(e["offset"] + e["nbytes"] for e in entries) - start)
     try:
         with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
-            if size != nbytes:
-                raise CorruptCartridgeError(
-                    f"{label}: {path} has {size} bytes, its manifest says {nbytes} (truncated?)")
-            buf = _aligned_empty(nbytes)
-            view, done = memoryview(buf), 0
-            while done < nbytes:
+            if size != data_nbytes:
+                raise CorruptCartridgeError(f"{label}: {path} has {size} bytes, its manifest "
+                                            f"says {data_nbytes} (truncated?)")
+            f.seek(start)
+            done, view = 0, memoryview(buf)
+            while done < len(buf):
                 n = f.readinto(view[done:])
                 if not n:
-                    raise CorruptCartridgeError(f"{label}: {path} ended after {done} bytes")
+                    raise CorruptCartridgeError(f"{label}: {path} ended after {start + done} "
+                                                f"bytes")
                 done += n
     except FileNotFoundError:
-        raise CorruptCartridgeError(f"{label}: array file {path} is missing") from None
-    if _checksum(buf) != entry["crc32"]:
-        raise CorruptCartridgeError(f"{label}: {path} fails its crc32 check (garbled)")
-    return buf.view(jnp.dtype(entry["dtype"])).reshape(entry["shape"])
+        raise CorruptCartridgeError(f"{label}: data file {path} is missing") from None
+    out = {}
+    for e in entries:
+        data = buf[e["offset"] - start:e["offset"] - start + e["nbytes"]]
+        if _checksum(data) != e["crc32c"]:
+            raise CorruptCartridgeError(
+                f"{label}: array {e['name']!r} in {path} fails its CRC-32C check (garbled)")
+        out[e["name"]] = data.view(jnp.dtype(e["dtype"])).reshape(e["shape"])
+    return out
+
+
+# ----------------------------------------------------------------------------- manifests
+
+
+def _manifest_crc(body: dict[str, Any]) -> int:
+    return google_crc32c.value(json.dumps(body, sort_keys=True).encode())
+
+
+def _read_manifest(path: str, label: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise CorruptCartridgeError(f"{label}: manifest {path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptCartridgeError(f"{label}: {path} is not valid JSON ({e})") from None
+    crc = manifest.pop("crc32c", None) if isinstance(manifest, dict) else None
+    if crc is None or crc != _manifest_crc(manifest):
+        raise CorruptCartridgeError(f"{label}: {path} fails its CRC-32C check (garbled)")
+    if manifest.get("format") != CARTRIDGE_FORMAT:
+        raise CorruptCartridgeError(
+            f"{label}: {path} has format {manifest.get('format')!r}, expected {CARTRIDGE_FORMAT!r}")
+    return manifest
+
+
+def _read_current(directory: str, label: str) -> str:
+    path = os.path.join(directory, CURRENT)
+    try:
+        with open(path) as f:
+            name = f.read().strip()
+    except FileNotFoundError:
+        raise CartridgeNotFoundError(f"{label}: no cartridge at {directory}") from None
+    if not _VERSION_RE.match(name):
+        raise CorruptCartridgeError(f"{label}: {path} holds {name!r}, not a version name")
+    return name
+
+
+def _point_current(directory: str, version: str) -> None:
+    """Atomically makes `version` the live version of the cartridge in `directory`."""
+    tmp = os.path.join(directory, f"{_CURRENT_TMP_PREFIX}{uuid.uuid4().hex}")
+    with open(tmp, "w") as f:
+        f.write(version + "\n")
+    os.replace(tmp, os.path.join(directory, CURRENT))
+
+
+def _collect_garbage(directory: str, keep: set[str | None]) -> None:
+    """Deletes the version files not in `keep` (old or never live) and stale CURRENT temps."""
+    for name in os.listdir(directory):
+        m = _VERSION_FILE_RE.match(name)
+        if (m and m.group(1) not in keep) or name.startswith(_CURRENT_TMP_PREFIX):
+            os.remove(os.path.join(directory, name))
 
 
 # ----------------------------------------------------------------------------- cartridge dirs
 
 
-def _manifest_crc(body: dict[str, Any]) -> int:
-    return zlib.crc32(json.dumps(body, sort_keys=True).encode())
-
-
-def _flatten_opt_state(opt_state: Any) -> list[tuple[str, np.ndarray]]:
-    leaves = jax.tree_util.tree_flatten_with_path(opt_state)[0]
-    return [(jax.tree_util.keystr(p), np.asarray(x)) for p, x in leaves]
-
-
-def _write_cartridge_dir(directory: str, cartridge: Cartridge, opt_state: Any, step: int,
-                         doc_id: str) -> None:
-    """Writes a complete cartridge directory at `directory` (which must not exist)."""
+def _write_version(directory: str, cartridge: Cartridge, opt_state: Any, step: int,
+                   doc_id: str) -> None:
+    """Saves a new version into cartridge directory `directory` and makes it live."""
     keys, values = np.asarray(cartridge.keys), np.asarray(cartridge.values)
     if keys.ndim != 4 or keys.shape != values.shape or keys.dtype != values.dtype:
         raise ValueError(f"cartridge {doc_id!r}: keys/values shaped {keys.shape}/{values.shape} "
                          f"({keys.dtype}/{values.dtype}), expected equal [layers, tokens, "
                          f"kv_heads, head_dim]")
+    if sys.byteorder != "little":
+        raise NotImplementedError("cartridge data files are little endian; this host is not")
     arrays = {"keys": keys, "values": values}
-    opt_leaves = None if opt_state is None else _flatten_opt_state(opt_state)
-    for i, (_, leaf) in enumerate(opt_leaves or []):
-        arrays[f"opt.{i}"] = leaf
+    tree_paths = {}
+    if opt_state is not None:
+        for i, (path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(opt_state)[0]):
+            arrays[f"opt.{i}"] = np.asarray(leaf)
+            tree_paths[f"opt.{i}"] = jax.tree_util.keystr(path)
     arrays = {name: np.asarray(a, order="C") for name, a in arrays.items()}
-    os.makedirs(directory)
-    entries = _write_arrays(directory, arrays)
-    body = {
-        "format": CARTRIDGE_FORMAT,
-        "doc_id": doc_id,
-        "step": int(step),
-        "meta": cartridge.meta.to_dict(),
-        "arrays": {"keys": entries["keys"], "values": entries["values"]},
-        "opt_state": None if opt_leaves is None else [
-            dict(entries[f"opt.{i}"], tree_path=path) for i, (path, _) in enumerate(opt_leaves)],
-    }
-    with open(os.path.join(directory, MANIFEST), "w") as f:
-        f.write(json.dumps(dict(body, crc32=_manifest_crc(body)), sort_keys=True))
 
-
-def _read_manifest(directory: str, label: str) -> dict[str, Any]:
-    path = os.path.join(directory, MANIFEST)
+    os.makedirs(directory, exist_ok=True)
     try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        raise CorruptCartridgeError(f"{label}: {path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptCartridgeError(f"{label}: {path} is not valid JSON ({e})") from None
-    crc = manifest.pop("crc32", None) if isinstance(manifest, dict) else None
-    if crc is None or crc != _manifest_crc(manifest):
-        raise CorruptCartridgeError(f"{label}: {path} fails its crc32 check (garbled)")
-    if manifest.get("format") != CARTRIDGE_FORMAT:
-        raise CorruptCartridgeError(
-            f"{label}: {path} has format {manifest.get('format')!r}, expected {CARTRIDGE_FORMAT!r}")
-    return manifest
+        previous = _read_current(directory, f"cartridge {doc_id!r}")
+    except CartridgeStoreError:  # None yet, or an unreadable CURRENT that this save replaces.
+        previous = None
+    numbers = [int(m.group(1)[1:]) for m in map(_VERSION_FILE_RE.match, os.listdir(directory))
+               if m]
+    version = f"v{max(numbers, default=0) + 1:08d}"
+    entries, data_nbytes = _write_data(os.path.join(directory, version + ".bin"), arrays)
+    for e in entries:
+        if e["name"] in tree_paths:
+            e["tree_path"] = tree_paths[e["name"]]
+    body = {"format": CARTRIDGE_FORMAT, "doc_id": doc_id, "step": int(step),
+            "meta": cartridge.meta.to_dict(), "has_opt_state": opt_state is not None,
+            "data_nbytes": data_nbytes, "arrays": entries}
+    with open(os.path.join(directory, version + ".json"), "w") as f:
+        f.write(json.dumps(dict(body, crc32c=_manifest_crc(body)), sort_keys=True))
+    _point_current(directory, version)
+    _collect_garbage(directory, keep={version, previous})
 
 
 def cached_opt_template(init_fn: Callable[[Cartridge], Any]) -> Callable[[Cartridge], Any]:
@@ -258,37 +268,35 @@ def cached_opt_template(init_fn: Callable[[Cartridge], Any]) -> Callable[[Cartri
     return template
 
 
-def _restore_opt_state(directory: str, entries: list[dict[str, Any]], template: OptTemplate,
+def _restore_opt_state(leaves: dict[str, np.ndarray], template: OptTemplate,
                        cartridge: Cartridge, label: str) -> Any:
-    """Saved leaves as a {tree_path: array} dict, or unflattened into the template's structure."""
+    """Leaves keyed by tree path as they are, or unflattened into the template's structure."""
     if template is None:
-        return {e["tree_path"]: _read_array(directory, e, label) for e in entries}
+        return leaves
     if callable(template):
         template = template(cartridge)
     want, treedef = jax.tree_util.tree_flatten_with_path(template)
-    by_path = {e["tree_path"]: e for e in entries}
     want_paths = [jax.tree_util.keystr(p) for p, _ in want]
-    if set(want_paths) != set(by_path):
+    if set(want_paths) != set(leaves):
         raise OptStateMismatchError(
-            f"{label}: stored optimizer-state leaves {sorted(by_path)} do not match the "
+            f"{label}: stored optimizer-state leaves {sorted(leaves)} do not match the "
             f"template's {sorted(want_paths)}")
-    leaves = []
     for path, (_, leaf) in zip(want_paths, want):
-        e = by_path[path]
-        if tuple(e["shape"]) != tuple(leaf.shape) or jnp.dtype(e["dtype"]) != leaf.dtype:
+        got = leaves[path]
+        if got.shape != tuple(leaf.shape) or got.dtype != leaf.dtype:
             raise OptStateMismatchError(
-                f"{label}: optimizer-state leaf {path} is stored as {e['dtype']}{e['shape']}, "
+                f"{label}: optimizer-state leaf {path} is stored as {got.dtype}{list(got.shape)}, "
                 f"the template has {leaf.dtype}{list(leaf.shape)}")
-        leaves.append(_read_array(directory, e, label))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    return jax.tree_util.tree_unflatten(treedef, [leaves[p] for p in want_paths])
 
 
-def _read_cartridge_dir(directory: str, label: str, expected_fingerprint: str | None,
-                        with_opt_state: bool, opt_template: OptTemplate = None,
-                        doc_id: str | None = None) -> tuple[Cartridge, Any, int]:
-    """Loads (Cartridge of host numpy arrays, optimizer state or None, step) from a cartridge dir."""
-    manifest = _read_manifest(directory, label)
-    manifest_path = os.path.join(directory, MANIFEST)
+def _read_version(directory: str, label: str, expected_fingerprint: str | None,
+                  read_opt_state: bool, opt_template: OptTemplate = None,
+                  doc_id: str | None = None) -> tuple[Cartridge, Any, int]:
+    """Loads (Cartridge of host numpy arrays, optimizer state or None, step): the live version."""
+    version = _read_current(directory, label)
+    manifest_path = os.path.join(directory, version + ".json")
+    manifest = _read_manifest(manifest_path, label)
     if doc_id is not None and manifest["doc_id"] != doc_id:
         raise CorruptCartridgeError(
             f"{label}: {manifest_path} belongs to cartridge {manifest['doc_id']!r}")
@@ -297,17 +305,16 @@ def _read_cartridge_dir(directory: str, label: str, expected_fingerprint: str | 
         raise CartridgeMismatchError(
             f"{label} ({manifest_path}): made for model {meta.model_fingerprint}, "
             f"expected model {expected_fingerprint}")
-    arrays = manifest["arrays"]
-    entries = list(arrays.values())
-    if with_opt_state and manifest["opt_state"] is not None:
-        entries += manifest["opt_state"]
-    _advise_will_read([os.path.join(directory, e["file"]) for e in entries])
-    cartridge = Cartridge(keys=_read_array(directory, arrays["keys"], label),
-                          values=_read_array(directory, arrays["values"], label), meta=meta)
+    read_opt_state = read_opt_state and manifest["has_opt_state"]
+    entries = [e for e in manifest["arrays"]
+               if e["name"] in ("keys", "values") or (read_opt_state and "tree_path" in e)]
+    arrays = _read_data(os.path.join(directory, version + ".bin"), entries,
+                        manifest["data_nbytes"], label)
+    cartridge = Cartridge(keys=arrays["keys"], values=arrays["values"], meta=meta)
     opt_state = None
-    if with_opt_state and manifest["opt_state"] is not None:
-        opt_state = _restore_opt_state(directory, manifest["opt_state"], opt_template,
-                                       cartridge, label)
+    if read_opt_state:
+        leaves = {e["tree_path"]: arrays[e["name"]] for e in entries if "tree_path" in e}
+        opt_state = _restore_opt_state(leaves, opt_template, cartridge, label)
     return cartridge, opt_state, manifest["step"]
 
 
@@ -315,69 +322,25 @@ def save_cartridge(path: str, cartridge: Cartridge, opt_state: Any = None, step:
                    overwrite: bool = False) -> None:
     """Writes one cartridge as a self-contained directory at `path` (layout in the module doc).
 
-    The directory is written beside `path` and renamed into place. With `overwrite`, an existing
-    directory is moved aside first, so for a moment `path` is absent.
+    With `overwrite`, an existing cartridge directory gets a new live version (atomically).
     """
     path = os.path.abspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    try:
-        _write_cartridge_dir(tmp, cartridge, opt_state, step, cartridge.meta.doc_id)
-        if os.path.exists(path):
-            old = f"{path}.old-{uuid.uuid4().hex}"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if os.path.exists(path) and os.listdir(path):
+        if not os.path.exists(os.path.join(path, CURRENT)):
+            raise FileExistsError(f"{path} is a non-empty directory but not a cartridge")
+        if not overwrite:
+            raise FileExistsError(f"{path} holds a cartridge; pass overwrite=True to replace it")
+    _write_version(path, cartridge, opt_state, step, cartridge.meta.doc_id)
 
 
 def load_cartridge(path: str, expected_fingerprint: str | None = None) -> Cartridge:
-    """Loads the cartridge (host numpy arrays) in a directory written by `save_cartridge`.
-
-    Also accepts a store's per-cartridge directory (`<root>/cartridges/<id>`) and loads its live
-    version. Raises CartridgeMismatchError if `expected_fingerprint` differs from the cartridge's.
-    """
+    """Loads the cartridge (host numpy arrays) in a directory written by `save_cartridge`, or a
+    store's `cartridge_dir`. Raises CartridgeMismatchError if `expected_fingerprint` differs."""
     path = os.path.abspath(path)
-    if os.path.exists(os.path.join(path, CURRENT)):
-        path = os.path.join(path, _read_current(path, f"cartridge directory {path}"))
-    elif not os.path.isdir(path):
-        raise CartridgeNotFoundError(f"no cartridge directory at {path}")
-    return _read_cartridge_dir(path, f"cartridge {path}", expected_fingerprint, False)[0]
+    return _read_version(path, f"cartridge {path}", expected_fingerprint, False)[0]
 
 
 # ----------------------------------------------------------------------------- the store
-
-
-def _read_current(doc_dir: str, label: str) -> str:
-    path = os.path.join(doc_dir, CURRENT)
-    with open(path) as f:
-        name = f.read().strip()
-    if not _VERSION_RE.match(name):
-        raise CorruptCartridgeError(f"{label}: {path} holds {name!r}, not a version name")
-    return name
-
-
-def _point_current(doc_dir: str, version: str) -> None:
-    """Atomically makes `version` the live version of the cartridge in `doc_dir`."""
-    tmp = os.path.join(doc_dir, f".{CURRENT}.tmp-{uuid.uuid4().hex}")
-    with open(tmp, "w") as f:
-        f.write(version + "\n")
-    os.replace(tmp, os.path.join(doc_dir, CURRENT))
-
-
-def _collect_garbage(doc_dir: str, keep: set[str]) -> None:
-    """Deletes everything in `doc_dir` but CURRENT and the `keep` versions (old, orphaned, tmp)."""
-    for name in os.listdir(doc_dir):
-        if name != CURRENT and name not in keep:
-            path = os.path.join(doc_dir, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
 
 
 class CartridgeStore:
@@ -412,8 +375,8 @@ class CartridgeStore:
         with self._locks_lock:
             return self._locks.setdefault(doc_id, threading.Lock())
 
-    def doc_dir(self, doc_id: str) -> str:
-        """The directory holding all versions of cartridge `doc_id`."""
+    def cartridge_dir(self, doc_id: str) -> str:
+        """The cartridge directory of `doc_id` (also loadable with `load_cartridge`)."""
         if not isinstance(doc_id, str) or not doc_id:
             raise ValueError(f"cartridge id must be a non-empty string, got {doc_id!r}")
         name = urllib.parse.quote(doc_id, safe="")
@@ -424,15 +387,8 @@ class CartridgeStore:
                              f"characters, at most {_MAX_DIR_NAME} fit a directory name")
         return os.path.join(self._cartridges_dir, name)
 
-    def cartridge_dir(self, doc_id: str) -> str:
-        """The live version's directory: a plain cartridge directory (see `load_cartridge`)."""
-        doc_dir = self.doc_dir(doc_id)
-        if not os.path.exists(os.path.join(doc_dir, CURRENT)):
-            raise CartridgeNotFoundError(f"cartridge {doc_id!r}: not in store {self.root}")
-        return os.path.join(doc_dir, _read_current(doc_dir, f"cartridge {doc_id!r}"))
-
     def exists(self, doc_id: str) -> bool:
-        return os.path.exists(os.path.join(self.doc_dir(doc_id), CURRENT))
+        return os.path.exists(os.path.join(self.cartridge_dir(doc_id), CURRENT))
 
     def list(self) -> list[str]:
         """Ids of all cartridges with a completed save, sorted."""
@@ -448,29 +404,15 @@ class CartridgeStore:
         and deletes older ones.
         """
         if cartridge.meta.doc_id and cartridge.meta.doc_id != doc_id:
-            raise ValueError(f"cartridge for document {cartridge.meta.doc_id!r} saved as {doc_id!r}")
+            raise ValueError(
+                f"cartridge for document {cartridge.meta.doc_id!r} saved as {doc_id!r}")
         if (self.model_fingerprint is not None
                 and cartridge.meta.model_fingerprint != self.model_fingerprint):
             raise CartridgeMismatchError(
                 f"cartridge {doc_id!r}: made for model {cartridge.meta.model_fingerprint}, "
                 f"store {self.root} holds model {self.model_fingerprint}")
-        doc_dir = self.doc_dir(doc_id)
         with self._lock(doc_id):
-            os.makedirs(doc_dir, exist_ok=True)
-            label = f"cartridge {doc_id!r}"
-            previous = (_read_current(doc_dir, label)
-                        if os.path.exists(os.path.join(doc_dir, CURRENT)) else None)
-            numbers = [int(m.group(1)) for m in map(_VERSION_RE.match, os.listdir(doc_dir)) if m]
-            version = f"v{max(numbers, default=0) + 1:08d}"
-            tmp = os.path.join(doc_dir, f".tmp-{uuid.uuid4().hex}")
-            try:
-                _write_cartridge_dir(tmp, cartridge, opt_state, step, doc_id)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            os.rename(tmp, os.path.join(doc_dir, version))
-            _point_current(doc_dir, version)
-            _collect_garbage(doc_dir, keep={version, previous})
+            _write_version(self.cartridge_dir(doc_id), cartridge, opt_state, step, doc_id)
 
     def load(self, doc_id: str, opt_template: OptTemplate = None,
              expected_fingerprint: str | None = None,
@@ -483,17 +425,11 @@ class CartridgeStore:
         CorruptCartridgeError, or CartridgeMismatchError when the fingerprint differs from
         `expected_fingerprint` (default: the store's).
         """
-        label = f"cartridge {doc_id!r}"
-        doc_dir = self.doc_dir(doc_id)
+        if expected_fingerprint is None:
+            expected_fingerprint = self.model_fingerprint
         with self._lock(doc_id):
-            try:
-                version = _read_current(doc_dir, label)
-            except FileNotFoundError:
-                raise CartridgeNotFoundError(f"{label}: not in store {self.root}") from None
-            return _read_cartridge_dir(
-                os.path.join(doc_dir, version), label,
-                expected_fingerprint if expected_fingerprint is not None else self.model_fingerprint,
-                read_opt_state, opt_template, doc_id)
+            return _read_version(self.cartridge_dir(doc_id), f"cartridge {doc_id!r}",
+                                 expected_fingerprint, read_opt_state, opt_template, doc_id)
 
     def load_cartridge(self, doc_id: str, expected_fingerprint: str | None = None) -> Cartridge:
         """The Cartridge alone of `doc_id` (its optimizer state is not read); see `load`."""
@@ -501,14 +437,16 @@ class CartridgeStore:
                          read_opt_state=False)[0]
 
     def delete(self, doc_id: str) -> None:
-        """Removes all versions of `doc_id` (renamed away first, so it vanishes atomically)."""
-        doc_dir = self.doc_dir(doc_id)
+        """Removes all versions of `doc_id` (CURRENT goes first, so it vanishes atomically)."""
+        directory = self.cartridge_dir(doc_id)
         with self._lock(doc_id):
-            if not os.path.isdir(doc_dir):
-                raise CartridgeNotFoundError(f"cartridge {doc_id!r}: not in store {self.root}")
-            trash = os.path.join(self._cartridges_dir, f".deleted-{uuid.uuid4().hex}")
-            os.rename(doc_dir, trash)
-            shutil.rmtree(trash)
+            try:
+                os.remove(os.path.join(directory, CURRENT))
+            except FileNotFoundError:
+                raise CartridgeNotFoundError(
+                    f"cartridge {doc_id!r}: not in store {self.root}") from None
+            _collect_garbage(directory, keep=set())
+            os.rmdir(directory)
 
     def verify(self, doc_id: str | None = None,
                expected_fingerprint: str | None = None) -> VerifyReport:

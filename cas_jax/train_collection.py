@@ -43,7 +43,7 @@ from cas_jax.budget import BudgetManager
 from cas_jax.cartridge import Cartridge
 from cas_jax.distractors import DistractorSchedule, StepPlan, plan_step
 from cas_jax.loading import LoadedModel
-from cas_jax.store import CartridgeStore
+from cas_jax.store import CartridgeStore, cached_opt_template
 
 GRAD_SCOPES = ("target", "all")
 RUN_STATE = "collection_run.json"
@@ -114,8 +114,9 @@ def single_parts(c: Cartridge) -> dict:
 
 
 def opt_template_fn(optimizer: optax.GradientTransformation) -> Callable[[Cartridge], Any]:
-    """What the store restores a cartridge's optimizer state into (shapes only)."""
-    return lambda c: jax.eval_shape(optimizer.init, single_parts(c))
+    """What the store restores a cartridge's optimizer state into (shapes only, traced once
+    per cartridge shape)."""
+    return cached_opt_template(lambda c: optimizer.init(single_parts(c)))
 
 
 def initialise_store(store: CartridgeStore, model: LoadedModel, texts: dict[str, str],

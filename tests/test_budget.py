@@ -2,6 +2,7 @@
 
 import os
 import random
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +18,6 @@ from cas_jax.store import CartridgeStore, CorruptCartridgeError, cached_opt_temp
 FP = "model-a"
 SHAPE = (2, 4, 1, 8)  # [layers, tokens, kv_heads, head_dim]
 OPTIMIZER = optax.adam(1e-2)
-
-
 opt_template = cached_opt_template(OPTIMIZER.init)
 
 
@@ -117,7 +116,35 @@ def test_evicted_dirty_cartridge_reloads_bitwise_and_is_written_back(store):
     c3, s3, step = CartridgeStore(store.root).load("doc0", opt_template=opt_template)
     assert as_bytes((c3, s3)) == updated and step == 5
     # The clean cartridges were never rewritten.
-    assert sorted(os.listdir(store.doc_dir("doc1"))) == ["CURRENT", "v00000001"]
+    assert sorted(os.listdir(store.cartridge_dir("doc1"))) == [
+        "CURRENT", "v00000001.bin", "v00000001.json"]
+
+
+def test_reacquire_during_write_back_is_served_from_the_host_copy(store, monkeypatch):
+    gate = threading.Event()
+    save = store.save
+
+    def held_save(*args, **kwargs):
+        gate.wait()
+        save(*args, **kwargs)
+
+    monkeypatch.setattr(store, "save", held_save)
+    manager = BudgetManager(store, entry_nbytes(), opt_template=opt_template)
+    [(c, s)] = manager.acquire(["doc0"])
+    c, s = train_step(c, s)
+    manager.update("doc0", c, s)
+    updated = as_bytes((c, s))
+    manager.release(["doc0"])
+    manager.acquire(["doc1"])  # Evicts dirty doc0, whose write waits at the gate.
+    assert manager.resident_bytes <= entry_nbytes()
+    manager.release(["doc1"])
+    [(c, s)] = manager.acquire(["doc0"])
+    assert as_bytes((c, s)) == updated
+    assert manager.stats.bytes_read == 2 * entry_nbytes()  # doc0 was not read from the store.
+    gate.set()
+    manager.release(["doc0"])
+    manager.close()
+    assert as_bytes(store.load("doc0", opt_template=opt_template)[:2]) == updated
 
 
 def test_flush_writes_dirty_resident_cartridges(store):
@@ -179,7 +206,7 @@ def test_prefetch_makes_acquire_a_prefetch_hit(store):
 
 
 def test_corrupt_cartridge_fails_acquire_by_name_and_the_rest_works(store):
-    path = os.path.join(store.cartridge_dir("doc2"), "values", "c.0.0.0.0")
+    path = os.path.join(store.cartridge_dir("doc2"), "v00000001.bin")
     with open(path, "r+b") as f:
         f.write(b"\x00\x01\x02")
     manager = BudgetManager(store, 10 * entry_nbytes(), opt_template=opt_template)
@@ -206,8 +233,10 @@ def test_update_and_write_back_errors(store, monkeypatch):
         manager.flush()
 
 
-def test_without_opt_template_pages_cartridges_alone(store):
-    manager = BudgetManager(store, 2 * make_cartridge("x", 0).nbytes)
+def test_without_opt_template_pages_cartridges_alone_with_sharding(store):
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    manager = BudgetManager(store, 2 * make_cartridge("x", 0).nbytes, sharding=sharding)
     pairs = manager.acquire(["doc0", "doc1"])
     assert [s for _, s in pairs] == [None, None]
     assert as_bytes(pairs[1][0]) == as_bytes(make_cartridge("doc1", 1))
+    assert pairs[0][0].keys.sharding == sharding

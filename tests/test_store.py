@@ -1,13 +1,14 @@
 """CartridgeStore and standalone cartridge directories: round trips, atomicity, corruption."""
 
+import json
 import os
+import re
 
 import jax
 import ml_dtypes
 import numpy as np
 import optax
 import pytest
-import tensorstore as ts
 
 from cas_jax import store as store_lib
 from cas_jax.cartridge import Cartridge, CartridgeMeta, CartridgeMismatchError
@@ -90,12 +91,17 @@ def test_all_zero_arrays_and_no_opt_state(store):
     assert_trees_bitwise_equal(c2, c)
 
 
-def test_arrays_are_standard_zarr(store):
+def test_data_file_is_plain_numpy(store):
     c = make_cartridge("doc-1", 0)
-    store.save("doc-1", c)
-    arr = ts.open({"driver": "zarr3", "kvstore": {
-        "driver": "file", "path": os.path.join(store.cartridge_dir("doc-1"), "values")}}).result()
-    assert arr.read().result().tobytes() == c.values.tobytes()
+    store.save("doc-1", c, make_opt_state(c, 0))
+    directory = store.cartridge_dir("doc-1")
+    with open(os.path.join(directory, "v00000001.json")) as f:
+        manifest = json.load(f)
+    [values] = [e for e in manifest["arrays"] if e["name"] == "values"]
+    assert values["offset"] % 64 == 0
+    raw = np.fromfile(os.path.join(directory, "v00000001.bin"), dtype=ml_dtypes.bfloat16,
+                      offset=values["offset"], count=values["nbytes"] // 2)
+    assert raw.tobytes() == c.values.tobytes()
 
 
 def test_ids_list_exists_delete(store):
@@ -119,11 +125,9 @@ def test_ids_list_exists_delete(store):
 def test_keeps_one_previous_version(store):
     for step in range(4):
         store.save("doc", make_cartridge("doc", step), step=step)
-    doc_dir = store.doc_dir("doc")
-    assert sorted(os.listdir(doc_dir)) == ["CURRENT", "v00000003", "v00000004"]
+    assert sorted(os.listdir(store.cartridge_dir("doc"))) == [
+        "CURRENT", "v00000003.bin", "v00000003.json", "v00000004.bin", "v00000004.json"]
     assert store.load("doc")[2] == 3
-    assert_trees_bitwise_equal(load_cartridge(os.path.join(doc_dir, "v00000003")),
-                               make_cartridge("doc", 2))
 
 
 def test_crash_before_switch_keeps_previous_version(store, monkeypatch):
@@ -137,35 +141,38 @@ def test_crash_before_switch_keeps_previous_version(store, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         store.save("doc", make_cartridge("doc", 1), step=2)
     monkeypatch.undo()
+    assert "v00000002.json" in os.listdir(store.cartridge_dir("doc"))  # Written, never live.
     c, _, step = store.load("doc")
     assert step == 1
     assert_trees_bitwise_equal(c, make_cartridge("doc", 0))
-    # The orphaned version is collected by the next successful save.
+    # The next successful save deletes the version that never went live.
     store.save("doc", make_cartridge("doc", 2), step=3)
     assert store.load("doc")[2] == 3
-    assert len(os.listdir(store.doc_dir("doc"))) == 3  # CURRENT, live, previous
+    assert sorted(os.listdir(store.cartridge_dir("doc"))) == [
+        "CURRENT", "v00000001.bin", "v00000001.json", "v00000003.bin", "v00000003.json"]
 
 
-def test_crash_while_writing_arrays_keeps_previous_version(store, monkeypatch):
+def test_crash_while_writing_data_keeps_previous_version(store, monkeypatch):
     store.save("doc", make_cartridge("doc", 0), step=1)
-    write_arrays = store_lib._write_arrays
+    write_data = store_lib._write_data
 
-    def write_then_crash(directory, arrays):
-        write_arrays(directory, arrays)
+    def write_then_crash(path, arrays):
+        write_data(path, arrays)
+        with open(path, "r+b") as f:
+            f.truncate(100)
         raise OSError("disk full")
 
-    monkeypatch.setattr(store_lib, "_write_arrays", write_then_crash)
+    monkeypatch.setattr(store_lib, "_write_data", write_then_crash)
     with pytest.raises(OSError, match="disk full"):
         store.save("doc", make_cartridge("doc", 1), step=2)
     assert store.load("doc")[2] == 1
-    assert not [n for n in os.listdir(store.doc_dir("doc")) if n.startswith(".")]
 
 
-def _corrupt_keys_file(store, doc_id, how):
-    path = os.path.join(store.cartridge_dir(doc_id), "keys", "c.0.0.0.0")
+def _corrupt_data_file(store, doc_id, how):
+    path = os.path.join(store.cartridge_dir(doc_id), "v00000001.bin")
     if how == "garble":
         with open(path, "r+b") as f:
-            f.seek(7)
+            f.seek(7)  # Inside `keys`, the first array.
             byte = f.read(1)
             f.seek(7)
             f.write(bytes([byte[0] ^ 0xFF]))
@@ -177,16 +184,17 @@ def _corrupt_keys_file(store, doc_id, how):
     return path
 
 
-@pytest.mark.parametrize("how,message", [("garble", "crc32"), ("truncate", "truncated"),
-                                         ("remove", "missing")])
+@pytest.mark.parametrize("how,message", [("garble", "'keys' in .* fails its CRC-32C"),
+                                         ("truncate", "truncated"), ("remove", "missing")])
 def test_corrupt_array_is_named_and_others_still_load(store, how, message):
     for i in range(3):
         store.save(f"doc{i}", make_cartridge(f"doc{i}", i), make_opt_state(make_cartridge(
             f"doc{i}", i), i))
-    path = _corrupt_keys_file(store, "doc1", how)
+    path = _corrupt_data_file(store, "doc1", how)
     with pytest.raises(CorruptCartridgeError) as e:
         store.load("doc1")
-    assert "'doc1'" in str(e.value) and path in str(e.value) and message in str(e.value)
+    assert "'doc1'" in str(e.value) and path in str(e.value)
+    assert re.search(message, str(e.value))
     for i in (0, 2):
         assert_trees_bitwise_equal(store.load_cartridge(f"doc{i}"),
                                    make_cartridge(f"doc{i}", i))
@@ -200,11 +208,11 @@ def test_corrupt_array_is_named_and_others_still_load(store, how, message):
 
 def test_garbled_manifest_is_named(store):
     store.save("doc", make_cartridge("doc", 0), step=4)
-    path = os.path.join(store.cartridge_dir("doc"), "manifest.json")
+    path = os.path.join(store.cartridge_dir("doc"), "v00000001.json")
     text = open(path).read().replace('"step": 4', '"step": 5')
     with open(path, "w") as f:
         f.write(text)
-    with pytest.raises(CorruptCartridgeError, match=f"'doc'.*{path}.*crc32"):
+    with pytest.raises(CorruptCartridgeError, match=f"'doc'.*{path}.*CRC-32C"):
         store.load("doc")
 
 
@@ -237,18 +245,22 @@ def test_standalone_cartridge_directory(tmp_path, store):
     path = str(tmp_path / "trained")
     save_cartridge(path, c, make_opt_state(c, 0), step=9)
     assert_trees_bitwise_equal(load_cartridge(path, expected_fingerprint=FP), c)
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match="overwrite"):
         save_cartridge(path, make_cartridge("doc", 1))
     save_cartridge(path, make_cartridge("doc", 1), overwrite=True)
     assert_trees_bitwise_equal(load_cartridge(path), make_cartridge("doc", 1))
     assert sorted(os.listdir(tmp_path)) == ["store", "trained"]
     with pytest.raises(CartridgeMismatchError, match="trained"):
         load_cartridge(path, expected_fingerprint="model-b")
-    with pytest.raises(CartridgeNotFoundError):
+    with pytest.raises(CartridgeNotFoundError, match="absent"):
         load_cartridge(str(tmp_path / "absent"))
-    # A store's per-cartridge directory loads the same way (its live version).
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not a cartridge"):
+        save_cartridge(str(tmp_path / "other"), c)
+    # A store's cartridge directory loads the same way.
     store.save("doc", c)
-    assert_trees_bitwise_equal(load_cartridge(store.doc_dir("doc")), c)
+    assert_trees_bitwise_equal(load_cartridge(store.cartridge_dir("doc")), c)
 
 
 def test_refuses_foreign_directory(tmp_path):
