@@ -65,11 +65,20 @@ def _generate(params, tokens, positions, prefix, rng, temperature, top_p, max_ne
     """tokens/positions [B, Tp] left-padded; returns (new tokens [B, out_len], lengths [B])."""
     b = tokens.shape[0]
     dtype = params["embed"].dtype
+    # Prefill without the (empty) cache, so its attention spans the prompt only, then write
+    # the prompt's K/V into slots [0, Tp) of a fresh cache.
+    # Only the last position's logits are needed: [B, Tp, V] would dwarf everything else.
+    hidden, kv = model_lib.forward(params, tokens, positions, None, prefix, config=config,
+                                   return_hidden=True)
+    last_logits = model_lib.logits_from_hidden(params, hidden[:, -1], config)
     cache = model_lib.init_cache(config, b, cache_size, dtype)
-    logits, cache = model_lib.forward(params, tokens, positions, cache, prefix, config=config)
+    cache = {"k": cache["k"].at[:, :, :tokens.shape[1]].set(kv["k"].astype(dtype)),
+             "v": cache["v"].at[:, :, :tokens.shape[1]].set(kv["v"].astype(dtype)),
+             "pos": cache["pos"].at[:, :tokens.shape[1]].set(jnp.maximum(positions, -1)),
+             "index": jnp.int32(tokens.shape[1])}
     last_pos = jnp.max(positions, axis=1)
     rng, sub = jax.random.split(rng)
-    first = sample_logits(logits[:, -1], sub, temperature, top_p)
+    first = sample_logits(last_logits, sub, temperature, top_p)
 
     def is_stop(tok):
         return jnp.any(tok[:, None] == stop_ids[None, :], axis=1)
