@@ -26,10 +26,11 @@ MAX_STOP_IDS = 8
 
 
 def bucket(n: int, minimum: int = 16) -> int:
-    """Rounds n up to a power of two (at least `minimum`), or to a multiple of 1024 past 1024."""
+    """Rounds n up to a power of two (at least `minimum`) up to 256, past that to a multiple of
+    256: few distinct shapes, and at most 1.5x padding once shapes are large enough to matter."""
     n = max(n, minimum)
-    if n > 1024:
-        return -(-n // 1024) * 1024
+    if n > 256:
+        return -(-n // 256) * 256
     return 1 << (n - 1).bit_length()
 
 

@@ -1,0 +1,102 @@
+"""The main job, end to end: self-study -> CAS cartridges -> evaluation table.
+
+  python -m experiments.pipeline            # `make demo`: SmolLM2-135M + 4 Factbook documents
+
+1. synthesise self-study conversations about every document (resumable dataset);
+2. train one cartridge per document jointly with distractor cartridges (CAS), paged through the
+   budget manager;
+3. write multiple-choice questions from the documents' structured Factbook fields and evaluate
+   closed-book, ICL, the oracle cartridge, retrieval-selected cartridges and RAG on them;
+   `--baselines` adds naive composition of cartridges trained in isolation.
+Every stage resumes from what is already complete in --out. Larger runs are flags away
+(--documents, --conversations_per_doc, --steps, --tokens_per_doc).
+"""
+
+import json
+import os
+import time
+
+from absl import app, flags
+
+from cas_jax import corpus, evaluate, loading, pipeline, questions as questions_lib
+
+DEFAULTS = pipeline.PipelineConfig()
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "", "HF folder or GGUF file; empty = embedded SmolLM2-135M-Instruct.")
+flags.DEFINE_list("documents", ["tb", "vi", "cw", "bd"], "Factbook document ids.")
+flags.DEFINE_string("out", "runs/demo", "Output folder (resumed if present).")
+flags.DEFINE_integer("conversations_per_doc", DEFAULTS.conversations_per_doc,
+                     "Self-study conversations per document.")
+flags.DEFINE_integer("tokens_per_doc", DEFAULTS.tokens_per_doc, "Cartridge tokens P per document.")
+flags.DEFINE_integer("distractors", DEFAULTS.distractors, "Most distractor cartridges per example.")
+flags.DEFINE_integer("steps", DEFAULTS.steps, "CAS training steps.")
+flags.DEFINE_integer("batch", DEFAULTS.batch, "Conversations per training step.")
+flags.DEFINE_integer("seq_len", DEFAULTS.seq_len, "Training sequence length (tokens).")
+flags.DEFINE_float("lr", DEFAULTS.lr, "Adam learning rate.")
+flags.DEFINE_integer("questions_per_doc", 6, "Multiple-choice questions per document.")
+flags.DEFINE_integer("top_k", DEFAULTS.top_k, "Documents / chunks retrieved per question.")
+flags.DEFINE_bool("baselines", False, "Also train cartridges in isolation and evaluate their "
+                  "naive composition (roughly doubles the training time).")
+flags.DEFINE_integer("seed", DEFAULTS.seed, "Seed for synthesis, training and questions.")
+
+
+def _stage(name: str) -> float:
+    print(f"\n== {name} ==", flush=True)
+    return time.perf_counter()
+
+
+def _train_report(r):
+    print(f"  step {r.step}/{r.total_steps} loss {r.loss:.4f} {r.tokens_per_s:.0f} tok/s "
+          f"io-wait {100 * r.io_wait_share:.1f}% ETA {r.eta_s:.0f}s", flush=True)
+
+
+def main(argv):
+    del argv
+    cfg = pipeline.PipelineConfig(
+        conversations_per_doc=FLAGS.conversations_per_doc, tokens_per_doc=FLAGS.tokens_per_doc,
+        distractors=FLAGS.distractors, steps=FLAGS.steps, batch=FLAGS.batch,
+        seq_len=FLAGS.seq_len, lr=FLAGS.lr, top_k=FLAGS.top_k, seed=FLAGS.seed)
+    out = FLAGS.out
+    os.makedirs(out, exist_ok=True)
+    t_all = time.perf_counter()
+    model = loading.load_model(FLAGS.model or None)
+    docs = corpus.load_factbook(documents=FLAGS.documents)
+    print(f"model {model.path} ({model.config.num_layers} layers); documents "
+          f"{', '.join(f'{d} ({docs[d].title})' for d in docs.ids)}", flush=True)
+
+    t = _stage("1. self-study synthesis")
+    data_dir = pipeline.synthesize(model, docs, os.path.join(out, "selfstudy"), cfg,
+                                   on_batch=lambda p: print(
+        f"  {p.conversations_done}/{p.conversations_total} conversations, "
+        f"{p.tokens_per_s:.1f} generated tok/s, ETA {p.eta_s:.0f}s", flush=True))
+    print(f"  done in {time.perf_counter() - t:.0f}s", flush=True)
+
+    t = _stage("2. CAS training: per-document cartridges with distractors")
+    cas, summary = pipeline.train_cartridges(model, docs, data_dir, os.path.join(out, "cas"), cfg,
+                                             on_report=_train_report)
+    print(f"  done in {time.perf_counter() - t:.0f}s; {json.dumps(summary)}", flush=True)
+    sources = {"cas": pipeline.StoreSource(cas)}
+    if FLAGS.baselines:
+        t = _stage("2b. baseline: cartridges trained in isolation (naive composition)")
+        iso, _ = pipeline.train_cartridges(model, docs, data_dir, os.path.join(out, "isolated"),
+                                           cfg, distractors=0, on_report=_train_report)
+        sources["naive"] = pipeline.StoreSource(iso)
+        print(f"  done in {time.perf_counter() - t:.0f}s", flush=True)
+
+    t = _stage("3. evaluation")
+    qs = questions_lib.generate_factbook_questions(list(docs.ids), FLAGS.questions_per_doc,
+                                                   FLAGS.seed)
+    questions_lib.write_questions(os.path.join(out, "questions.jsonl"), qs)
+    ev = evaluate.Evaluator(model, docs, evaluate.EvalConfig(max_new_tokens=8))
+    results = pipeline.evaluate_baselines(ev, qs, cfg.top_k)
+    for label, source in sources.items():
+        results += pipeline.evaluate_cartridges(ev, qs, source, label, cfg.top_k)
+    md, js = evaluate.write_report(results, os.path.join(out, "report"))
+    print(f"  done in {time.perf_counter() - t:.0f}s; report {md}, {js}\n", flush=True)
+    print(evaluate.format_table(results))
+    print(f"\n{len(qs)} questions on {len(docs)} documents; total "
+          f"{time.perf_counter() - t_all:.0f}s")
+
+
+if __name__ == "__main__":
+    app.run(main)
