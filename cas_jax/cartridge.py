@@ -150,7 +150,8 @@ def init_random_vectors(config: ModelConfig, params: Any, num_tokens: int, key: 
                         num_frozen: int = 1) -> Cartridge:
     """Gaussian K/V matched to the model's real K/V statistics.
 
-    The K/V of reference_tokens [R] (R >= 2, e.g. the document) give a mean and a standard
+    The K/V of reference_tokens [R] (2 <= R, prefilled in one forward pass, so e.g. the
+    document's first P tokens rather than all of it) give a mean and a standard
     deviation per (layer, kv head, head dim) entry, taken over the R tokens; every cartridge
     entry, the sink included, is drawn independently from that normal distribution.
     """

@@ -1,11 +1,13 @@
 """Cartridge initialisation, composition of a variable set, positions, gradients, model checks."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cas_jax import attention, cartridge as cart_lib, model as model_lib, store
+from cas_jax import attention, cartridge as cart_lib, loading, model as model_lib, store
 from cas_jax.config import ModelConfig
 
 CONFIG = ModelConfig(model_type="llama", vocab_size=61, hidden_size=32, intermediate_size=48,
@@ -169,13 +171,19 @@ def test_gradients_reach_every_active_cartridge(params):
 
 
 def test_loading_a_cartridge_for_another_model_fails_clearly(params, tmp_path):
+    from experiments import chat
+
     c = cart_lib.init_from_tokens(CONFIG, params, _tokens(8, 60), fingerprint=FP, doc_id="fr")
     path = str(tmp_path / "fr_cartridge")
     store.save_cartridge(path, c)
-    back = store.load_cartridge(path, expected_fingerprint=FP)
+    model = loading.LoadedModel(config=CONFIG, params=params, tokenizer=None, fingerprint=FP,
+                                path="tiny")
+    back = chat.load_for_model(path, model)
     np.testing.assert_array_equal(np.asarray(back.keys), np.asarray(c.keys))
     assert back.meta == c.meta
+    other = dataclasses.replace(model, fingerprint="other-model")
     with pytest.raises(cart_lib.CartridgeMismatchError, match="fr_cartridge.*other-model"):
-        store.load_cartridge(path, expected_fingerprint="other-model")
+        chat.load_for_model(path, other)
+    relaid = dataclasses.replace(model, config=dataclasses.replace(CONFIG, num_kv_heads=4))
     with pytest.raises(cart_lib.CartridgeMismatchError, match="fr_cartridge.*kv_heads=4"):
-        cart_lib.check_compatible(back, FP, 2, 4, 8, name=path)
+        chat.load_for_model(path, relaid)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cas_jax import cartridge as cart_lib, model as model_lib, train as train_lib
+from cas_jax import cartridge as cart_lib, losses, model as model_lib, train as train_lib
 from cas_jax.config import ModelConfig
 
 CONFIG = ModelConfig(model_type="llama", vocab_size=61, hidden_size=32, intermediate_size=48,
@@ -99,6 +99,40 @@ def test_only_trainable_cartridge_tokens_change(setup):
     assert adam and all(x.shape[2] == 7 for x in adam)  # moments for trainable tokens only
 
 
+@pytest.mark.parametrize("kind", ["distillation", "next_token"])
+def test_loss_fn_equals_the_dense_loss_after_the_prefix(setup, kind):
+    params, examples = setup
+    c, state = _state(params)
+    batch = _stack(examples[:4])
+    cfg = train_lib.TrainConfig(loss=kind, logits_chunk=5)
+    got, count = jax.jit(lambda cs, b: train_lib.loss_fn(cs, params, b, config=CONFIG,
+                                                         train_config=cfg))(
+        state.cartridges, batch)
+    t = np.arange(SEQ)[None]
+    positions = np.where(t < batch["length"][:, None], 8 + t, -1)  # after the 8 cartridge tokens
+    prefix = {"k": jnp.tile(c.keys[:, None], (1, 4, 1, 1, 1)),
+              "v": jnp.tile(c.values[:, None], (1, 4, 1, 1, 1)), "mask": jnp.ones((4, 8), bool)}
+    logits, _ = model_lib.forward_jit(params, jnp.asarray(batch["tokens"]),
+                                      jnp.asarray(positions), prefix=prefix, config=CONFIG)
+    if kind == "distillation":
+        want = losses.distillation_loss(logits, batch["teacher_ids"], batch["teacher_logprobs"],
+                                        batch["loss_mask"])
+    else:
+        want = losses.next_token_loss(logits, batch["tokens"], batch["loss_mask"])
+    assert int(count) == batch["loss_mask"].sum()
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+
+
+def test_learning_rate_schedules():
+    warm = train_lib.learning_rate_schedule(train_lib.TrainConfig(lr=0.1, warmup_steps=10))
+    assert float(warm(0)) == 0 and float(warm(5)) == pytest.approx(0.05)
+    assert float(warm(10)) == float(warm(500)) == pytest.approx(0.1)
+    cos = train_lib.learning_rate_schedule(train_lib.TrainConfig(
+        lr=0.1, schedule="cosine", warmup_steps=10, total_steps=110, final_lr_fraction=0.1))
+    assert float(cos(10)) == pytest.approx(0.1) and float(cos(60)) == pytest.approx(0.055)
+    assert float(cos(110)) == pytest.approx(0.01)
+
+
 def test_multi_cartridge_step_updates_only_selected_cartridges(setup):
     params, examples = setup
     mesh = train_lib.make_mesh(1)
@@ -142,13 +176,13 @@ def _run(num_devices, steps=3):
     examples = [_example(params, i) for i in range(8 * steps)]
     mesh = train_lib.make_mesh(num_devices)
     c, state = _state(params)
-    losses = []
+    step_losses = []
     state = train_lib.train(state, params, iter([_stack(examples[8 * i:8 * i + 8])
                                                  for i in range(steps)]),
                             config=CONFIG, train_config=TRAIN, mesh=mesh, num_steps=steps,
-                            log_every=1, on_report=lambda r: losses.append(r.loss))
+                            log_every=1, on_report=lambda r: step_losses.append(r.loss))
     (after,) = train_lib.cartridges_from_state(state, [c.meta])
-    return np.asarray(losses), np.asarray(after.keys), np.asarray(after.values)
+    return np.asarray(step_losses), np.asarray(after.keys), np.asarray(after.values)
 
 
 def test_eight_devices_match_one_device(tmp_path):
@@ -157,12 +191,12 @@ def test_eight_devices_match_one_device(tmp_path):
                PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.Popen([sys.executable, __file__, str(out), "8"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    losses, keys, values = _run(1)  # meanwhile, in this process
+    step_losses, keys, values = _run(1)  # meanwhile, in this process
     log, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, log
     got = np.load(out)
     assert int(got["num_devices"]) == 8
-    np.testing.assert_allclose(got["losses"], losses, rtol=1e-5)
+    np.testing.assert_allclose(got["losses"], step_losses, rtol=1e-5)
     np.testing.assert_allclose(got["keys"], keys, atol=1e-5)
     np.testing.assert_allclose(got["values"], values, atol=1e-5)
 
@@ -203,5 +237,6 @@ def test_resume_after_kill_equals_uninterrupted_run(setup, tmp_path):
 if __name__ == "__main__":
     jax.config.update("jax_numpy_rank_promotion", "raise")
     out_path, n = sys.argv[1], int(sys.argv[2])
-    losses, keys, values = _run(n)
-    np.savez(out_path, losses=losses, keys=keys, values=values, num_devices=len(jax.devices()))
+    step_losses, keys, values = _run(n)
+    np.savez(out_path, losses=step_losses, keys=keys, values=values,
+             num_devices=len(jax.devices()))

@@ -1,0 +1,63 @@
+"""Answers one prompt with the model reading a set of cartridges instead of the documents.
+
+  python -m experiments.chat --prompt "What is the capital?" \
+      --cartridges runs/cartridge_fr/cartridge
+
+The cartridges (directories written by `store.save_cartridge`, e.g. by
+`experiments.train_cartridge`) are composed in the order given (`attention.compose`: one sink,
+queries positioned after all their tokens). A cartridge made for another model (fingerprint) or
+with another layout is refused with an error naming it.
+"""
+
+import sys
+
+import jax.numpy as jnp
+from absl import app, flags
+
+from cas_jax import attention, cartridge as cart_lib, loading, sampling, store
+from cas_jax import tokenizer as tok_lib
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("prompt", None, "The user message.")
+flags.DEFINE_string("model", "", "HF folder or GGUF file; empty = embedded SmolLM2-135M-Instruct.")
+flags.DEFINE_list("cartridges", [], "Cartridge directories, composed in this order.")
+flags.DEFINE_integer("max_new_tokens", 256, "Most tokens of the answer.")
+flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 = greedy.")
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.mark_flag_as_required("prompt")
+
+
+def load_for_model(path: str, model: loading.LoadedModel) -> cart_lib.Cartridge:
+    """The cartridge at `path`; CartridgeMismatchError naming it if it does not fit `model`."""
+    c = store.load_cartridge(path, expected_fingerprint=model.fingerprint)
+    cfg = model.config
+    cart_lib.check_compatible(c, model.fingerprint, cfg.num_layers, cfg.num_kv_heads,
+                              cfg.head_dim, name=f"cartridge {path}")
+    return c
+
+
+def main(argv):
+    del argv
+    model = loading.load_model(FLAGS.model or None)
+    try:
+        cartridges = [load_for_model(p, model) for p in FLAGS.cartridges]
+    except (cart_lib.CartridgeMismatchError, store.CartridgeStoreError) as e:
+        sys.exit(f"error: {e}")
+    prefix = None
+    if cartridges:
+        bank = attention.bank_from_cartridges(cartridges)
+        n = len(cartridges)
+        prefix = attention.compose(bank, jnp.arange(n, dtype=jnp.int32)[None],
+                                   jnp.ones((1, n), bool))
+    prompt = tok_lib.encode_chat(model.tokenizer, [{"role": "user", "content": FLAGS.prompt}])
+    params = sampling.SamplingParams(
+        max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
+        stop_ids=tuple(tok_lib.stop_token_ids(model.tokenizer)))
+    (answer,) = sampling.generate(model.params, model.config, [prompt], params, prefix=prefix,
+                                  seed=FLAGS.seed)
+    print(model.tokenizer.decode(answer, skip_special_tokens=True).strip())
+
+
+if __name__ == "__main__":
+    app.run(main)
