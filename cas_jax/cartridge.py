@@ -73,12 +73,6 @@ class Cartridge:
     def nbytes(self) -> int:
         return int(self.keys.size * self.keys.dtype.itemsize * 2)
 
-    def trainable_mask(self) -> "Cartridge":
-        """A Cartridge of bools (same structure) marking the entries training may change."""
-        tok = np.arange(self.num_tokens) >= self.meta.num_frozen
-        m = np.broadcast_to(tok[None, :, None, None], self.keys.shape)
-        return Cartridge(keys=jnp.asarray(m), values=jnp.asarray(m), meta=self.meta)
-
     def replace(self, **kw) -> "Cartridge":
         return dataclasses.replace(self, **kw)
 
