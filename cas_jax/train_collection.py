@@ -52,7 +52,8 @@ RUN_STATE = "collection_run.json"
 @dataclasses.dataclass(frozen=True)
 class CollectionConfig:
     """tokens_per_doc: P of every document's cartridge. budget_bytes: device bytes for resident
-    cartridges + optimizer state. checkpoint_every: steps between checkpoints."""
+    cartridges + optimizer state. checkpoint_every: steps between checkpoints. io_threads:
+    the budget manager's reader threads."""
 
     tokens_per_doc: int = 128
     batch_size: int = 4
@@ -63,6 +64,7 @@ class CollectionConfig:
     budget_bytes: int = 1 << 30
     checkpoint_every: int = 50
     prefetch: bool = True
+    io_threads: int = 1
     seed: int = 0
     log_every: int = 5
 
@@ -249,7 +251,8 @@ def train_collection(model: LoadedModel, data_dir: str, store_dir: str, cfg: Col
     step_fn = make_collection_step(model, train_config, optimizer, mesh)
     rep = train.replicated(mesh)
     params = jax.device_put(model.params, rep)
-    manager = BudgetManager(view, cfg.budget_bytes, opt_template=template, sharding=rep)
+    manager = BudgetManager(view, cfg.budget_bytes, opt_template=template, sharding=rep,
+                            io_threads=cfg.io_threads)
 
     def next_plan(at_step: int):
         state = data.get_state()
@@ -330,6 +333,6 @@ def train_collection(model: LoadedModel, data_dir: str, store_dir: str, cfg: Col
             "wall_s": wall, "io_wait_share": stats.acquire_wait_s / max(wall, 1e-9),
             "bytes_paged_in": stats.bytes_in, "bytes_read": stats.bytes_read,
             "read_s": stats.read_s, "bytes_written": stats.bytes_written,
-            "hits": stats.hits + stats.prefetch_hits, "misses": stats.misses,
-            "evictions": stats.evictions,
+            "hits": stats.hits, "prefetch_hits": stats.prefetch_hits, "misses": stats.misses,
+            "evictions": stats.evictions, "paging": dataclasses.asdict(stats),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
