@@ -7,9 +7,11 @@ Both sides run the same conversations: agent A's prompts (Factbook chunk + seed 
 left-padded into one batch per agent. Model: the embedded SmolLM2-135M-Instruct dequantized to
 float32 on both sides (transformers loads the same GGUF). Greedy, exactly `user_tokens` and
 `answer_tokens` new tokens per row (no early stop; transformers with min_new_tokens), so both
-generate equal token counts; times include prefill, as in synthesis. Before the single timed run,
-cas_jax compiles with a shorter call in the same shape buckets and PyTorch warms up on 2 tokens.
-Last line: `synthesis_ratio=X` (cas_jax tokens/s over transformers tokens/s).
+generate equal token counts; times include prefill, as in synthesis. Per agent, both sides first
+warm up with the fewest new tokens that fall in the same output-length bucket (cas_jax compiles
+the program it then runs); then one timed run of each, back to back so both see similar load
+on a shared machine (process CPU seconds are printed too). Last line: `synthesis_ratio=X` (cas_jax generated tokens/s over
+transformers', wall clock).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ FLAGS = flags.FLAGS
 
 def main(_):
     import jax
+    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -43,18 +46,17 @@ def main(_):
     per_doc = -(-FLAGS.batch // len(docs))
     plans = [study.plan(it) for it in synthesis.work_items(docs.ids, per_doc, 0)[:FLAGS.batch]]
 
-    def jax_generate(prompts, n):
-        warm = min(n, sampling.bucket(n) // 2 + 1)  # same compiled program, fewer steps
-        t0 = time.perf_counter()
-        sampling.generate(m.params, m.config, prompts, sampling.SamplingParams(warm))
-        compile_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        out = sampling.generate(m.params, m.config, prompts, sampling.SamplingParams(n))
-        return out, time.perf_counter() - t0, compile_s
-
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(m.path),
                                               gguf_file=os.path.basename(m.path),
                                               dtype=torch.float32).eval()
+
+    def timed(fn, *args):
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = fn(*args)
+        return out, time.perf_counter() - wall, time.process_time() - cpu
+
+    def jax_generate(prompts, n):
+        return sampling.generate(m.params, m.config, prompts, sampling.SamplingParams(n))
 
     def hf_generate(prompts, n):
         width = max(map(len, prompts))
@@ -63,42 +65,45 @@ def main(_):
         for i, p in enumerate(prompts):
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=0)
+        return out[:, width:].tolist()
 
-        def run(k):
-            with torch.no_grad():
-                return hf.generate(ids, attention_mask=mask, max_new_tokens=k, min_new_tokens=k,
-                                   do_sample=False, pad_token_id=0)
-        run(2)
-        t0 = time.perf_counter()
-        out = run(n)
-        return out[:, width:].tolist(), time.perf_counter() - t0
+    def agent(prompts, n):
+        """Warm-ups, then cas_jax and transformers timed back to back."""
+        # The fewest new tokens that compile the same program (same output-length bucket).
+        warm = next(k for k in range(1, n + 1) if sampling.bucket(k) == sampling.bucket(n))
+        _, compile_s, _ = timed(jax_generate, prompts, warm)
+        hf_generate(prompts, warm)
+        jax_out, jax_s, jax_cpu = timed(jax_generate, prompts, n)
+        hf_out, hf_s, hf_cpu = timed(hf_generate, prompts, n)
+        return jax_out, hf_out, np.array([jax_s, hf_s, jax_cpu, hf_cpu]), compile_s
 
     user_prompts = [study.user_prompt(p) for p in plans]
-    jax_user, jax_user_s, jax_user_c = jax_generate(user_prompts, FLAGS.user_tokens)
+    jax_user, hf_user, user_s, user_c = agent(user_prompts, FLAGS.user_tokens)
     for p, out in zip(plans, jax_user):
         p.conversation.append({"role": "user", "content": study.message_text(out)})
     answer_prompts = [study.answer_prompt(p) for p in plans]
-    jax_answer, jax_answer_s, jax_answer_c = jax_generate(answer_prompts, FLAGS.answer_tokens)
-    hf_user, hf_user_s = hf_generate(user_prompts, FLAGS.user_tokens)
-    hf_answer, hf_answer_s = hf_generate(answer_prompts, FLAGS.answer_tokens)
+    jax_answer, hf_answer, answer_s, answer_c = agent(answer_prompts, FLAGS.answer_tokens)
 
     tokens = FLAGS.batch * (FLAGS.user_tokens + FLAGS.answer_tokens)
-    jax_tps = tokens / (jax_user_s + jax_answer_s)
-    hf_tps = tokens / (hf_user_s + hf_answer_s)
+    jax_s, hf_s, jax_cpu, hf_cpu = user_s + answer_s
     same = sum(a == b for a, b in zip(jax_user + jax_answer, hf_user + hf_answer))
     lens = [len(p) for p in user_prompts + answer_prompts]
     print(f"machine: {os.cpu_count()} CPU threads, jax {jax.__version__} "
           f"({jax.devices()[0].platform}), torch {torch.__version__}")
     print(f"batch {FLAGS.batch}, prompts {min(lens)}-{max(lens)} tokens, new tokens "
-          f"{FLAGS.user_tokens} (user) + {FLAGS.answer_tokens} (answer) per row; cas_jax compile "
-          f"(warm-up calls) {jax_user_c + jax_answer_c:.1f} s; identical greedy rows "
+          f"{FLAGS.user_tokens} (user) + {FLAGS.answer_tokens} (answer) per row; cas_jax warm-up "
+          f"(compile + half the steps) {user_c + answer_c:.1f} s; identical greedy rows "
           f"{same}/{2 * FLAGS.batch}")
-    print("| agent | cas_jax s | transformers s |")
-    print("|---|---|---|")
-    print(f"| A (user) | {jax_user_s:.2f} | {hf_user_s:.2f} |")
-    print(f"| B (answer) | {jax_answer_s:.2f} | {hf_answer_s:.2f} |")
-    print(f"| generated tok/s | {jax_tps:.1f} | {hf_tps:.1f} |")
-    print(f"synthesis_ratio={jax_tps / hf_tps:.3f}")
+    print("| agent | cas_jax s | transformers s | cas_jax CPU s | transformers CPU s |")
+    print("|---|---|---|---|---|")
+    print("| A (user) | " + " | ".join(f"{x:.2f}" for x in user_s) + " |")
+    print("| B (answer) | " + " | ".join(f"{x:.2f}" for x in answer_s) + " |")
+    print(f"| generated tok/s (wall) | {tokens / jax_s:.1f} | {tokens / hf_s:.1f} | "
+          f"{tokens / jax_cpu:.1f} per CPU s | {tokens / hf_cpu:.1f} per CPU s |")
+    print(f"synthesis_ratio={hf_s / jax_s:.3f}")
 
 
 if __name__ == "__main__":

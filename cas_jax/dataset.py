@@ -9,10 +9,12 @@ partial file. Manifest fields: format_version, shard_index, shard_count, run (ev
 that decides the content), doc_ids (sorted vocabulary, the same in every shard), num_items,
 num_batches, files [{name, num_records, bytes, lengths}].
 
-Each record is one `Conversation` as uncompressed `.npz` bytes (no pickle); ArrayRecord
-(Riegeli) checksums every chunk, so corruption is detected on read and reported with the file.
+Each record is one `Conversation` as uncompressed `.npz` bytes (no pickle). A missing or
+resized file is reported when the dataset is opened; ArrayRecord (Riegeli) checksums every
+chunk, so other corruption is reported on read. Both errors name the file.
 
-Training batches (numpy), padded to `seq_len` (longer conversations are truncated):
+Training batches (numpy), padded to `seq_len` (longer conversations keep their first seq_len
+tokens, and the last position, whose target is cut off, is unmasked):
   tokens [B, T] int32 (padding 0)        loss_mask [B, T] bool (False on padding)
   teacher_ids [B, T, k] int32            teacher_logprobs [B, T, k] float32 (0 where not masked)
   doc_index [B] int32 (index in `doc_ids(data_dir)`)   conversation_index [B] int32

@@ -7,8 +7,6 @@ Rerunning the same command resumes a killed run. Every process of a multi-proces
 same flags except --shard_index; `dataset.make_train_iterator(--output, ...)` reads the result.
 """
 
-import time
-
 from absl import app, flags
 
 from cas_jax import corpus, loading, synthesis
@@ -24,6 +22,8 @@ flags.DEFINE_integer("chunk_max", 1024, "Longest chunk, in tokens.")
 flags.DEFINE_integer("max_user_tokens", 512, "Most tokens of a user message (agent A).")
 flags.DEFINE_integer("max_answer_tokens", 1024, "Most tokens of an answer (agent B).")
 flags.DEFINE_integer("rounds", 1, "User/assistant exchanges per conversation.")
+flags.DEFINE_string("family_weights", "", "Seed-family weights as family=weight pairs, e.g. "
+                    "question=2,creative=0; unlisted families weigh 1.")
 flags.DEFINE_integer("batch_size", 16, "Conversations generated together (one file each batch).")
 flags.DEFINE_integer("topk", 20, "Teacher log-probabilities kept per answer token.")
 flags.DEFINE_string("output", "runs/selfstudy", "Dataset folder (created; resumed if present).")
@@ -42,11 +42,23 @@ def _collection() -> corpus.Collection:
     return docs.subset(ids) if ids else docs
 
 
+def _family_weights() -> tuple[float, ...] | None:
+    if not FLAGS.family_weights:
+        return None
+    pairs = dict(p.partition("=")[::2] for p in FLAGS.family_weights.split(","))
+    bad = sorted(f for f, w in pairs.items() if f not in synthesis.FAMILIES or not w)
+    if bad:
+        raise app.UsageError(f"--family_weights: expected family=weight pairs for families "
+                             f"{synthesis.FAMILIES}, got {bad}")
+    return tuple(float(pairs.get(f, 1.0)) for f in synthesis.FAMILIES)
+
+
 def _report(shard: str):
     def report(p: synthesis.Progress) -> None:
-        eta = time.strftime("%H:%M:%S", time.gmtime(p.eta_s))
+        minutes, seconds = divmod(int(p.eta_s), 60)
         print(f"[{shard}] {p.conversations_done}/{p.conversations_total} conversations, "
-              f"{p.tokens_per_s:.1f} generated tok/s, ETA {eta}", flush=True)
+              f"{p.tokens_per_s:.1f} generated tok/s, ETA {minutes // 60}h{minutes % 60:02d}m"
+              f"{seconds:02d}s", flush=True)
     return report
 
 
@@ -57,7 +69,7 @@ def main(argv):
     config = synthesis.SynthesisConfig(
         chunk_min=FLAGS.chunk_min, chunk_max=FLAGS.chunk_max,
         max_user_tokens=FLAGS.max_user_tokens, max_answer_tokens=FLAGS.max_answer_tokens,
-        rounds=FLAGS.rounds, topk=FLAGS.topk)
+        rounds=FLAGS.rounds, topk=FLAGS.topk, family_weights=_family_weights())
     study = synthesis.SelfStudy(model, docs, config)
     items = synthesis.work_items(docs.ids, FLAGS.conversations_per_doc, FLAGS.seed)
     shard = f"shard {FLAGS.shard_index}/{FLAGS.shard_count}"
