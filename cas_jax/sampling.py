@@ -46,17 +46,33 @@ class SamplingParams:
 
 def sample_logits(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_p: jax.Array
                   ) -> jax.Array:
-    """logits [B, V] -> token ids [B]. Greedy where temperature <= 0, else top-p sampling."""
-    greedy = jnp.argmax(logits, axis=-1)
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    order = jnp.argsort(-scaled, axis=-1)
-    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    sorted_logits = jnp.where(mass_before < top_p, sorted_logits, -jnp.inf)
-    choice = jax.random.categorical(rng, sorted_logits, axis=-1)
-    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
-    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+    """logits [B, V] -> token ids [B]. Greedy where temperature <= 0, else sampling at that
+    temperature, restricted to the top-p nucleus when top_p < 1.
+
+    Branches with `lax.cond`, so greedy decoding never pays for the vocabulary sort (hundreds of
+    ms per step at batch 16 on CPU).
+    """
+    def greedy(_):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def full(_):
+        scaled = logits / jnp.maximum(temperature, 1e-6)
+        return jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+
+    def nucleus(_):
+        scaled = logits / jnp.maximum(temperature, 1e-6)
+        order = jnp.argsort(-scaled, axis=-1)
+        sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        sorted_logits = jnp.where(mass_before < top_p, sorted_logits, -jnp.inf)
+        choice = jax.random.categorical(rng, sorted_logits, axis=-1)
+        return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+    def sample(_):
+        return jax.lax.cond(top_p < 1.0, nucleus, full, None)
+
+    return jax.lax.cond(temperature > 0, sample, greedy, None)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "cache_size", "out_len"),
