@@ -16,12 +16,21 @@ and enters the forward as a prefix of its exact K/V, which is the same computati
 its tokens at the start of the sequence (tested); queries start at position = visible prefix
 tokens, as with cartridges. Its prefill time counts in the method's time.
 
+Multiple choice on a small model: by default the question is asked alone and each option is
+scored as the assistant's reply (cloze). `EvalConfig.list_options` instead lists the options
+("A. Paris" lines, then `MC_INSTRUCTION`). SmolLM2-135M-Instruct answers listed options mostly
+by position ("A. ..."): on 16 Factbook questions (ICL cut to 2,048 tokens) listed scored 0.25
+(closed book) and 0.19 (ICL), chance level, against 0.56 and 0.50 cloze; on 5 facts found only
+in a short made-up document, ICL vs closed book was 3/5 vs 2/5 listed and 5/5 vs 0/5 cloze.
+The option score is the mean log-probability per option token: summing favours short options
+and scored 2/5 (cloze ICL) and 0/5 (listed ICL) on those 5 facts, against 5/5 and 3/5 for the
+mean.
+
 Metrics (per method, over its questions):
-  accuracy_ll     multiple choice: the option with the highest log-likelihood as the assistant's
-                  reply wins; `option_score` "mean" (default: mean log-prob per option token) or
-                  "sum" (sum favours short options: on SmolLM2-135M with Factbook questions the
-                  mean picks the gold option more often, see the report in experiments/)
-  accuracy_gen    multiple choice: greedy generation parsed by `parse_choice`
+  accuracy_ll     multiple choice: the option with the highest score (`option_score`: "mean"
+                  log-prob per option token, the default, or "sum") as the reply
+  accuracy_gen    multiple choice: greedy generation parsed by `parse_choice` (a letter, or
+                  the option text appearing in the reply)
   free_match      free answer: the normalised gold text appears in the greedy generation
   gold_nll        mean over questions of the per-token NLL (nats) of the gold answer text
   prompt_tokens   mean tokens of the prompt: context (ICL/RAG) plus query
@@ -29,8 +38,10 @@ Metrics (per method, over its questions):
   cartridge_tokens mean visible cartridge tokens in the prefix (0 without cartridges)
   kv_bytes        mean (prompt + cartridge tokens) * `ModelConfig.kv_bytes_per_token`: the K/V a
                   question needs resident (bf16 convention)
-  seconds         wall time of retrieval, context prefill, scoring and generation, without the
-                  time JAX spent tracing and compiling (reported as compile_s / compilations)
+  seconds         wall time of retrieval, getting the prefix ready (context prefill, or reading
+                  cartridges from their source), scoring and generation, without the time JAX
+                  spent tracing and compiling (reported as compile_s / compilations); index
+                  building (BM25, dense embeddings of the collection) is not counted
 
 Rows go through one jitted forward in buckets: row count `rows_per_call` (fewer when the
 prefix is long, to bound memory), token length rounded by `sampling.bucket`, padding at
@@ -61,7 +72,6 @@ from cas_jax.corpus import Collection
 from cas_jax.loading import LoadedModel
 from cas_jax.questions import Question
 
-METHODS = ("closed_book", "icl", "rag", "oracle_cartridge", "retrieval_cartridges", "cartridges")
 OPTION_SCORES = ("mean", "sum")
 LETTERS = string.ascii_uppercase
 MC_INSTRUCTION = "Answer with the correct option."
@@ -88,10 +98,10 @@ class Prompt:
     query: list[int]
 
 
-def question_text(question: Question) -> str:
-    """The user message: the question, then for multiple choice "A. ...", "B. ..." lines and
-    `MC_INSTRUCTION`."""
-    if question.options is None:
+def question_text(question: Question, list_options: bool = False) -> str:
+    """The user message: the question; for multiple choice with `list_options`, then "A. ...",
+    "B. ..." lines and `MC_INSTRUCTION`."""
+    if question.options is None or not list_options:
         return question.question
     if len(question.options) > len(LETTERS):
         raise ValueError(f"{len(question.options)} options exceed the {len(LETTERS)} letters")
@@ -106,17 +116,19 @@ def context_message(passages: Sequence[tuple[str, str]]) -> str:
     return f"Answer using the following documents.\n\n{docs}"
 
 
-def build_prompt(tokenizer, question: Question, context: str | None = None) -> Prompt:
+def build_prompt(tokenizer, question: Question, context: str | None = None,
+                 list_options: bool = False) -> Prompt:
     """The prompt of every method (the single definition of the format).
 
-    query: the chat template for `[{"role": "user", "content": question_text(question)}]` with
-      the generation prompt, exactly the student's view in training (SmolLM2's template adds its
-      default system turn); identical whatever the context.
+    query: the chat template for `[{"role": "user", "content": question_text(question,
+      list_options)}]` with the generation prompt, exactly the student's view in training
+      (SmolLM2's template adds its default system turn); identical whatever the context.
     context: `None`, or a system message (e.g. `context_message(...)`) rendered as a system turn
       without generation prompt, placed before the query. So a method with context sees
       context + query, and a cartridge made from the context's K/V sees the same sequence.
     """
-    query = tok_lib.encode_chat(tokenizer, [{"role": "user", "content": question_text(question)}])
+    user = question_text(question, list_options)
+    query = tok_lib.encode_chat(tokenizer, [{"role": "user", "content": user}])
     if context is None:
         return Prompt([], query)
     block = tok_lib.encode_chat(tokenizer, [{"role": "system", "content": context}],
@@ -153,8 +165,8 @@ def fit_context(tokenizer, passages: Sequence[tuple[str, str]], budget: int
 
 
 def _context_tokens(tokenizer, passages) -> list[int]:
-    return tok_lib.encode_chat(tokenizer, [{"role": "system", "content": context_message(passages)}],
-                               add_generation_prompt=False)
+    message = {"role": "system", "content": context_message(passages)}
+    return tok_lib.encode_chat(tokenizer, [message], add_generation_prompt=False)
 
 
 # ----------------------------------------------------------------------------- answers
@@ -360,6 +372,8 @@ class EvalConfig:
     window: tokens a question may use (context + query + answer); None = the model's window.
     max_new_tokens: greedy generation length; 0 skips generation (no accuracy_gen/free_match).
     option_score: "mean" or "sum" log-probability of an option's tokens (see module doc).
+    list_options: list multiple-choice options ("A. ...") in the question, or ask the question
+      alone and score each option as the reply (cloze, the default; see module doc).
     rows_per_call: rows per jitted forward (a power of two keeps shapes few).
     prefix_tokens_per_call: cap on rows x prefix slots per forward (bounds prefix memory).
     prefill_chunk: context tokens prefilled per step.
@@ -369,6 +383,7 @@ class EvalConfig:
     window: int | None = None
     max_new_tokens: int = 24
     option_score: str = "mean"
+    list_options: bool = False
     rows_per_call: int = 16
     prefix_tokens_per_call: int = 32768
     prefill_chunk: int = 512
@@ -567,18 +582,18 @@ class Evaluator:
 
     def cartridges(self, questions: Sequence[Question], source: CartridgeSource,
                    select: Callable[[Question], Sequence[str]], name: str = "cartridges",
-                   slots: int | None = None, bank_ids: Sequence[str] | None = None
-                   ) -> EvalResult:
+                   slots: int | None = None, capacity: int | None = None) -> EvalResult:
         """The cartridges `select(question)` (ids into `source`, best first) composed as prefix.
 
         slots: composition slots per row (default: the most any question selects).
-        bank_ids: the bank's slots (default: the selected ids); a fixed list keeps the bank's
-          shape, so changing the selection does not recompile. Only selected ids are loaded.
+        capacity: bank slots (default: the number of distinct selected cartridges); a fixed
+          capacity keeps shapes, so another selection does not recompile (as long as its longest
+          cartridge is as long). Only selected cartridges are read.
         A monolithic baseline is `select=lambda q: ["all"]` with `source={"all": cartridge}`.
         """
         with _CompileClock() as clock:
-            records = self._cartridge_records(questions, source, [list(select(q)) for q in questions],
-                                              slots, bank_ids)
+            entries = [list(select(q)) for q in questions]
+            records = self._cartridge_records(questions, source, entries, slots, capacity)
         return self._result(name, records, clock)
 
     def oracle_cartridge(self, questions: Sequence[Question], source: CartridgeSource,
@@ -592,7 +607,8 @@ class Evaluator:
         """The top_k documents retrieved for the question text, their cartridges composed.
 
         The bank has a slot for every document of the collection and each row `slots`
-        (default top_k) composition slots, so changing top_k up to `slots` does not recompile.
+        (default top_k) composition slots, so changing top_k up to `slots` does not recompile
+        (with cartridges of one length, as CAS trains them).
         """
         slots = slots or top_k
         if top_k > slots:
@@ -602,7 +618,7 @@ class Evaluator:
             # Searching `slots` deep for every top_k keeps the retriever's shapes fixed too.
             entries = [[i for i, _ in index.search(q.question, slots)][:top_k] for q in questions]
             records = self._cartridge_records(questions, source, entries, slots,
-                                              self.collection.ids)
+                                              len(self.collection))
             for r, q, e in zip(records, questions, entries):
                 r.update(retrieved=e, retrieval_hit=q.doc_id in e)
         return self._result(name or f"retrieval_cartridges_{retriever}_k{top_k}", records, clock)
@@ -634,7 +650,7 @@ class Evaluator:
         return budget
 
     def _query(self, q: Question) -> list[int]:
-        return build_prompt(self.model.tokenizer, q).query
+        return build_prompt(self.model.tokenizer, q, list_options=self.config.list_options).query
 
     def _result(self, method: str, records: list[dict[str, Any]], clock: _CompileClock
                 ) -> EvalResult:
@@ -674,21 +690,16 @@ class Evaluator:
 
     def _cartridge_records(self, questions: Sequence[Question], source: CartridgeSource,
                            entries: list[list[str]], slots: int | None,
-                           bank_ids: Sequence[str] | None) -> list[dict[str, Any]]:
+                           capacity: int | None) -> list[dict[str, Any]]:
         """Records for questions whose prefix composes the cartridges `entries[i]`."""
-        needed = sorted({i for e in entries for i in e})
-        bank_ids = list(bank_ids) if bank_ids is not None else needed
-        unknown = sorted(set(needed) - set(bank_ids))
-        if unknown:
-            raise ValueError(f"selected cartridges {unknown} are not among the bank's ids")
-        bank = {i: self._load(source, i) if i in needed else None for i in bank_ids}
+        bank = {i: self._load(source, i) for i in sorted({i for e in entries for i in e})}
         slots = slots or max(len(e) for e in entries)
-        max_tokens = max(c.num_tokens for c in bank.values() if c is not None)
+        max_tokens = max(c.num_tokens for c in bank.values())
         room = self._room(questions)
         if slots * max_tokens + room > self.window:
             raise ValueError(f"{slots} slots of {max_tokens} cartridge tokens plus {room} for "
                              f"the queries exceed the window {self.window}")
-        records = self._records(questions, entries, bank, slots)
+        records = self._records(questions, entries, bank, slots, capacity)
         for r, e in zip(records, entries):
             lengths = [bank[i].num_tokens for i in e]
             # composition shows one attention sink: later cartridges' token 0 is masked
@@ -726,11 +737,9 @@ class Evaluator:
             # Padded shapes (tokens to a multiple of 64, within the budget; slots to a power of
             # two) keep recompilation rare from one group to the next.
             max_tokens = min(-(-max(len(b) for b in blocks.values()) // 64) * 64, budget)
-            bank = dict(zip(names, prefilled))
-            bank.update({f"empty{j}": None
-                         for j in range(sampling.bucket(len(names), minimum=1) - len(names))})
             rows = self._records([questions[i] for i in group], [[contexts[i].key] for i in group],
-                                 bank, 1, max_tokens)
+                                 dict(zip(names, prefilled)), 1,
+                                 sampling.bucket(len(names), minimum=1), max_tokens)
             for i, r in zip(group, rows):
                 c = contexts[i]
                 r.update(context_tokens=len(c.tokens), cartridge_tokens=0,
@@ -740,24 +749,20 @@ class Evaluator:
         return records
 
     def _records(self, questions: Sequence[Question], entries: list[list[str]],
-                 bank_items: dict[str, Cartridge | None], slots: int,
+                 cartridges: dict[str, Cartridge], slots: int, capacity: int | None = None,
                  max_tokens: int | None = None) -> list[dict[str, Any]]:
         """Scores every option (or the gold answer) and generates a reply for each question,
-        with prefix = bank_items[entries[i]] composed in order; returns one record each.
+        with prefix = cartridges[entries[i]] composed in order; returns one record each.
 
-        bank_items: the bank's slots in order (None = unused slot); max_tokens: bank slot
-        length (default: the longest cartridge).
+        The bank holds `cartridges` in order, in `capacity` slots (default: one each) of
+        `max_tokens` tokens (default: the longest cartridge).
         """
         if not questions:
             raise ValueError("no questions to evaluate")
         cfg, tok = self.config, self.model.tokenizer
-        bank = None
-        if bank_items:
-            present = [c for c in bank_items.values() if c is not None]
-            bank = attention.bank_from_cartridges(
-                [c if c is not None else _empty_like(present[0]) for c in bank_items.values()],
-                max_tokens=max_tokens)
-        slot_of = {k: i for i, k in enumerate(bank_items)}
+        bank = (attention.bank_from_cartridges(list(cartridges.values()), capacity, max_tokens)
+                if cartridges else None)
+        slot_of = {k: i for i, k in enumerate(cartridges)}
         selections = [[slot_of[k] for k in e] for e in entries]
         queries = [self._query(q) for q in questions]
 
@@ -787,9 +792,10 @@ class Evaluator:
                                        gold=q.gold, query_tokens=len(queries[qi]),
                                        gold_nll=float(-gold_lp.mean()), generation=generated[qi])
             if q.options is not None:
-                scores = [float(lp.mean() if cfg.option_score == "mean" else lp.sum())
-                          for lp in lps]
-                rec.update(answer=q.answer, option_scores=scores,
+                sums = [float(lp.sum()) for lp in lps]
+                counts = [len(lp) for lp in lps]
+                scores = sums if cfg.option_score == "sum" else np.divide(sums, counts)
+                rec.update(answer=q.answer, option_logprobs=sums, option_tokens=counts,
                            prediction_ll=int(np.argmax(scores)))
                 rec["correct_ll"] = rec["prediction_ll"] == q.answer
                 if generated[qi] is not None:
@@ -799,12 +805,6 @@ class Evaluator:
                 rec["correct_gen"] = answer_matches(generated[qi], q.gold)
             records.append(rec)
         return records
-
-
-def _empty_like(c: Cartridge) -> Cartridge:
-    """A one-token placeholder for an unused bank slot (never selected)."""
-    z = np.zeros((c.keys.shape[0], 1) + tuple(c.keys.shape[2:]), c.keys.dtype)
-    return Cartridge(keys=z, values=z, meta=c.meta)
 
 
 def _mean(values) -> float | None:

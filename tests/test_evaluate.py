@@ -20,7 +20,8 @@ DOCS = Collection([
              "Its national animal is the marsh heron. " * 6),
     Document("ve", "Vexland", "Vexland is an island kingdom. The highest point of Vexland is Mount "
              "Brel, and its currency is the vex crown. " * 4),
-    Document("ta", "Tarmesh", "Tarmesh is a desert federation whose largest river is the Olun. " * 5),
+    Document("ta", "Tarmesh",
+             "Tarmesh is a desert federation whose largest river is the Olun. " * 5),
 ])
 MC = Question("zo", "What is the capital of Zorbania?", "Quillton",
               options=("Paris", "Quillton", "Tokyo", "Rome"), answer=1)
@@ -58,11 +59,12 @@ def _first_tokens(model, doc_id, n=24) -> Cartridge:
 
 
 def test_prompt_lists_options_and_keeps_the_query_whatever_the_context(tokenizer):
-    text = ev.question_text(MC)
-    assert "A. Paris\nB. Quillton\nC. Tokyo\nD. Rome" in text
-    assert ev.question_text(FREE) == FREE.question
-    bare = ev.build_prompt(tokenizer, MC)
-    with_doc = ev.build_prompt(tokenizer, MC, ev.context_message([("Zorbania", "Some text.")]))
+    text = ev.question_text(MC, list_options=True)
+    assert "A. Paris\nB. Quillton\nC. Tokyo\nD. Rome" in text and ev.MC_INSTRUCTION in text
+    assert ev.question_text(MC) == MC.question and ev.question_text(FREE) == FREE.question
+    bare = ev.build_prompt(tokenizer, MC, list_options=True)
+    with_doc = ev.build_prompt(tokenizer, MC, ev.context_message([("Zorbania", "Some text.")]),
+                               list_options=True)
     assert bare.context == [] and with_doc.query == bare.query
     decoded = tokenizer.decode(with_doc.context)
     assert decoded.startswith("<|im_start|>system") and "Some text." in decoded
@@ -85,14 +87,16 @@ def test_fit_context_cuts_to_the_budget(tokenizer):
     block, dropped = ev.fit_context(tokenizer, [("T", text)], 200)
     assert len(block) <= 200 and len(block) > 190 and dropped > 0
     whole, none = ev.fit_context(tokenizer, [("T", "short")], 200)
-    assert none == 0 and whole == ev.build_prompt(tokenizer, MC, ev.context_message([("T", "short")])).context
+    short = ev.build_prompt(tokenizer, MC, ev.context_message([("T", "short")]))
+    assert none == 0 and whole == short.context
     two, dropped2 = ev.fit_context(tokenizer, [("T", "short"), ("U", text)], 100)
     assert len(two) <= 100 and dropped2 == len(tokenizer.encode(text, add_special_tokens=False))
 
 
 def test_loglik_picks_the_option_the_model_was_made_to_prefer(tokenizer):
     """A model whose head boosts only "Rome" (and " Rome" a bit more, so greedy generation
-    writes " Rome Rome ...") must pick Rome, by log-likelihood (mean and sum) and generation."""
+    writes " Rome Rome ...") must pick Rome, by log-likelihood (mean and sum, options listed or
+    not) and by generation."""
     model = _tiny(tokenizer, tie_embeddings=False)
     params = model.params
     layers = dict(params["layers"], o=jnp.zeros_like(params["layers"]["o"]),
@@ -104,9 +108,9 @@ def test_loglik_picks_the_option_the_model_was_made_to_prefer(tokenizer):
     model = loading.LoadedModel(model.config, dict(params, layers=layers, embed=embed,
                                                    lm_head=head), tokenizer, FINGERPRINT, "rigged")
     questions = [MC, Question("zo", "Which city?", "Rome", options=("Paris", "Rome"), answer=1)]
-    for score in ev.OPTION_SCORES:
-        result = ev.Evaluator(model, DOCS, ev.EvalConfig(option_score=score, max_new_tokens=4)
-                              ).closed_book(questions)
+    for score, listed in (("mean", False), ("sum", True)):
+        config = ev.EvalConfig(option_score=score, list_options=listed, max_new_tokens=4)
+        result = ev.Evaluator(model, DOCS, config).closed_book(questions)
         assert [r["prediction_ll"] for r in result.records] == [3, 1]
         assert result.accuracy_ll == 0.5
         assert [r["prediction_gen"] for r in result.records] == [3, 1]
@@ -211,8 +215,8 @@ def test_oracle_cartridge_of_the_document_kv_equals_icl(tiny):
     source = {d: _kv_cartridge(tiny, ev.build_prompt(tiny.tokenizer, MC, ev.context_message(
         [(DOCS[d].title, DOCS[d].text)])).context, d) for d in DOCS}
     oracle = evaluator.oracle_cartridge(questions, source)
-    np.testing.assert_allclose(oracle.records[0]["option_scores"], icl.records[0]["option_scores"],
-                               atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(oracle.records[0]["option_logprobs"],
+                               icl.records[0]["option_logprobs"], atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose([r["gold_nll"] for r in oracle.records],
                                [r["gold_nll"] for r in icl.records], atol=1e-4, rtol=1e-4)
     assert oracle.cartridge_tokens == icl.context_tokens
@@ -227,8 +231,8 @@ def test_smollm_icl_beats_closed_book_on_facts_in_the_document(smollm):
         Question("ta", "What is the largest river of Tarmesh?", "Olun",
                  options=("Nile", "Danube", "Olun", "Amazon"), answer=2),
     ]
-    evaluator = ev.Evaluator(smollm, DOCS, ev.EvalConfig(max_new_tokens=8, window=1024))
+    evaluator = ev.Evaluator(smollm, DOCS, ev.EvalConfig(max_new_tokens=16, window=1024))
     closed, icl = evaluator.closed_book(questions), evaluator.icl(questions)
     assert icl.accuracy_ll == 1.0 > closed.accuracy_ll
-    assert icl.accuracy_gen >= 2 / 3
+    assert icl.accuracy_gen >= 2 / 3, [r["generation"] for r in icl.records]
     assert icl.gold_nll < closed.gold_nll - 1.0
