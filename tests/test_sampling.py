@@ -46,14 +46,14 @@ def test_stop_ids_end_rows_independently():
 
 def test_top_p_keeps_only_the_nucleus():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
-    seen = set()
-    for i in range(200):
-        t = sampling.sample_logits(logits, jax.random.PRNGKey(i), jnp.float32(1.0),
-                                   jnp.float32(0.7))
-        seen.add(int(t[0]))
+    sample = jax.jit(sampling.sample_logits)
+    seen = {int(sample(logits, jax.random.PRNGKey(i), jnp.float32(1.0), jnp.float32(0.7))[0])
+            for i in range(200)}
     assert seen == {0, 1}
-    greedy = sampling.sample_logits(logits, jax.random.PRNGKey(0), jnp.float32(0.0),
-                                    jnp.float32(0.7))
+    everything = {int(sample(logits, jax.random.PRNGKey(i), jnp.float32(1.0),
+                             jnp.float32(1.0))[0]) for i in range(200)}
+    assert everything == {0, 1, 2, 3}
+    greedy = sample(logits, jax.random.PRNGKey(0), jnp.float32(0.0), jnp.float32(0.7))
     assert int(greedy[0]) == 0
 
 
