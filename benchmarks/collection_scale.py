@@ -79,6 +79,8 @@ import time
 
 from absl import app, flags
 
+from benchmarks.paging import drop_page_cache, files_under
+
 flags.DEFINE_string("workdir", None, "Where the dataset and store go (default: a fresh temp dir, "
                     "deleted at the end). An existing one is reused (dataset, initialised store).")
 flags.DEFINE_integer("num_docs", 0, "Documents (the first N Factbook ids); 0 = all 261.")
@@ -112,21 +114,6 @@ def _rss_mib() -> tuple[float, float]:
     with open("/proc/self/status") as f:
         cur = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
     return cur / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _files_under(root: str) -> list[str]:
-    return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files]
-
-
-def _drop_page_cache(paths: list[str]) -> None:
-    """Evicts files from the OS page cache (fsync first: dirty pages cannot be dropped)."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def _live_data_files(store) -> list[str]:
@@ -297,7 +284,7 @@ def run_training(model, data_dir: str, store_dir: str, prefetch: bool) -> dict:
     if os.path.exists(run_path):  # Restart from step 0 (the data order repeats exactly).
         os.remove(run_path)
     if FLAGS.drop_cache:
-        _drop_page_cache(_files_under(store_dir))
+        drop_page_cache(files_under(store_dir))
     obs = _Observer()
     manager_cls, pending_cls = _instrument(obs)
     saved = tc_lib.BudgetManager, tc_lib.PendingStore
@@ -408,7 +395,7 @@ def main(_):
     raw = {}
     for cache in ("cold", "warm"):
         if cache == "cold":
-            _drop_page_cache(_files_under(store_dir))
+            drop_page_cache(files_under(store_dir))
         else:
             _raw_read(files)
         nbytes, sec = _raw_read(files)

@@ -50,11 +50,11 @@ flags.DEFINE_string("workdir", None, "Where to build the store (default: a fresh
 FLAGS = flags.FLAGS
 
 
-def _store_files(root: str) -> list[str]:
+def files_under(root: str) -> list[str]:
     return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files]
 
 
-def _drop_page_cache(paths: list[str]) -> None:
+def drop_page_cache(paths: list[str]) -> None:
     """Evicts the files from the OS page cache (fsync first: dirty pages cannot be dropped)."""
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
@@ -68,7 +68,7 @@ def _drop_page_cache(paths: list[str]) -> None:
 def _prepare_cache(cache: str, paths: list[str]) -> None:
     """Drops `paths` from the page cache ("cold") or reads them once ("warm")."""
     if cache == "cold":
-        _drop_page_cache(paths)
+        drop_page_cache(paths)
     else:
         _raw_read_seconds(paths, "readinto")
 
@@ -189,7 +189,7 @@ def main(_):
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
     files = _data_files(store, ids)
-    all_files = _store_files(root)
+    all_files = files_under(root)
     raw_bytes = sum(os.path.getsize(p) for p in files)
     rows = {}
     for cache in ("cold", "warm"):
@@ -219,7 +219,7 @@ def main(_):
           f"{'prefetched':>12}{'misses':>8}{'MB in':>8}{'MB out':>8}{'write GB/s':>12}"
           f"{'flush s':>9}")
     for prefetch in (False, True):
-        _drop_page_cache(_store_files(root))
+        drop_page_cache(files_under(root))
         loop_s, s = _training_loop(store, template, budget, schedule, run_compute, prefetch)
         print(f"{'on' if prefetch else 'off':<10}{1e3 * loop_s / FLAGS.steps:>9.1f}"
               f"{1e3 * s.acquire_wait_s / FLAGS.steps:>12.1f}"
