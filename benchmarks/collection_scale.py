@@ -79,7 +79,7 @@ import time
 
 from absl import app, flags
 
-from benchmarks.paging import drop_page_cache, files_under
+from benchmarks.fileio import drop_page_cache, files_under
 
 flags.DEFINE_string("workdir", None, "Where the dataset and store go (default: a fresh temp dir, "
                     "deleted at the end). An existing one is reused (dataset, initialised store).")

@@ -35,6 +35,8 @@ import time
 
 from absl import app, flags
 
+from benchmarks.fileio import drop_page_cache, files_under
+
 flags.DEFINE_integer("num_cartridges", 128, "Cartridges in the store.")
 flags.DEFINE_integer("tokens", 128, "Tokens per cartridge.")
 flags.DEFINE_integer("layers", 30, "Layers (SmolLM2-135M: 30).")
@@ -48,21 +50,6 @@ flags.DEFINE_integer("io_threads", 1, "BudgetManager reader threads.")
 flags.DEFINE_integer("repeats", 3, "Bandwidth passes per cache state; the best is kept.")
 flags.DEFINE_string("workdir", None, "Where to build the store (default: a fresh temp dir).")
 FLAGS = flags.FLAGS
-
-
-def files_under(root: str) -> list[str]:
-    return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files]
-
-
-def drop_page_cache(paths: list[str]) -> None:
-    """Evicts the files from the OS page cache (fsync first: dirty pages cannot be dropped)."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def _prepare_cache(cache: str, paths: list[str]) -> None:
