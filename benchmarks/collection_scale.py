@@ -80,6 +80,7 @@ import time
 from absl import app, flags
 
 from benchmarks.fileio import drop_page_cache, files_under
+from cas_jax.distractors import SCHEDULES
 
 flags.DEFINE_string("workdir", None, "Where the dataset and store go (default: a fresh temp dir, "
                     "deleted at the end). An existing one is reused (dataset, initialised store).")
@@ -92,7 +93,7 @@ flags.DEFINE_integer("topk", 20, "Teacher top-k stored per target token.")
 flags.DEFINE_integer("tokens_per_doc", 128, "Cartridge tokens P per document.")
 flags.DEFINE_integer("budget_mib", 512, "Device budget for resident cartridges + Adam state.")
 flags.DEFINE_integer("k_max", 3, "Most distractors per row.")
-flags.DEFINE_enum("schedule", "fixed", ["fixed", "uniform", "ramp"], "Distractor schedule.")
+flags.DEFINE_enum("schedule", "fixed", SCHEDULES, "Distractor schedule.")
 flags.DEFINE_integer("batch", 4, "Conversations per step.")
 flags.DEFINE_integer("seq_len", 128, "Tokens per conversation row.")
 flags.DEFINE_integer("steps", 12, "Steps per training run (per prefetch setting).")

@@ -86,7 +86,7 @@ def test_decode_with_cache_equals_full_forward(hf_pair):
     steps = [first]
     for t in range(16, 24):
         out, cache = model_lib.forward_jit(params, tokens[:, t:t + 1], pos[:, t:t + 1], cache,
-                                       config=config)
+                                           config=config)
         steps.append(out)
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-4)
     assert int(cache["index"]) == 24
