@@ -227,12 +227,26 @@ def _score_rows(params, bank, selection, selected, tokens, lengths, starts, *,
     return jnp.where(target_idx < lengths[:, None], lp, 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
-def _prefill_step(params, tokens, positions, cache, *, config):
-    """Writes the K/V of tokens [B, c] (positions [B, c], -1 = padding) into the cache."""
-    _, cache = model_lib.forward(params, tokens, positions, cache, config=config,
-                                 return_hidden=True)
-    return cache
+@functools.partial(jax.jit, static_argnames=("config", "visible"), donate_argnames=("cache",))
+def _prefill_step(params, tokens, positions, cache, *, config, visible: int):
+    """Writes the K/V of tokens [B, c] (positions [B, c], -1 = padding) into the cache.
+
+    Only the first `visible` cache slots (which must cover every key these tokens may see)
+    enter the attention, so early chunks of a long context do not pay for the empty tail.
+    """
+    head = {"k": cache["k"][:, :, :visible], "v": cache["v"][:, :, :visible],
+            "pos": cache["pos"][:, :visible], "index": cache["index"]}
+    _, head = model_lib.forward(params, tokens, positions, head, config=config,
+                                return_hidden=True)
+    return {"k": cache["k"].at[:, :, :visible].set(head["k"]),
+            "v": cache["v"].at[:, :, :visible].set(head["v"]),
+            "pos": cache["pos"].at[:, :visible].set(head["pos"]), "index": head["index"]}
+
+
+def _visible_slots(end: int, size: int, chunk: int) -> int:
+    """Cache slots a chunk ending at slot `end` attends over: `end` rounded up to chunk times
+    a power of two (few distinct shapes, at most 2x the slots needed), capped at `size`."""
+    return min(size, chunk * (1 << (-(-end // chunk) - 1).bit_length()))
 
 
 def _rows_per_call(rows_per_call: int, prefix_slots: int, prefix_tokens_per_call: int) -> int:
@@ -337,7 +351,8 @@ def prefill_contexts(model: LoadedModel, contexts: Sequence[list[int]], names: S
     """The exact K/V of each context's tokens (positions 0..n-1) as a Cartridge named `names[i]`.
 
     Rows are prefilled together, `chunk_tokens` at a time through a KV cache, so attention
-    memory is chunk x cache rather than n x n.
+    memory is chunk x cache rather than n x n; each chunk attends over the cache slots up to
+    its end only (`_visible_slots`), which for a long context about halves attention's work.
     """
     cfg = model.config
     out: list[Cartridge] = []
@@ -354,7 +369,8 @@ def prefill_contexts(model: LoadedModel, contexts: Sequence[list[int]], names: S
         for c0 in range(0, s, chunk_tokens):
             cache = _prefill_step(model.params, jnp.asarray(tokens[:, c0:c0 + chunk_tokens]),
                                   jnp.asarray(positions[:, c0:c0 + chunk_tokens]), cache,
-                                  config=cfg)
+                                  config=cfg,
+                                  visible=_visible_slots(c0 + chunk_tokens, s, chunk_tokens))
         k, v = np.asarray(cache["k"]), np.asarray(cache["v"])
         for r, c in enumerate(rows):
             meta = CartridgeMeta(model.fingerprint, doc_id=names[start + r], num_frozen=0)

@@ -69,6 +69,50 @@ def train_cartridges(model: LoadedModel, docs: Collection, data_dir: str, store_
     return CartridgeStore(os.path.join(store_dir, "cartridges"), model.fingerprint), summary
 
 
+MONOLITHIC_ID = "monolithic"
+
+
+def monolithic_text(model: LoadedModel, docs: Collection, tokens_per_doc: int) -> str:
+    """What the monolithic cartridge is initialised from: every document's first
+    `tokens_per_doc` tokens, in collection order (so no document is left out of the start)."""
+    from cas_jax.train_collection import document_tokens
+
+    return "\n\n".join(model.tokenizer.decode(document_tokens(model.tokenizer, docs[d].text,
+                                                               tokens_per_doc).tolist())
+                        for d in docs.ids)
+
+
+def train_monolithic(model: LoadedModel, docs: Collection, data_dir: str, store_dir: str,
+                     cfg: PipelineConfig,
+                     on_report: Callable[[CollectionReport], None] | None = None
+                     ) -> tuple[CartridgeStore, dict]:
+    """The monolithic baseline: ONE cartridge of n_docs x P tokens (the same total as the
+    per-document cartridges) trained on every document's conversations, with the same steps,
+    batch and learning rate, so the same data and token budget. Stored as `MONOLITHIC_ID`."""
+    n = len(docs) * cfg.tokens_per_doc
+    if n + cfg.seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"monolithic cartridge: {len(docs)} documents x {cfg.tokens_per_doc} "
+                         f"tokens + seq_len {cfg.seq_len} exceed the model window "
+                         f"{model.config.max_position_embeddings}; use fewer documents or "
+                         "a smaller tokens_per_doc")
+    ccfg = CollectionConfig(
+        tokens_per_doc=n, batch_size=cfg.batch, seq_len=cfg.seq_len, steps=cfg.steps,
+        distractors=DistractorSchedule(0, "fixed"), budget_bytes=cfg.budget_bytes,
+        checkpoint_every=max(cfg.steps // 4, 1), seed=cfg.seed)
+    tcfg = train.TrainConfig(lr=cfg.lr, total_steps=cfg.steps)
+    summary = train_collection(
+        model, data_dir, store_dir, ccfg, tcfg,
+        texts={MONOLITHIC_ID: monolithic_text(model, docs, cfg.tokens_per_doc)},
+        cartridge_of={d: MONOLITHIC_ID for d in docs.ids}, on_report=on_report)
+    return CartridgeStore(os.path.join(store_dir, "cartridges"), model.fingerprint), summary
+
+
+def evaluate_monolithic(ev: evaluate.Evaluator, questions: Sequence[Question], source,
+                        name: str = "monolithic_cartridge") -> evaluate.EvalResult:
+    """Every question reads the one monolithic cartridge."""
+    return ev.cartridges(questions, source, lambda q: [MONOLITHIC_ID], name, slots=1)
+
+
 class StoreSource:
     """The cartridges of a CartridgeStore by document id (an `evaluate.CartridgeSource`)."""
 
@@ -79,15 +123,32 @@ class StoreSource:
         return self.store.load_cartridge(doc_id) if self.store.exists(doc_id) else None
 
 
-def evaluate_baselines(ev: evaluate.Evaluator, questions: Sequence[Question], top_k: int
+def _each(runs: Sequence[Callable[[], evaluate.EvalResult]],
+          on_result: Callable[[evaluate.EvalResult], None] | None) -> list[evaluate.EvalResult]:
+    results = []
+    for run in runs:
+        results.append(run())
+        if on_result is not None:
+            on_result(results[-1])
+    return results
+
+
+def evaluate_baselines(ev: evaluate.Evaluator, questions: Sequence[Question], top_k: int,
+                       on_result: Callable[[evaluate.EvalResult], None] | None = None
                        ) -> list[evaluate.EvalResult]:
-    """The methods that need no cartridge: closed book, ICL, RAG (BM25)."""
-    return [ev.closed_book(questions), ev.icl(questions), ev.rag(questions, top_k=top_k)]
+    """The methods that need no cartridge: closed book, ICL, RAG (BM25); `on_result` is
+    called after each."""
+    return _each([lambda: ev.closed_book(questions), lambda: ev.icl(questions),
+                  lambda: ev.rag(questions, top_k=top_k)], on_result)
 
 
 def evaluate_cartridges(ev: evaluate.Evaluator, questions: Sequence[Question], source,
-                        label: str, top_k: int) -> list[evaluate.EvalResult]:
+                        label: str, top_k: int,
+                        on_result: Callable[[evaluate.EvalResult], None] | None = None
+                        ) -> list[evaluate.EvalResult]:
     """Oracle and BM25-retrieved cartridges of one cartridge source, named after `label`."""
-    return [ev.oracle_cartridge(questions, source, name=f"oracle_cartridge_{label}"),
-            ev.retrieval_cartridges(questions, source, top_k=top_k,
-                                    name=f"retrieval_cartridges_{label}_k{top_k}")]
+    return _each([lambda: ev.oracle_cartridge(questions, source,
+                                              name=f"oracle_cartridge_{label}"),
+                  lambda: ev.retrieval_cartridges(questions, source, top_k=top_k,
+                                                  name=f"retrieval_cartridges_{label}_k{top_k}")],
+                 on_result)

@@ -30,7 +30,7 @@ import json
 import os
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -204,12 +204,15 @@ def _write_run_state(path: str, state: dict) -> None:
 
 def train_collection(model: LoadedModel, data_dir: str, store_dir: str, cfg: CollectionConfig,
                      train_config: train.TrainConfig, *, texts: dict[str, str] | None = None,
-                     mesh=None, on_report: Callable[[CollectionReport], None] | None = None,
+                     cartridge_of: Mapping[str, str] | None = None, mesh=None, on_report: Callable[[CollectionReport], None] | None = None,
                      stop_after: int | None = None) -> dict:
     """Trains every document's cartridge in `store_dir` on the self-study data in `data_dir`.
 
-    texts: document texts used to initialise missing cartridges (first P tokens); needed on the
-    first run. Resumes from `<store_dir>/collection_run.json` when present. `stop_after` ends
+    texts: document texts used to initialise missing cartridges (first P tokens), keyed by
+      cartridge id; needed on the first run.
+    cartridge_of: which cartridge each document's conversations train, by document id
+      (default: its own). Mapping every document to one id with no distractors trains the
+      monolithic baseline: one cartridge for the whole collection on the same data. Resumes from `<store_dir>/collection_run.json` when present. `stop_after` ends
     the run after that many steps of this call without a final checkpoint (simulates a kill).
     Returns a summary dict (steps, final loss, paging stats, io wait share, peak RSS).
     """
@@ -220,7 +223,14 @@ def train_collection(model: LoadedModel, data_dir: str, store_dir: str, cfg: Col
     main = CartridgeStore(os.path.join(store_dir, "cartridges"), model.fingerprint)
     pending = CartridgeStore(os.path.join(store_dir, "pending"), model.fingerprint)
     view = PendingStore(main, pending)
-    all_ids = dataset.doc_ids(data_dir)
+    data_ids = dataset.doc_ids(data_dir)
+    if cartridge_of is None:
+        cartridge_of = {d: d for d in data_ids}
+    unmapped = [d for d in data_ids if d not in cartridge_of]
+    if unmapped:
+        raise ValueError(f"{data_dir}: documents {unmapped[:5]} have conversations but no "
+                         "cartridge in cartridge_of")
+    all_ids = tuple(sorted({cartridge_of[d] for d in data_ids}))
     missing = [d for d in all_ids if not main.exists(d)]
     if missing:
         if texts is None or any(d not in texts for d in missing):
@@ -257,7 +267,7 @@ def train_collection(model: LoadedModel, data_dir: str, store_dir: str, cfg: Col
     def next_plan(at_step: int):
         state = data.get_state()
         batch = next(data)
-        targets = [all_ids[i] for i in np.asarray(batch["doc_index"])]
+        targets = [cartridge_of[data_ids[i]] for i in np.asarray(batch["doc_index"])]
         return state, batch, plan_step(targets, all_ids, cfg.distractors, at_step, cfg.seed)
 
     def checkpoint(at_step: int, data_state: dict) -> None:

@@ -34,9 +34,12 @@ flags.DEFINE_integer("batch", DEFAULTS.batch, "Conversations per training step."
 flags.DEFINE_integer("seq_len", DEFAULTS.seq_len, "Training sequence length (tokens).")
 flags.DEFINE_float("lr", DEFAULTS.lr, "Adam learning rate.")
 flags.DEFINE_integer("questions_per_doc", 6, "Multiple-choice questions per document.")
+flags.DEFINE_integer("max_new_tokens", 24, "Greedy generation length of the evaluation "
+                     "(acc (gen)); 0 = no generation.")
 flags.DEFINE_integer("top_k", DEFAULTS.top_k, "Documents / chunks retrieved per question.")
-flags.DEFINE_bool("baselines", False, "Also train cartridges in isolation and evaluate their "
-                  "naive composition (roughly doubles the training time).")
+flags.DEFINE_bool("baselines", False, "Also train cartridges in isolation (evaluated as a "
+                  "naive composition) and one monolithic cartridge for the collection "
+                  "(roughly triples the training time).")
 flags.DEFINE_integer("seed", DEFAULTS.seed, "Seed for synthesis, training and questions.")
 
 
@@ -48,6 +51,11 @@ def _stage(name: str) -> float:
 def _train_report(r):
     print(f"  step {r.step}/{r.total_steps} loss {r.loss:.4f} {r.tokens_per_s:.0f} tok/s "
           f"io-wait {100 * r.io_wait_share:.1f}% ETA {r.eta_s:.0f}s", flush=True)
+
+
+def _eval_report(r):
+    print(f"  {r.method}: accuracy {r.accuracy:.3f}, {r.prompt_tokens:.0f} prompt tokens/q, "
+          f"{r.seconds:.0f}s (+{r.compile_s:.0f}s compiling)", flush=True)
 
 
 def main(argv):
@@ -82,15 +90,25 @@ def main(argv):
                                            cfg, distractors=0, on_report=_train_report)
         sources["naive"] = pipeline.StoreSource(iso)
         print(f"  done in {time.perf_counter() - t:.0f}s", flush=True)
+        t = _stage(f"2c. baseline: one monolithic cartridge of {len(docs)} x "
+                   f"{cfg.tokens_per_doc} tokens")
+        mono, _ = pipeline.train_monolithic(model, docs, data_dir,
+                                            os.path.join(out, "monolithic"), cfg,
+                                            on_report=_train_report)
+        print(f"  done in {time.perf_counter() - t:.0f}s", flush=True)
 
     t = _stage("3. evaluation")
     qs = questions_lib.generate_factbook_questions(list(docs.ids), FLAGS.questions_per_doc,
                                                    FLAGS.seed)
     questions_lib.write_questions(os.path.join(out, "questions.jsonl"), qs)
-    ev = evaluate.Evaluator(model, docs, evaluate.EvalConfig(max_new_tokens=8))
-    results = pipeline.evaluate_baselines(ev, qs, cfg.top_k)
+    ev = evaluate.Evaluator(model, docs, evaluate.EvalConfig(max_new_tokens=FLAGS.max_new_tokens))
+    results = pipeline.evaluate_baselines(ev, qs, cfg.top_k, on_result=_eval_report)
     for label, source in sources.items():
-        results += pipeline.evaluate_cartridges(ev, qs, source, label, cfg.top_k)
+        results += pipeline.evaluate_cartridges(ev, qs, source, label, cfg.top_k,
+                                                on_result=_eval_report)
+    if FLAGS.baselines:
+        results.append(pipeline.evaluate_monolithic(ev, qs, pipeline.StoreSource(mono)))
+        _eval_report(results[-1])
     md, js = evaluate.write_report(results, os.path.join(out, "report"))
     print(f"  done in {time.perf_counter() - t:.0f}s; report {md}, {js}\n", flush=True)
     print(evaluate.format_table(results))

@@ -128,3 +128,30 @@ def test_target_scope_leaves_distractors_untouched(setup, tmp_path):
     for d in DOCS:
         same = np.array_equal(after[d].keys, init[d].keys)
         assert same == (d not in targets), d
+
+
+def test_monolithic_mapping_trains_one_cartridge_on_every_document(setup, tmp_path):
+    """cartridge_of maps all documents to one id: one cartridge, created from its text, trained
+    by every step; a document left out of the mapping is an error naming it."""
+    model, data, tcfg = setup
+    root = str(tmp_path / "m")
+    tok = _ByteTokenizer()
+    mono = LoadedModel(CFG, model.params, tok, model.fingerprint, "")
+    cfg = _cfg(tokens_per_doc=3 * P, distractors=DistractorSchedule(0, "fixed"),
+               budget_bytes=1 << 30, steps=2)
+    summary = tc.train_collection(mono, data, root, cfg, tcfg, texts={"all": "abcdefgh" * 4},
+                                  cartridge_of={d: "all" for d in DOCS})
+    store = CartridgeStore(root + "/cartridges", model.fingerprint)
+    assert store.list() == ["all"] and summary["steps"] == 2
+    c, _, step = store.load("all", read_opt_state=False)
+    assert c.num_tokens == 3 * P and step == 2
+    with pytest.raises(ValueError, match="documents \\['h'\\]"):
+        tc.train_collection(mono, data, str(tmp_path / "bad"), cfg, tcfg,
+                            texts={"all": "abc"}, cartridge_of={d: "all" for d in DOCS[:-1]})
+
+
+class _ByteTokenizer:
+    """Characters as token ids (enough for `document_tokens`)."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(ch) % CFG.vocab_size for ch in text]}
