@@ -96,7 +96,8 @@ def num_prefix_tokens(prefix: dict | None, batch: int) -> jax.Array:
     """[B] int32: visible prefix tokens per row, i.e. where each row's query positions start."""
     if prefix is None:
         return jnp.zeros((batch,), jnp.int32)
-    return jnp.sum(prefix["mask"], axis=1).astype(jnp.int32)
+    # A shared prefix (batch 1) gives every row the same count.
+    return jnp.broadcast_to(jnp.sum(prefix["mask"], axis=1).astype(jnp.int32), (batch,))
 
 
 def single_prefix(cartridge: Cartridge, batch: int) -> dict:

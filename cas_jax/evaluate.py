@@ -317,6 +317,9 @@ def score_continuations(model: LoadedModel, prompts: Sequence[list[int]],
     return out
 
 
+_compose = jax.jit(attention.compose)  # one fused gather instead of eager gather + transpose
+
+
 def generate_answers(model: LoadedModel, prompts: Sequence[list[int]], max_new_tokens: int, *,
                      bank: attention.CartridgeBank | None = None,
                      selections: Sequence[Sequence[int]] | None = None, slots: int = 1,
@@ -335,8 +338,8 @@ def generate_answers(model: LoadedModel, prompts: Sequence[list[int]], max_new_t
     for start in range(0, n, b):
         rows = list(range(start, min(start + b, n)))
         rows += [rows[-1]] * (b - len(rows))
-        prefix = None if bank is None else attention.compose(
-            bank, jnp.asarray(sel[rows]), jnp.asarray(on[rows]))
+        prefix = None if bank is None else _compose(bank, jnp.asarray(sel[rows]),
+                                                    jnp.asarray(on[rows]))
         out = sampling.generate(model.params, model.config, [prompts[i] for i in rows], params,
                                 prefix=prefix)
         for r in range(min(b, n - start)):

@@ -27,6 +27,10 @@ the prefix: with n valid prefix tokens the first query token has position n.
 KV cache (dict):  k, v [L, B, S, K, Dh];  pos [B, S] int32 (-1 = empty slot);  index [] int32,
 the slot where the next tokens are written (all rows write at the same slot: left padding).
 Prefix (dict):    k, v [L, B, P, K, Dh] after RoPE;  mask [B, P] bool (False = unused slot).
+                  A batch axis of 1 (k, v [L, 1, P, K, Dh], mask [1, P]) is one prefix shared by
+                  every row: attention reads it once for all rows and it is never copied B times
+                  (less memory; on XLA:CPU the batch-free contraction is slower per row than
+                  per-row copies for long prefixes, so the evaluator composes per row).
 """
 
 from __future__ import annotations
@@ -93,7 +97,8 @@ def key_visibility(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> ja
 def attend(q: jax.Array, blocks: list[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
     """Grouped-query attention over several key/value blocks sharing one softmax.
 
-    q [B, T, H, Dh]; each block is (k, v [B, S_i, K, Dh], visible [B, T, S_i]) -> [B, T, H, Dh].
+    q [B, T, H, Dh]; each block is (k, v [B or 1, S_i, K, Dh], visible [B or 1, T, S_i]) ->
+    [B, T, H, Dh] (a block with batch 1 is shared by every row).
     Blocks (prefix, cache, new tokens) are never concatenated: only their scores are, which are
     small, so a long cache is read once and not copied. Softmax in float32; rows with no visible
     key give a uniform average (never NaN).
@@ -102,13 +107,20 @@ def attend(q: jax.Array, blocks: list[tuple[jax.Array, jax.Array, jax.Array]]) -
     kh = blocks[0][0].shape[2]
     g = h // kh
     # Queries as [B, K, T*G, Dh]: every (kv head) is one plain matmul over T*G query rows,
-    # 2-3x faster on XLA:CPU than contracting with separate t and g axes.
+    # 2-3x faster on XLA:CPU than contracting with separate t and g axes. A block with batch 1
+    # shared by B > 1 rows is contracted without a batch axis (no broadcast copy of its keys).
     q = q.reshape(b, t, kh, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, dh)
+
+    def shared(x):
+        return x.shape[0] == 1 and b > 1
+
     scores = []
     for k, _, visible in blocks:
-        s = jnp.einsum("bkqd,bskd->bkqs", q, k.astype(q.dtype),
-                       preferred_element_type=jnp.float32) * (1.0 / math.sqrt(dh))
-        s = s.reshape(b, kh, t, g, k.shape[1])
+        k = k.astype(q.dtype)
+        s = (jnp.einsum("bkqd,skd->bkqs", q, k[0], preferred_element_type=jnp.float32)
+             if shared(k) else
+             jnp.einsum("bkqd,bskd->bkqs", q, k, preferred_element_type=jnp.float32))
+        s = s.reshape(b, kh, t, g, k.shape[1]) * (1.0 / math.sqrt(dh))
         scores.append(jnp.where(visible[:, None, :, None, :], s, _NEG))
     probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
     probs = probs.reshape(b, kh, t * g, probs.shape[-1])
@@ -116,8 +128,10 @@ def attend(q: jax.Array, blocks: list[tuple[jax.Array, jax.Array, jax.Array]]) -
     start = 0
     for k, v, _ in blocks:
         p = probs[..., start:start + k.shape[1]].astype(q.dtype)
-        out = out + jnp.einsum("bkqs,bskd->bkqd", p, v.astype(q.dtype),
-                               preferred_element_type=jnp.float32)
+        v = v.astype(q.dtype)
+        out = out + (jnp.einsum("bkqs,skd->bkqd", p, v[0], preferred_element_type=jnp.float32)
+                     if shared(v) else
+                     jnp.einsum("bkqs,bskd->bkqd", p, v, preferred_element_type=jnp.float32))
         start += k.shape[1]
     out = out.astype(q.dtype).reshape(b, kh, t, g, dh).transpose(0, 2, 1, 3, 4)
     return out.reshape(b, t, h, dh)
@@ -149,7 +163,8 @@ def _layer(config: ModelConfig, inv_freq, x, positions, lp, pre, cache_l, cache_
     blocks = []
     if pre is not None:
         pk, pv, pmask = pre
-        blocks.append((pk, pv, jnp.broadcast_to(pmask[:, None, :], (b, t, pmask.shape[1]))))
+        blocks.append((pk, pv, jnp.broadcast_to(pmask[:, None, :],
+                                                (pmask.shape[0], t, pmask.shape[1]))))
     if cache_l is not None:
         ck, cv = cache_l
         blocks.append((ck, cv, key_visibility(positions, cache_pos, config.sliding_window)))

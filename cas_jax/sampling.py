@@ -138,9 +138,13 @@ def left_pad(prompts: list[list[int]], length: int, n_prefix: np.ndarray, pad_id
     return tokens, positions
 
 
-def _pad_rows(x, rows: int):
-    pad = rows - x.shape[0]
-    return x if pad == 0 else jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)], axis=0)
+def _pad_rows(x, rows: int, axis: int = 0):
+    """x with its last row (along `axis`) repeated until it has `rows` rows."""
+    pad = rows - x.shape[axis]
+    if pad == 0:
+        return x
+    last = jax.lax.slice_in_dim(x, x.shape[axis] - 1, x.shape[axis], axis=axis)
+    return jnp.concatenate([x, jnp.repeat(last, pad, axis=axis)], axis=axis)
 
 
 def generate(params, config: ModelConfig, prompts: list[list[int]],
@@ -149,7 +153,8 @@ def generate(params, config: ModelConfig, prompts: list[list[int]],
     """Generates a continuation for each prompt (lists of token ids), batched.
 
     prefix: optional {k, v: [L, B, P, K, Dh], mask: [B, P]} placed before every row's prompt
-      (e.g. `attention.compose` of cartridges). Returns, per row, the new tokens up to and
+      (e.g. `attention.compose` of cartridges); a batch axis of 1 shares one prefix among all
+      rows without copying it. Returns, per row, the new tokens up to and
       including the first stop id (or max_new_tokens of them).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -164,14 +169,16 @@ def generate(params, config: ModelConfig, prompts: list[list[int]],
         raise ValueError(f"generate: prompt ({tp}) + new tokens ({out_len}) + prefix "
                          f"({prefix_len}) exceed the model window "
                          f"{config.max_position_embeddings}")
+    shared = prefix is not None and prefix["mask"].shape[0] == 1
     n_prefix = (np.zeros(b, np.int32) if prefix is None
-                else np.asarray(prefix["mask"]).sum(axis=1).astype(np.int32)[:b])
+                else np.asarray(prefix["mask"]).sum(axis=1).astype(np.int32))
+    n_prefix = np.repeat(n_prefix, b) if shared else n_prefix[:b]
     rows = list(prompts) + [prompts[-1]] * (b_pad - b)
     n_prefix = np.concatenate([n_prefix, np.repeat(n_prefix[-1:], b_pad - b)])
     tokens, positions = left_pad(rows, tp, n_prefix)
-    if prefix is not None:
-        prefix = {"k": jnp.swapaxes(_pad_rows(jnp.swapaxes(prefix["k"], 0, 1), b_pad), 0, 1),
-                  "v": jnp.swapaxes(_pad_rows(jnp.swapaxes(prefix["v"], 0, 1), b_pad), 0, 1),
+    if prefix is not None and not shared and prefix["mask"].shape[0] < b_pad:
+        prefix = {"k": _pad_rows(prefix["k"], b_pad, axis=1),
+                  "v": _pad_rows(prefix["v"], b_pad, axis=1),
                   "mask": _pad_rows(prefix["mask"], b_pad)}
     stops = list(sampling.stop_ids)[:MAX_STOP_IDS]
     stop_arr = np.full((MAX_STOP_IDS,), -1, np.int32)

@@ -107,6 +107,25 @@ def test_prefix_of_own_kv_equals_concatenated_forward(hf_pair):
 
 
 @pytest.mark.parametrize("hf_pair", SUBSET, indirect=True)
+def test_shared_prefix_equals_the_prefix_copied_per_row(hf_pair):
+    """A prefix with batch 1 is read by every row, as if it were copied into each."""
+    _, config, params = hf_pair
+    rng = np.random.default_rng(3)
+    ctx = jnp.asarray(rng.integers(0, config.vocab_size, size=(1, 12)))
+    k, v = model_lib.prefill_kv(params, ctx, jnp.arange(12)[None], config=config)
+    mask = jnp.asarray([[True] * 10 + [False] * 2])
+    shared = {"k": k, "v": v, "mask": mask}
+    copied = {"k": jnp.repeat(k, 3, axis=1), "v": jnp.repeat(v, 3, axis=1),
+              "mask": jnp.repeat(mask, 3, axis=0)}
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, size=(3, 7)))
+    pos = jnp.asarray([[10 + i if i >= j else -1 for i in range(7)] for j in (0, 2, 4)])
+    a, _ = model_lib.forward_jit(params, tokens, pos, prefix=shared, config=config)
+    b, _ = model_lib.forward_jit(params, tokens, pos, prefix=copied, config=config)
+    keep = np.asarray(pos) >= 0
+    np.testing.assert_allclose(np.asarray(a)[keep], np.asarray(b)[keep], atol=1e-5)
+
+
+@pytest.mark.parametrize("hf_pair", SUBSET, indirect=True)
 def test_padding_tokens_do_not_change_real_tokens(hf_pair):
     _, config, params = hf_pair
     rng = np.random.default_rng(3)

@@ -88,3 +88,7 @@ def test_generation_honors_prefix():
     assert with_prefix == in_context
     assert with_prefix != sampling.generate(params, CFG, [prompt], sp)
     np.testing.assert_equal(len(with_prefix[0]), 6)
+    # batch-1 prefix shared by three ragged rows == each row with the context inline
+    rows = [prompt, [4, 4], [7, 1, 2, 9, 9]]
+    shared = sampling.generate(params, CFG, rows, sp, prefix=prefix)
+    assert shared == [sampling.generate(params, CFG, [ctx + r], sp)[0] for r in rows]
