@@ -58,11 +58,17 @@ def main(argv):
     model = loading.load_model()
     docs = corpus.load_factbook(documents=FLAGS.documents)
     doc_tokens = np.mean([len(model.tokenizer(docs[d].text)["input_ids"]) for d in docs.ids])
-    data_dir = pipeline.synthesize(model, docs, os.path.join(out, "selfstudy"), cfg)
+    data_dir = pipeline.synthesize(
+        model, docs, os.path.join(out, "selfstudy"), cfg,
+        on_batch=lambda pr: print(f"synthesis {pr.conversations_done}/{pr.conversations_total} "
+                                  f"conversations, ETA {pr.eta_s:.0f}s", flush=True))
     qs = questions_lib.generate_factbook_questions(list(docs.ids), FLAGS.questions_per_doc,
                                                    cfg.seed)
     ev = evaluate.Evaluator(model, docs, evaluate.EvalConfig(max_new_tokens=0))
-    flat_results = pipeline.evaluate_baselines(ev, qs, cfg.top_k)
+    def report(r):
+        print(f"{r.method}: accuracy {r.accuracy:.3f} in {r.seconds:.0f}s", flush=True)
+
+    flat_results = pipeline.evaluate_baselines(ev, qs, cfg.top_k, on_result=report)
     flat = {r.method: r.accuracy for r in flat_results}
     rows, results = [], list(flat_results)
     for p in map(int, FLAGS.tokens):
@@ -71,7 +77,7 @@ def main(argv):
             on_report=lambda r, p=p: print(f"P={p} step {r.step}/{r.total_steps} "
                                            f"loss {r.loss:.4f}", flush=True))
         for r in pipeline.evaluate_cartridges(ev, qs, pipeline.StoreSource(store), f"p{p}",
-                                              cfg.top_k):
+                                              cfg.top_k, on_result=report):
             method = r.method.replace(f"_p{p}", "")
             rows.append({"method": method, "tokens": p, "compression": doc_tokens / p,
                          "accuracy": r.accuracy, "kv_bytes": r.kv_bytes,
