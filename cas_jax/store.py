@@ -211,6 +211,48 @@ def _collect_garbage(directory: str, keep: set[str | None]) -> None:
 # ----------------------------------------------------------------------------- cartridge dirs
 
 
+def _next_version(directory: str, label: str) -> tuple[str, str | None]:
+    """(name of the next version, the live one or None) in cartridge directory `directory`."""
+    os.makedirs(directory, exist_ok=True)
+    try:
+        previous = _read_current(directory, label)
+    except CartridgeStoreError:  # None yet, or an unreadable CURRENT that this save replaces.
+        previous = None
+    numbers = [int(m.group(1)[1:]) for m in map(_VERSION_FILE_RE.match, os.listdir(directory))
+               if m]
+    return f"v{max(numbers, default=0) + 1:08d}", previous
+
+
+def _link_version(source_dir: str, directory: str, label: str,
+                  expected_fingerprint: str | None, doc_id: str) -> bool:
+    """Makes the live version of `source_dir` the live version of `directory` by hard-linking
+    its two files under the next version name (no bytes copied; the manifest names no file, so
+    it is valid under any name). Checks the manifest first. False if the filesystem cannot
+    link (e.g. another device); nothing is changed then."""
+    version = _read_current(source_dir, label)
+    manifest = _read_manifest(os.path.join(source_dir, version + ".json"), label)
+    if manifest["doc_id"] != doc_id:
+        raise CorruptCartridgeError(f"{label}: {source_dir} holds cartridge "
+                                    f"{manifest['doc_id']!r}")
+    fingerprint = manifest["meta"].get("model_fingerprint")
+    if expected_fingerprint is not None and fingerprint != expected_fingerprint:
+        raise CartridgeMismatchError(f"{label} ({source_dir}): made for model {fingerprint}, "
+                                     f"expected model {expected_fingerprint}")
+    new, previous = _next_version(directory, label)
+    linked = []
+    try:
+        for ext in (".bin", ".json"):  # data first: a manifest never points at a missing file
+            os.link(os.path.join(source_dir, version + ext), os.path.join(directory, new + ext))
+            linked.append(os.path.join(directory, new + ext))
+    except OSError:
+        for path in linked:
+            os.remove(path)
+        return False
+    _point_current(directory, new)
+    _collect_garbage(directory, keep={new, previous})
+    return True
+
+
 def _write_version(directory: str, cartridge: Cartridge, opt_state: Any, step: int,
                    doc_id: str) -> None:
     """Saves a new version into cartridge directory `directory` and makes it live."""
@@ -229,14 +271,7 @@ def _write_version(directory: str, cartridge: Cartridge, opt_state: Any, step: i
             tree_paths[f"opt.{i}"] = jax.tree_util.keystr(path)
     arrays = {name: np.asarray(a, order="C") for name, a in arrays.items()}
 
-    os.makedirs(directory, exist_ok=True)
-    try:
-        previous = _read_current(directory, f"cartridge {doc_id!r}")
-    except CartridgeStoreError:  # None yet, or an unreadable CURRENT that this save replaces.
-        previous = None
-    numbers = [int(m.group(1)[1:]) for m in map(_VERSION_FILE_RE.match, os.listdir(directory))
-               if m]
-    version = f"v{max(numbers, default=0) + 1:08d}"
+    version, previous = _next_version(directory, f"cartridge {doc_id!r}")
     entries, data_nbytes = _write_data(os.path.join(directory, version + ".bin"), arrays)
     for e in entries:
         if e["name"] in tree_paths:
@@ -413,6 +448,18 @@ class CartridgeStore:
                 f"store {self.root} holds model {self.model_fingerprint}")
         with self._lock(doc_id):
             _write_version(self.cartridge_dir(doc_id), cartridge, opt_state, step, doc_id)
+
+    def adopt(self, doc_id: str, source: "CartridgeStore", opt_template: OptTemplate = None
+              ) -> None:
+        """Makes `source`'s live version of `doc_id` this store's live version, atomically as
+        `save` does: by hard links when both stores share a filesystem (no bytes read or
+        written), else by loading it (all checksums checked) and saving it here."""
+        label = f"cartridge {doc_id!r}"
+        with self._lock(doc_id), source._lock(doc_id):
+            if _link_version(source.cartridge_dir(doc_id), self.cartridge_dir(doc_id), label,
+                             self.model_fingerprint, doc_id):
+                return
+        self.save(doc_id, *source.load(doc_id, opt_template))
 
     def load(self, doc_id: str, opt_template: OptTemplate = None,
              expected_fingerprint: str | None = None,

@@ -87,10 +87,12 @@ class PendingStore:
         self.pending.save(doc_id, cartridge, opt_state, step)
 
     def commit(self, opt_template) -> int:
-        """Moves every pending cartridge into the main store; returns how many."""
+        """Moves every pending cartridge into the main store (hard links, see
+        `CartridgeStore.adopt`); returns how many. Safe to repeat after a crash: a cartridge
+        still pending is adopted again, as a new identical version."""
         ids = self.pending.list()
         for doc_id in ids:
-            self.main.save(doc_id, *self.pending.load(doc_id, opt_template))
+            self.main.adopt(doc_id, self.pending, opt_template)
             self.pending.delete(doc_id)
         return len(ids)
 

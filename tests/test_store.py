@@ -268,3 +268,42 @@ def test_refuses_foreign_directory(tmp_path):
     (tmp_path / "junk" / "file.txt").write_text("x")
     with pytest.raises(store_lib.CartridgeStoreError, match="STORE.json"):
         CartridgeStore(str(tmp_path / "junk"))
+
+
+def test_adopt_links_the_live_version_and_falls_back_to_a_copy(store, tmp_path, monkeypatch):
+    """adopt: the other store's live version becomes this store's by hard links (same inode),
+    bitwise, keeping one previous version; where links fail it is loaded and saved instead."""
+    other = CartridgeStore(str(tmp_path / "pending"), model_fingerprint=FP)
+    old, new = make_cartridge("d", 0), make_cartridge("d", 1)
+    store.save("d", old, make_opt_state(old, 0), step=1)
+    other.save("d", new, make_opt_state(new, 1), step=2)
+    store.adopt("d", other)
+    live = lambda s: os.path.join(s.cartridge_dir("d"), open(os.path.join(
+        s.cartridge_dir("d"), "CURRENT")).read().strip() + ".bin")
+    assert os.path.samefile(live(store), live(other))
+    other.delete("d")
+    c, opt, step = store.load("d", opt_template=opt_template)
+    assert step == 2
+    assert_trees_bitwise_equal((c, opt), (new, make_opt_state(new, 1)))
+    assert len([n for n in os.listdir(store.cartridge_dir("d")) if n.endswith(".bin")]) == 2
+
+    third = make_cartridge("d", 2)
+    other.save("d", third, make_opt_state(third, 2), step=3)
+
+    def no_links(*args):
+        raise OSError("cross-device link")
+
+    monkeypatch.setattr(os, "link", no_links)
+    store.adopt("d", other, opt_template)
+    assert not os.path.samefile(live(store), live(other))
+    c, opt, step = store.load("d", opt_template=opt_template)
+    assert step == 3
+    assert_trees_bitwise_equal((c, opt), (third, make_opt_state(third, 2)))
+
+
+def test_adopt_refuses_another_models_cartridge(store, tmp_path):
+    foreign = CartridgeStore(str(tmp_path / "foreign"), model_fingerprint="model-b")
+    foreign.save("d", make_cartridge("d", 0, fp="model-b"))
+    with pytest.raises(CartridgeMismatchError, match="cartridge 'd'.*model-b"):
+        store.adopt("d", foreign)
+    assert not store.exists("d")
