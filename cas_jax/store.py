@@ -224,11 +224,12 @@ def _next_version(directory: str, label: str) -> tuple[str, str | None]:
 
 
 def _link_version(source_dir: str, directory: str, label: str,
-                  expected_fingerprint: str | None, doc_id: str) -> bool:
+                  expected_fingerprint: str | None, doc_id: str
+                  ) -> tuple[str, dict[str, Any]] | None:
     """Makes the live version of `source_dir` the live version of `directory` by hard-linking
     its two files under the next version name (no bytes copied; the manifest names no file, so
-    it is valid under any name). Checks the manifest first. False if the filesystem cannot
-    link (e.g. another device); nothing is changed then."""
+    it is valid under any name). Checks the manifest first. Returns (version, manifest), or
+    None if the filesystem cannot link (e.g. another device); nothing is changed then."""
     version = _read_current(source_dir, label)
     manifest = _read_manifest(os.path.join(source_dir, version + ".json"), label)
     if manifest["doc_id"] != doc_id:
@@ -247,15 +248,16 @@ def _link_version(source_dir: str, directory: str, label: str,
     except OSError:
         for path in linked:
             os.remove(path)
-        return False
+        return None
     _point_current(directory, new)
     _collect_garbage(directory, keep={new, previous})
-    return True
+    return new, manifest
 
 
 def _write_version(directory: str, cartridge: Cartridge, opt_state: Any, step: int,
-                   doc_id: str) -> None:
-    """Saves a new version into cartridge directory `directory` and makes it live."""
+                   doc_id: str) -> tuple[str, dict[str, Any]]:
+    """Saves a new version into cartridge directory `directory` and makes it live; returns
+    (version, manifest)."""
     keys, values = np.asarray(cartridge.keys), np.asarray(cartridge.values)
     if keys.ndim != 4 or keys.shape != values.shape or keys.dtype != values.dtype:
         raise ValueError(f"cartridge {doc_id!r}: keys/values shaped {keys.shape}/{values.shape} "
@@ -283,6 +285,7 @@ def _write_version(directory: str, cartridge: Cartridge, opt_state: Any, step: i
         f.write(json.dumps(dict(body, crc32c=_manifest_crc(body)), sort_keys=True))
     _point_current(directory, version)
     _collect_garbage(directory, keep={version, previous})
+    return version, body
 
 
 def cached_opt_template(init_fn: Callable[[Cartridge], Any]) -> Callable[[Cartridge], Any]:
@@ -327,11 +330,23 @@ def _restore_opt_state(leaves: dict[str, np.ndarray], template: OptTemplate,
 
 def _read_version(directory: str, label: str, expected_fingerprint: str | None,
                   read_opt_state: bool, opt_template: OptTemplate = None,
-                  doc_id: str | None = None) -> tuple[Cartridge, Any, int]:
-    """Loads (Cartridge of host numpy arrays, optimizer state or None, step): the live version."""
+                  doc_id: str | None = None,
+                  known: dict[str, tuple[str, dict]] | None = None
+                  ) -> tuple[Cartridge, Any, int]:
+    """Loads (Cartridge of host numpy arrays, optimizer state or None, step): the live version.
+
+    known: manifests this process wrote or checked, {directory: (version, manifest)}; when
+    CURRENT names that version its manifest is not read again (version files never change).
+    """
     version = _read_current(directory, label)
     manifest_path = os.path.join(directory, version + ".json")
-    manifest = _read_manifest(manifest_path, label)
+    cached = None if known is None else known.get(directory)
+    if cached is not None and cached[0] == version:
+        manifest = cached[1]
+    else:
+        manifest = _read_manifest(manifest_path, label)
+        if known is not None:
+            known[directory] = (version, manifest)
     if doc_id is not None and manifest["doc_id"] != doc_id:
         raise CorruptCartridgeError(
             f"{label}: {manifest_path} belongs to cartridge {manifest['doc_id']!r}")
@@ -405,6 +420,9 @@ class CartridgeStore:
         os.makedirs(self._cartridges_dir, exist_ok=True)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
+        # {cartridge dir: (version, manifest)} of versions this object wrote or read: loading
+        # the same version again skips its manifest (version files are immutable).
+        self._known: dict[str, tuple[str, dict[str, Any]]] = {}
 
     def _lock(self, doc_id: str) -> threading.Lock:
         with self._locks_lock:
@@ -447,7 +465,9 @@ class CartridgeStore:
                 f"cartridge {doc_id!r}: made for model {cartridge.meta.model_fingerprint}, "
                 f"store {self.root} holds model {self.model_fingerprint}")
         with self._lock(doc_id):
-            _write_version(self.cartridge_dir(doc_id), cartridge, opt_state, step, doc_id)
+            directory = self.cartridge_dir(doc_id)
+            self._known[directory] = _write_version(directory, cartridge, opt_state, step,
+                                                    doc_id)
 
     def adopt(self, doc_id: str, source: "CartridgeStore", opt_template: OptTemplate = None
               ) -> None:
@@ -456,8 +476,11 @@ class CartridgeStore:
         written), else by loading it (all checksums checked) and saving it here."""
         label = f"cartridge {doc_id!r}"
         with self._lock(doc_id), source._lock(doc_id):
-            if _link_version(source.cartridge_dir(doc_id), self.cartridge_dir(doc_id), label,
-                             self.model_fingerprint, doc_id):
+            directory = self.cartridge_dir(doc_id)
+            linked = _link_version(source.cartridge_dir(doc_id), directory, label,
+                                   self.model_fingerprint, doc_id)
+            if linked is not None:
+                self._known[directory] = linked
                 return
         self.save(doc_id, *source.load(doc_id, opt_template))
 
@@ -470,13 +493,20 @@ class CartridgeStore:
         {tree_path: array} dict, or restored into `opt_template`'s structure (a pytree, or a
         function of the Cartridge giving one). Raises CartridgeNotFoundError,
         CorruptCartridgeError, or CartridgeMismatchError when the fingerprint differs from
-        `expected_fingerprint` (default: the store's).
+        `expected_fingerprint` (default: the store's). Every array read is checked against
+        its CRC-32C; the manifest of a version this object wrote or read before is not read
+        again (`verify` always reads it).
         """
+        return self._load(doc_id, opt_template, expected_fingerprint, read_opt_state,
+                          self._known)
+
+    def _load(self, doc_id, opt_template, expected_fingerprint, read_opt_state, known):
         if expected_fingerprint is None:
             expected_fingerprint = self.model_fingerprint
         with self._lock(doc_id):
             return _read_version(self.cartridge_dir(doc_id), f"cartridge {doc_id!r}",
-                                 expected_fingerprint, read_opt_state, opt_template, doc_id)
+                                 expected_fingerprint, read_opt_state, opt_template, doc_id,
+                                 known)
 
     def load_cartridge(self, doc_id: str, expected_fingerprint: str | None = None) -> Cartridge:
         """The Cartridge alone of `doc_id` (its optimizer state is not read); see `load`."""
@@ -487,6 +517,7 @@ class CartridgeStore:
         """Removes all versions of `doc_id` (CURRENT goes first, so it vanishes atomically)."""
         directory = self.cartridge_dir(doc_id)
         with self._lock(doc_id):
+            self._known.pop(directory, None)  # a new cartridge here restarts at v00000001
             try:
                 os.remove(os.path.join(directory, CURRENT))
             except FileNotFoundError:
@@ -502,7 +533,7 @@ class CartridgeStore:
         ok, errors = [], {}
         for i in ([doc_id] if doc_id is not None else self.list()):
             try:
-                self.load(i, expected_fingerprint=expected_fingerprint)
+                self._load(i, None, expected_fingerprint, True, None)
                 ok.append(i)
             except (CartridgeStoreError, CartridgeMismatchError) as e:
                 errors[i] = str(e)
