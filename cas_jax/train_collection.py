@@ -245,6 +245,7 @@ def train_collection(model: LoadedModel, data_dir: str, store_dir: str, cfg: Col
     data = dataset.make_train_iterator(data_dir, cfg.batch_size, cfg.seq_len, cfg.seed,
                                        num_epochs=None, drop_remainder=True)
     step = 0
+    last_loss = float("nan")
     if os.path.exists(run_path):
         with open(run_path) as f:
             run = json.load(f)
@@ -255,6 +256,7 @@ def train_collection(model: LoadedModel, data_dir: str, store_dir: str, cfg: Col
         else:
             view.discard()
         step = int(run["step"])
+        last_loss = float(run.get("loss", last_loss))
         data.set_state(run["data"])
     else:
         view.discard()
@@ -274,7 +276,8 @@ def train_collection(model: LoadedModel, data_dir: str, store_dir: str, cfg: Col
 
     def checkpoint(at_step: int, data_state: dict) -> None:
         manager.flush()
-        run = {"step": at_step, "data": data_state, "committing": True}
+        loss = float(np.mean(losses)) if losses else last_loss
+        run = {"step": at_step, "data": data_state, "committing": True, "loss": loss}
         _write_run_state(run_path, run)
         view.commit(template)
         run["committing"] = False
@@ -284,7 +287,6 @@ def train_collection(model: LoadedModel, data_dir: str, store_dir: str, cfg: Col
     wait_last = 0.0
     losses: list[float] = []
     tokens = 0
-    last_loss = float("nan")
     start = step
     data_state, batch, plan = next_plan(step)
     try:
