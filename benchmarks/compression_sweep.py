@@ -36,11 +36,13 @@ def _plot(rows, flat, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in sorted({r["method"] for r in rows}):
+    methods = sorted({r["method"] for r in rows})
+    for i, method in enumerate(methods):
         pts = sorted((r["compression"], r["accuracy"]) for r in rows if r["method"] == method)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-    for name, acc in flat.items():
-        ax.axhline(acc, linestyle="--", linewidth=1, label=name, color=None)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method,
+                color=f"C{i}")
+    for i, (name, acc) in enumerate(flat.items(), start=len(methods)):
+        ax.axhline(acc, linestyle="--", linewidth=1, label=name, color=f"C{i % 10}")
     ax.set_xscale("log")
     ax.set_xlabel("compression (document tokens / cartridge tokens)")
     ax.set_ylabel("multiple-choice accuracy")

@@ -41,6 +41,7 @@ import sys
 import threading
 import urllib.parse
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import google_crc32c
@@ -124,12 +125,18 @@ def _write_data(path: str, arrays: dict[str, np.ndarray]) -> tuple[list[dict[str
     return entries, offset
 
 
+_CHECKSUMMER = ThreadPoolExecutor(1, thread_name_prefix="cartridge-crc32c")
+
+
 def _read_data(path: str, entries: list[dict[str, Any]], data_nbytes: int,
                label: str) -> dict[str, np.ndarray]:
-    """Reads the byte range holding `entries` from a data file with one `readinto`, then checks
-    each array's checksum. Returns views of one aligned buffer."""
-    start = min(e["offset"] for e in entries)
+    """Reads the byte range holding `entries` from a data file into one aligned buffer, array by
+    array; each array's CRC-32C is computed on a helper thread while the next one is read (both
+    release the GIL), then checked. Returns views of the buffer."""
+    entries = sorted(entries, key=lambda e: e["offset"])
+    start = entries[0]["offset"]
     buf = _aligned_empty(max(e["offset"] + e["nbytes"] for e in entries) - start)
+    sums = []
     try:
         with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
@@ -138,22 +145,25 @@ def _read_data(path: str, entries: list[dict[str, Any]], data_nbytes: int,
                                             f"says {data_nbytes} (truncated?)")
             f.seek(start)
             done, view = 0, memoryview(buf)
-            while done < len(buf):
-                n = f.readinto(view[done:])
-                if not n:
-                    raise CorruptCartridgeError(f"{label}: {path} ended after {start + done} "
-                                                f"bytes")
-                done += n
+            for e in entries:
+                end = e["offset"] - start + e["nbytes"]
+                while done < end:
+                    n = f.readinto(view[done:end])
+                    if not n:
+                        raise CorruptCartridgeError(f"{label}: {path} ended after "
+                                                    f"{start + done} bytes")
+                    done += n
+                data = buf[e["offset"] - start:end]
+                sums.append((e, data, _CHECKSUMMER.submit(_checksum, data)))
     except FileNotFoundError:
         raise CorruptCartridgeError(f"{label}: data file {path} is missing") from None
-    out = {}
-    for e in entries:
-        data = buf[e["offset"] - start:e["offset"] - start + e["nbytes"]]
-        if _checksum(data) != e["crc32c"]:
-            raise CorruptCartridgeError(
-                f"{label}: array {e['name']!r} in {path} fails its CRC-32C check (garbled)")
-        out[e["name"]] = data.view(jnp.dtype(e["dtype"])).reshape(e["shape"])
-    return out
+    finally:
+        bad = [e for e, _, crc in sums if crc.result() != e["crc32c"]]
+    if bad:
+        raise CorruptCartridgeError(
+            f"{label}: array {bad[0]['name']!r} in {path} fails its CRC-32C check (garbled)")
+    return {e["name"]: data.view(jnp.dtype(e["dtype"])).reshape(e["shape"])
+            for e, data, _ in sums}
 
 
 # ----------------------------------------------------------------------------- manifests
