@@ -9,7 +9,8 @@ any time (bytes of the logical arrays: under a replicated sharding each device h
   update(...)   replaces a pinned cartridge's device copy and marks it dirty
   release(ids)  unpins
   prefetch(ids) reads the next step's cartridges from the store into host memory on a background
-                thread while the current step computes
+                thread while the current step computes, and evicts ahead (LRU, unpinned, not
+                in `ids`) to make room for them, so offloads overlap the step too
   flush()       writes every dirty cartridge back to the store (call at checkpoints)
 
 Evicting a dirty cartridge hands its device arrays to an offload thread, which copies them to
@@ -132,6 +133,7 @@ class BudgetManager:
                                         else int(max_pending_write_bytes))
         self._resident: collections.OrderedDict[str, _Resident] = collections.OrderedDict()
         self._resident_bytes = 0  # device bytes of the entries in _resident
+        self._sizes: dict[str, int] = {}  # bytes of each cartridge when last resident
         self._staged: dict[str, Future] = {}
         self._reader = ThreadPoolExecutor(io_threads, thread_name_prefix="cartridge-read")
         self._offloader = ThreadPoolExecutor(1, thread_name_prefix="cartridge-offload")
@@ -236,6 +238,21 @@ class BudgetManager:
         for doc_id in ids:
             if doc_id not in self._resident and doc_id not in self._staged:
                 self._staged[doc_id] = self._reader.submit(self._read_host, doc_id)
+        self._evict_ahead([i for i in ids if i not in self._resident], keep=wanted)
+
+    def _evict_ahead(self, incoming: list[str], keep: set[str]) -> None:
+        """Evicts least recently used unpinned cartridges (not in `keep`) so that `incoming`
+        fits without waiting, sized as last seen (else as the mean resident cartridge). Their
+        copy off the device and write-back then overlap the current step instead of stalling
+        the next acquire. Never waits; `acquire` still makes exact room."""
+        if not incoming or not self._resident:
+            return
+        mean = self._resident_bytes // len(self._resident)
+        need = sum(self._sizes.get(i, mean) for i in incoming)
+        for doc_id in [i for i, e in self._resident.items() if not e.pins and i not in keep]:
+            if self.resident_bytes + need <= self.budget_bytes:
+                break
+            self._evict(doc_id)
 
     def _to_device(self, host: _HostCopy) -> tuple[Cartridge, Any]:
         t0 = time.perf_counter()
@@ -314,6 +331,7 @@ class BudgetManager:
                 cartridge, opt_state = self._to_device(host)
                 self._resident[doc_id] = _Resident(cartridge, opt_state, host.step, host.nbytes,
                                                    pins=1)
+                self._sizes[doc_id] = host.nbytes
                 self._resident_bytes += host.nbytes
                 pinned.append(doc_id)
             with self._lock:
@@ -343,6 +361,7 @@ class BudgetManager:
         if nbytes > e.nbytes:
             self._make_room(nbytes - e.nbytes, f"the update of cartridge {doc_id!r}")
         self._resident_bytes += nbytes - e.nbytes
+        self._sizes[doc_id] = nbytes
         e.cartridge, e.opt_state, e.nbytes, e.dirty = cartridge, opt_state, nbytes, True
         e.step = e.step + 1 if step is None else int(step)
 
