@@ -6,7 +6,8 @@
 --data is a self-study dataset (experiments.synthesize) over the documents to train; their
 cartridges live in --store (created with first-P-token initialisation on the first run; a rerun
 resumes from the last checkpoint). --distractors 0 trains every cartridge in isolation (the
-naive-composition baseline). Progress goes to stdout, metrics to <store>/metrics.jsonl.
+naive-composition baseline); --monolithic trains one cartridge for all documents (the monolithic
+baseline, P = documents x --tokens_per_doc). Progress goes to stdout, metrics to <store>/metrics.jsonl.
 """
 
 import dataclasses
@@ -16,7 +17,7 @@ import time
 
 from absl import app, flags
 
-from cas_jax import corpus, dataset, loading, train
+from cas_jax import corpus, dataset, loading, pipeline, train
 from cas_jax.distractors import SCHEDULES, DistractorSchedule
 from cas_jax.train_collection import GRAD_SCOPES, CollectionConfig, train_collection
 
@@ -39,6 +40,9 @@ flags.DEFINE_float("lr", 2e-2, "Adam learning rate.")
 flags.DEFINE_integer("checkpoint_every", 50, "Steps between checkpoints.")
 flags.DEFINE_integer("seed", 0, "Data order and distractor draws.")
 flags.DEFINE_bool("prefetch", True, "Prefetch the next step's cartridges in the background.")
+flags.DEFINE_bool("monolithic", False, "Baseline: train ONE cartridge (id 'monolithic') of "
+                  "documents x tokens_per_doc tokens on every document's conversations, no "
+                  "distractors.")
 flags.mark_flags_as_required(["data", "store"])
 
 
@@ -48,9 +52,15 @@ def main(argv):
     ids = list(dataset.doc_ids(FLAGS.data))
     docs = (corpus.load_factbook(documents=ids) if FLAGS.collection == "factbook"
             else corpus.load_folder(FLAGS.collection).subset(ids))
+    texts, cartridge_of = docs.texts, None
+    tokens, k_max = FLAGS.tokens_per_doc, FLAGS.distractors
+    if FLAGS.monolithic:
+        texts = {pipeline.MONOLITHIC_ID: pipeline.monolithic_text(model, docs, tokens)}
+        cartridge_of = {d: pipeline.MONOLITHIC_ID for d in ids}
+        tokens, k_max = len(ids) * tokens, 0
     cfg = CollectionConfig(
-        tokens_per_doc=FLAGS.tokens_per_doc, batch_size=FLAGS.batch, seq_len=FLAGS.seq_len,
-        steps=FLAGS.steps, distractors=DistractorSchedule(FLAGS.distractors, FLAGS.schedule,
+        tokens_per_doc=tokens, batch_size=FLAGS.batch, seq_len=FLAGS.seq_len,
+        steps=FLAGS.steps, distractors=DistractorSchedule(k_max, FLAGS.schedule,
                                                           FLAGS.ramp_steps),
         grad_scope=FLAGS.grad_scope, budget_bytes=FLAGS.budget_bytes,
         checkpoint_every=FLAGS.checkpoint_every, prefetch=FLAGS.prefetch, seed=FLAGS.seed)
@@ -67,8 +77,8 @@ def main(argv):
         with open(metrics_path, "a") as f:
             f.write(json.dumps(dataclasses.asdict(r)) + "\n")
 
-    summary = train_collection(model, FLAGS.data, FLAGS.store, cfg, tcfg, texts=docs.texts,
-                               on_report=report)
+    summary = train_collection(model, FLAGS.data, FLAGS.store, cfg, tcfg, texts=texts,
+                               cartridge_of=cartridge_of, on_report=report)
     print(json.dumps(summary, indent=1))
 
 
