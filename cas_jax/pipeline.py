@@ -16,7 +16,8 @@ from cas_jax.distractors import DistractorSchedule
 from cas_jax.loading import LoadedModel
 from cas_jax.questions import Question
 from cas_jax.store import CartridgeStore
-from cas_jax.train_collection import CollectionConfig, CollectionReport, train_collection
+from cas_jax.train_collection import (CollectionConfig, CollectionReport, document_tokens,
+                                     train_collection)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,34 +53,54 @@ def synthesize(model: LoadedModel, docs: Collection, data_dir: str, cfg: Pipelin
     return data_dir
 
 
+def _train(model: LoadedModel, data_dir: str, store_dir: str, cfg: PipelineConfig, *,
+           tokens_per_doc: int, distractors: int, texts: dict[str, str],
+           cartridge_of: dict[str, str] | None,
+           on_report: Callable[[CollectionReport], None] | None) -> tuple[CartridgeStore, dict]:
+    """`train_collection` with the pipeline's steps, batch, budget, learning rate and seed, so
+    CAS and both baselines see the same data and token budget."""
+    ccfg = CollectionConfig(
+        tokens_per_doc=tokens_per_doc, batch_size=cfg.batch, seq_len=cfg.seq_len,
+        steps=cfg.steps, distractors=DistractorSchedule(distractors, "uniform"),
+        budget_bytes=cfg.budget_bytes, checkpoint_every=max(cfg.steps // 4, 1), seed=cfg.seed)
+    tcfg = train.TrainConfig(lr=cfg.lr, total_steps=cfg.steps)
+    summary = train_collection(model, data_dir, store_dir, ccfg, tcfg, texts=texts,
+                               cartridge_of=cartridge_of, on_report=on_report)
+    return CartridgeStore(os.path.join(store_dir, "cartridges"), model.fingerprint), summary
+
+
 def train_cartridges(model: LoadedModel, docs: Collection, data_dir: str, store_dir: str,
                      cfg: PipelineConfig, *, distractors: int | None = None,
                      tokens_per_doc: int | None = None,
                      on_report: Callable[[CollectionReport], None] | None = None
                      ) -> tuple[CartridgeStore, dict]:
     """CAS training of one cartridge per document (distractors=0: trained in isolation)."""
-    k = cfg.distractors if distractors is None else distractors
-    ccfg = CollectionConfig(
-        tokens_per_doc=tokens_per_doc or cfg.tokens_per_doc, batch_size=cfg.batch,
-        seq_len=cfg.seq_len, steps=cfg.steps, distractors=DistractorSchedule(k, "uniform"),
-        budget_bytes=cfg.budget_bytes, checkpoint_every=max(cfg.steps // 4, 1), seed=cfg.seed)
-    tcfg = train.TrainConfig(lr=cfg.lr, total_steps=cfg.steps)
-    summary = train_collection(model, data_dir, store_dir, ccfg, tcfg, texts=docs.texts,
-                               on_report=on_report)
-    return CartridgeStore(os.path.join(store_dir, "cartridges"), model.fingerprint), summary
+    return _train(model, data_dir, store_dir, cfg,
+                  tokens_per_doc=tokens_per_doc or cfg.tokens_per_doc,
+                  distractors=cfg.distractors if distractors is None else distractors,
+                  texts=docs.texts, cartridge_of=None, on_report=on_report)
 
 
 MONOLITHIC_ID = "monolithic"
 
 
-def monolithic_text(model: LoadedModel, docs: Collection, tokens_per_doc: int) -> str:
-    """What the monolithic cartridge is initialised from: every document's first
-    `tokens_per_doc` tokens, in collection order (so no document is left out of the start)."""
-    from cas_jax.train_collection import document_tokens
-
-    return "\n\n".join(model.tokenizer.decode(document_tokens(model.tokenizer, docs[d].text,
+def monolithic_inputs(model: LoadedModel, docs: Collection, tokens_per_doc: int, seq_len: int
+                      ) -> tuple[dict[str, str], dict[str, str], int]:
+    """What `train_collection` needs to train the monolithic baseline: (texts, cartridge_of,
+    cartridge tokens). Its one cartridge (`MONOLITHIC_ID`) has len(docs) x tokens_per_doc
+    tokens, initialised from every document's first `tokens_per_doc` tokens in collection
+    order (so no document is left out of the start); every document's conversations train it.
+    Raises ValueError if the cartridge and a sequence do not fit the model's window."""
+    n = len(docs) * tokens_per_doc
+    if n + seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"monolithic cartridge: {len(docs)} documents x {tokens_per_doc} "
+                         f"tokens + seq_len {seq_len} exceed the model window "
+                         f"{model.config.max_position_embeddings}; use fewer documents or "
+                         "a smaller tokens_per_doc")
+    text = "\n\n".join(model.tokenizer.decode(document_tokens(model.tokenizer, docs[d].text,
                                                                tokens_per_doc).tolist())
                         for d in docs.ids)
+    return {MONOLITHIC_ID: text}, {d: MONOLITHIC_ID for d in docs.ids}, n
 
 
 def train_monolithic(model: LoadedModel, docs: Collection, data_dir: str, store_dir: str,
@@ -89,22 +110,9 @@ def train_monolithic(model: LoadedModel, docs: Collection, data_dir: str, store_
     """The monolithic baseline: ONE cartridge of n_docs x P tokens (the same total as the
     per-document cartridges) trained on every document's conversations, with the same steps,
     batch and learning rate, so the same data and token budget. Stored as `MONOLITHIC_ID`."""
-    n = len(docs) * cfg.tokens_per_doc
-    if n + cfg.seq_len > model.config.max_position_embeddings:
-        raise ValueError(f"monolithic cartridge: {len(docs)} documents x {cfg.tokens_per_doc} "
-                         f"tokens + seq_len {cfg.seq_len} exceed the model window "
-                         f"{model.config.max_position_embeddings}; use fewer documents or "
-                         "a smaller tokens_per_doc")
-    ccfg = CollectionConfig(
-        tokens_per_doc=n, batch_size=cfg.batch, seq_len=cfg.seq_len, steps=cfg.steps,
-        distractors=DistractorSchedule(0, "fixed"), budget_bytes=cfg.budget_bytes,
-        checkpoint_every=max(cfg.steps // 4, 1), seed=cfg.seed)
-    tcfg = train.TrainConfig(lr=cfg.lr, total_steps=cfg.steps)
-    summary = train_collection(
-        model, data_dir, store_dir, ccfg, tcfg,
-        texts={MONOLITHIC_ID: monolithic_text(model, docs, cfg.tokens_per_doc)},
-        cartridge_of={d: MONOLITHIC_ID for d in docs.ids}, on_report=on_report)
-    return CartridgeStore(os.path.join(store_dir, "cartridges"), model.fingerprint), summary
+    texts, cartridge_of, n = monolithic_inputs(model, docs, cfg.tokens_per_doc, cfg.seq_len)
+    return _train(model, data_dir, store_dir, cfg, tokens_per_doc=n, distractors=0,
+                  texts=texts, cartridge_of=cartridge_of, on_report=on_report)
 
 
 def evaluate_monolithic(ev: evaluate.Evaluator, questions: Sequence[Question], source,

@@ -176,7 +176,7 @@ def generate(params, config: ModelConfig, prompts: list[list[int]],
     rows = list(prompts) + [prompts[-1]] * (b_pad - b)
     n_prefix = np.concatenate([n_prefix, np.repeat(n_prefix[-1:], b_pad - b)])
     tokens, positions = left_pad(rows, tp, n_prefix)
-    if prefix is not None and not shared and prefix["mask"].shape[0] < b_pad:
+    if prefix is not None and not shared:  # _pad_rows leaves full batches untouched
         prefix = {"k": _pad_rows(prefix["k"], b_pad, axis=1),
                   "v": _pad_rows(prefix["v"], b_pad, axis=1),
                   "mask": _pad_rows(prefix["mask"], b_pad)}

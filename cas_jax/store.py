@@ -221,6 +221,22 @@ def _collect_garbage(directory: str, keep: set[str | None]) -> None:
 # ----------------------------------------------------------------------------- cartridge dirs
 
 
+def _check_owner(manifest: dict[str, Any], manifest_path: str, label: str,
+                 doc_id: str | None, expected_fingerprint: str | None) -> CartridgeMeta:
+    """The manifest's CartridgeMeta, after checking that it belongs to cartridge `doc_id`
+    (CorruptCartridgeError) and to model `expected_fingerprint` (CartridgeMismatchError);
+    None skips a check."""
+    if doc_id is not None and manifest["doc_id"] != doc_id:
+        raise CorruptCartridgeError(
+            f"{label}: {manifest_path} belongs to cartridge {manifest['doc_id']!r}")
+    meta = CartridgeMeta.from_dict(manifest["meta"])
+    if expected_fingerprint is not None and meta.model_fingerprint != expected_fingerprint:
+        raise CartridgeMismatchError(
+            f"{label} ({manifest_path}): made for model {meta.model_fingerprint}, "
+            f"expected model {expected_fingerprint}")
+    return meta
+
+
 def _next_version(directory: str, label: str) -> tuple[str, str | None]:
     """(name of the next version, the live one or None) in cartridge directory `directory`."""
     os.makedirs(directory, exist_ok=True)
@@ -241,14 +257,9 @@ def _link_version(source_dir: str, directory: str, label: str,
     it is valid under any name). Checks the manifest first. Returns (version, manifest), or
     None if the filesystem cannot link (e.g. another device); nothing is changed then."""
     version = _read_current(source_dir, label)
-    manifest = _read_manifest(os.path.join(source_dir, version + ".json"), label)
-    if manifest["doc_id"] != doc_id:
-        raise CorruptCartridgeError(f"{label}: {source_dir} holds cartridge "
-                                    f"{manifest['doc_id']!r}")
-    fingerprint = manifest["meta"].get("model_fingerprint")
-    if expected_fingerprint is not None and fingerprint != expected_fingerprint:
-        raise CartridgeMismatchError(f"{label} ({source_dir}): made for model {fingerprint}, "
-                                     f"expected model {expected_fingerprint}")
+    manifest_path = os.path.join(source_dir, version + ".json")
+    manifest = _read_manifest(manifest_path, label)
+    _check_owner(manifest, manifest_path, label, doc_id, expected_fingerprint)
     new, previous = _next_version(directory, label)
     linked = []
     try:
@@ -357,14 +368,7 @@ def _read_version(directory: str, label: str, expected_fingerprint: str | None,
         manifest = _read_manifest(manifest_path, label)
         if known is not None:
             known[directory] = (version, manifest)
-    if doc_id is not None and manifest["doc_id"] != doc_id:
-        raise CorruptCartridgeError(
-            f"{label}: {manifest_path} belongs to cartridge {manifest['doc_id']!r}")
-    meta = CartridgeMeta.from_dict(manifest["meta"])
-    if expected_fingerprint is not None and meta.model_fingerprint != expected_fingerprint:
-        raise CartridgeMismatchError(
-            f"{label} ({manifest_path}): made for model {meta.model_fingerprint}, "
-            f"expected model {expected_fingerprint}")
+    meta = _check_owner(manifest, manifest_path, label, doc_id, expected_fingerprint)
     read_opt_state = read_opt_state and manifest["has_opt_state"]
     entries = [e for e in manifest["arrays"]
                if e["name"] in ("keys", "values") or (read_opt_state and "tree_path" in e)]

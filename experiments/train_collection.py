@@ -55,9 +55,9 @@ def main(argv):
     texts, cartridge_of = docs.texts, None
     tokens, k_max = FLAGS.tokens_per_doc, FLAGS.distractors
     if FLAGS.monolithic:
-        texts = {pipeline.MONOLITHIC_ID: pipeline.monolithic_text(model, docs, tokens)}
-        cartridge_of = {d: pipeline.MONOLITHIC_ID for d in ids}
-        tokens, k_max = len(ids) * tokens, 0
+        texts, cartridge_of, tokens = pipeline.monolithic_inputs(model, docs, tokens,
+                                                                 FLAGS.seq_len)
+        k_max = 0
     cfg = CollectionConfig(
         tokens_per_doc=tokens, batch_size=FLAGS.batch, seq_len=FLAGS.seq_len,
         steps=FLAGS.steps, distractors=DistractorSchedule(k_max, FLAGS.schedule,

@@ -151,7 +151,24 @@ def test_monolithic_mapping_trains_one_cartridge_on_every_document(setup, tmp_pa
 
 
 class _ByteTokenizer:
-    """Characters as token ids (enough for `document_tokens`)."""
+    """Characters as token ids: ids 0-25 are 'a'-'z' (enough for `document_tokens`)."""
 
     def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [ord(ch) % CFG.vocab_size for ch in text]}
+        return {"input_ids": [(ord(ch) - ord("a")) % CFG.vocab_size for ch in text]}
+
+    def decode(self, ids):
+        return "".join(chr(ord("a") + i) for i in ids)
+
+
+def test_monolithic_inputs_take_every_documents_start_and_respect_the_window(setup):
+    from cas_jax import pipeline
+    from cas_jax.corpus import Collection, Document
+
+    model, _, _ = setup
+    mono = LoadedModel(CFG, model.params, _ByteTokenizer(), model.fingerprint, "")
+    docs = Collection([Document("x", "X", "abcdef"), Document("y", "Y", "uvwxyz")])
+    texts, cartridge_of, n = pipeline.monolithic_inputs(mono, docs, 3, seq_len=16)
+    assert texts == {"monolithic": "abc\n\nuvw"} and n == 6
+    assert cartridge_of == {"x": "monolithic", "y": "monolithic"}
+    with pytest.raises(ValueError, match="2 documents x 3 tokens.*window"):
+        pipeline.monolithic_inputs(mono, docs, 3, seq_len=CFG.max_position_embeddings)
