@@ -100,6 +100,11 @@ def _generate(params, tokens, positions, prefix, rng, temperature, top_p, max_ne
     def is_stop(tok):
         return jnp.any(tok[:, None] == stop_ids[None, :], axis=1)
 
+    # The decode loop runs the layers unrolled (model doc): per-layer weights, cache and
+    # prefix arrays are split off once here, outside the loop.
+    params = model_lib.unroll_layers(params)
+    cache = model_lib.unroll_layers(cache)
+    prefix = None if prefix is None else model_lib.unroll_layers(prefix)
     out = jnp.zeros((b, out_len), jnp.int32).at[:, 0].set(first)
     done = is_stop(first) | (max_new <= 1)
     lengths = jnp.ones((b,), jnp.int32)

@@ -107,6 +107,45 @@ def test_prefix_of_own_kv_equals_concatenated_forward(hf_pair):
 
 
 @pytest.mark.parametrize("hf_pair", SUBSET, indirect=True)
+def test_unrolled_layers_match_the_stacked_scan(hf_pair):
+    """The sampler's unrolled form (per-layer weights, cache and prefix; cache written before
+    attention) gives the stacked scan's logits, for a prefill and then single-token steps."""
+    _, config, params = hf_pair
+    rng = np.random.default_rng(4)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, size=(2, 20)))
+    ctx = jnp.asarray(rng.integers(0, config.vocab_size, size=(2, 6)))
+    k, v = model_lib.prefill_kv(params, ctx, jnp.broadcast_to(jnp.arange(6), (2, 6)),
+                                config=config)
+    prefix = {"k": k, "v": v, "mask": jnp.asarray([[True] * 6, [True] * 4 + [False] * 2])}
+    pos = jnp.asarray([np.arange(6, 26), np.concatenate([[-1, -1], np.arange(4, 22)])])
+    unrolled = model_lib.unroll_layers(params)
+    unrolled_prefix = model_lib.unroll_layers(prefix)
+    # Without a cache: logits and the returned (stacked) new K/V agree.
+    want, want_kv = model_lib.forward_jit(params, tokens, pos, None, prefix, config=config)
+    got, got_kv = model_lib.forward_jit(unrolled, tokens, pos, None, unrolled_prefix,
+                                        config=config)
+    keep = np.asarray(pos) >= 0
+    np.testing.assert_allclose(np.asarray(got)[keep], np.asarray(want)[keep], atol=1e-4)
+    np.testing.assert_allclose(got_kv["k"], want_kv["k"], atol=1e-5)
+    # With a cache: a 12-token prefill, then 8 single-token steps.
+    stacked = model_lib.init_cache(config, 2, 32)
+    cache = model_lib.unroll_layers(model_lib.init_cache(config, 2, 32))
+    for a, b in [(0, 12)] + [(t, t + 1) for t in range(12, 20)]:
+        want, stacked = model_lib.forward_jit(params, tokens[:, a:b], pos[:, a:b], stacked,
+                                              prefix, config=config)
+        got, cache = model_lib.forward_jit(unrolled, tokens[:, a:b], pos[:, a:b], cache,
+                                           unrolled_prefix, config=config)
+        keep = np.asarray(pos[:, a:b]) >= 0
+        np.testing.assert_allclose(np.asarray(got)[keep], np.asarray(want)[keep], atol=1e-4)
+    assert int(cache["index"]) == 20 and len(cache["k"]) == config.num_layers
+    np.testing.assert_allclose(np.stack(cache["k"]), stacked["k"], atol=1e-5)
+    np.testing.assert_array_equal(cache["pos"], stacked["pos"])
+    with pytest.raises(ValueError, match="unrolled cache"):
+        model_lib.forward(unrolled, tokens[:, :1], pos[:, :1], model_lib.init_cache(config, 2, 8),
+                          config=config)
+
+
+@pytest.mark.parametrize("hf_pair", SUBSET, indirect=True)
 def test_shared_prefix_equals_the_prefix_copied_per_row(hf_pair):
     """A prefix with batch 1 is read by every row, as if it were copied into each."""
     _, config, params = hf_pair
