@@ -112,24 +112,30 @@ def masked_loss_from_hidden(head: Callable[[jax.Array], jax.Array], hidden: jax.
     """Sum and count of token losses over masked tokens, never holding [B, T, V] logits.
 
     head: hidden [..., D] -> logits [..., V]; hidden [B, T, D]; targets: per-token arrays
-    [B, T, ...]; loss_mask [B, T]. Each row's masked tokens are moved to its front (stable
-    order), then the T axis is cut into chunks of `chunk_size`; a chunk's logits are computed
+    [B, T, ...]; loss_mask [B, T]. When T fits in one chunk the logits are computed once,
+    plainly. Otherwise each row's masked tokens are moved to its front (stable order) and the
+    T axis is cut into the fewest chunks of at most `chunk_size` tokens, all of one length (so
+    fewer than n padded positions, never a mostly-padded chunk); a chunk's logits are computed
     only if some row has a masked token in it (`lax.cond`), and are recomputed in the backward
-    pass rather than stored (`jax.checkpoint`). Returns (sum of losses, number of masked
-    tokens), both float32 scalars.
+    pass rather than stored (`jax.checkpoint`), so one chunk's logits are alive at a time.
+    Returns (sum of losses, number of masked tokens), both float32 scalars.
     """
     b, t, _ = hidden.shape
+    count = jnp.sum(loss_mask).astype(jnp.float32)
+    n = -(-t // chunk_size)
+    if n == 1:  # a one-step map and cond would only add copies and zero-filled buffers
+        return jnp.sum(jnp.where(loss_mask, token_loss(head(hidden), targets), 0.0)), count
     order = jnp.argsort(~loss_mask, axis=1, stable=True)  # masked tokens first, per row
     gather = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)),
                                            axis=1)
     hidden, mask = gather(hidden), gather(loss_mask)
     targets = jax.tree.map(gather, targets)
-    n = -(-t // chunk_size)
-    pad = n * chunk_size - t
+    size = -(-t // n)
+    pad = n * size - t
 
     def chunks(x):
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape((b, n, chunk_size) + x.shape[2:]), 1, 0)
+        return jnp.moveaxis(x.reshape((b, n, size) + x.shape[2:]), 1, 0)
 
     @jax.checkpoint
     def chunk_loss(args):
@@ -139,4 +145,4 @@ def masked_loss_from_hidden(head: Callable[[jax.Array], jax.Array], hidden: jax.
                             lambda: jnp.zeros((), jnp.float32))
 
     sums = jax.lax.map(chunk_loss, (chunks(hidden), chunks(mask), jax.tree.map(chunks, targets)))
-    return jnp.sum(sums), jnp.sum(loss_mask).astype(jnp.float32)
+    return jnp.sum(sums), count

@@ -86,7 +86,7 @@ def test_masked_mean_ignores_unmasked_garbage_and_empty_mask():
 
 
 @pytest.mark.parametrize("kind", losses.LOSS_KINDS)
-@pytest.mark.parametrize("chunk", [3, 16])
+@pytest.mark.parametrize("chunk", [3, 7, 16])  # 4 chunks of 3, 2 of 5, one plain
 def test_chunked_loss_from_hidden_matches_dense_loss(kind, chunk):
     b, t, d, v, k = 3, 10, 6, 12, 4
     rng = np.random.default_rng(1)
