@@ -4,7 +4,9 @@
 
 Both sides run the same conversations: agent A's prompts (Factbook chunk + seed prompt) built by
 `synthesis.SelfStudy`, then agent B's prompts holding A's messages (cas_jax's, on both sides),
-left-padded into one batch per agent. Model: the embedded SmolLM2-135M-Instruct dequantized to
+left-padded into one batch per agent. cas_jax runs them as synthesis does (`--shared_prefill`):
+the system message with the chunk is prefilled first and is the prefix of the rest of the prompt
+(this prefill is counted in both agents' times); transformers runs whole prompts. Model: the embedded SmolLM2-135M-Instruct dequantized to
 float32 on both sides (transformers loads the same GGUF). Greedy, exactly `user_tokens` and
 `answer_tokens` new tokens per row (no early stop; transformers with min_new_tokens), so both
 generate equal token counts; times include prefill, as in synthesis. Per agent, both sides first
@@ -27,6 +29,8 @@ flags.DEFINE_integer("chunk_min", 256, "Shortest chunk, in tokens.")
 flags.DEFINE_integer("chunk_max", 384, "Longest chunk, in tokens.")
 flags.DEFINE_integer("user_tokens", 32, "New tokens per user message (agent A).")
 flags.DEFINE_integer("answer_tokens", 64, "New tokens per answer (agent B).")
+flags.DEFINE_bool("shared_prefill", True, "cas_jax prefills the system message (chunk) once as "
+                  "a prefix of the prompt's rest, as synthesis does; False runs whole prompts.")
 FLAGS = flags.FLAGS
 
 
@@ -56,7 +60,15 @@ def main(_):
         return out, time.perf_counter() - wall, time.process_time() - cpu
 
     def jax_generate(prompts, n):
-        return sampling.generate(m.params, m.config, prompts, sampling.SamplingParams(n))
+        if not FLAGS.shared_prefill:
+            return sampling.generate(m.params, m.config, prompts, sampling.SamplingParams(n))
+        # As `SelfStudy.run_batch`: the system messages (the chunks) are prefilled once and are
+        # the prefix of the rest of each prompt. Counted in each agent's time here, though
+        # synthesis runs it once for both agents and the teacher.
+        context = study._system_context(plans)
+        rest = [p[k:] for p, k in zip(prompts, context.lengths)]
+        return sampling.generate(m.params, m.config, rest, sampling.SamplingParams(n),
+                                 prefix=context.prefix(0, len(rest)))
 
     def hf_generate(prompts, n):
         width = max(map(len, prompts))

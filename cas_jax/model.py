@@ -354,3 +354,6 @@ def prefill_kv(params: Params, tokens: jax.Array, positions: jax.Array, *,
 
 forward_jit = jax.jit(forward, static_argnames=("config", "return_hidden", "remat"))
 """`forward` jitted with the config (and flags) static."""
+
+prefill_kv_jit = jax.jit(prefill_kv, static_argnames=("config",))
+"""`prefill_kv` jitted with the config static."""

@@ -10,6 +10,11 @@ With `rounds > 1`, A sees the conversation with roles swapped (B's answers as us
 writes the next user message. All conversations of a batch go through the batched sampler
 together.
 
+The system message (with the chunk) is prefilled once per batch and its K/V are the prefix of
+both agents' prompts and of the teacher's forward, so the chunk is read once, not three times
+(when the chat template renders the system message as a prefix of every prompt; otherwise
+each prompt is run whole).
+
 Two views of each conversation are tokenised with the chat template:
   teacher: [system: chunk] + conversation   (what B saw)
   student: the conversation with no system message, i.e. exactly what the chat template gives
@@ -167,15 +172,17 @@ def _batch_seed(items: Sequence[WorkItem], *salt: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "k", "chunk"))
-def teacher_topk(params, tokens: jax.Array, positions: jax.Array, targets: jax.Array, *,
-                 config: ModelConfig, k: int, chunk: int):
+def teacher_topk(params, tokens: jax.Array, positions: jax.Array, targets: jax.Array,
+                 prefix=None, *, config: ModelConfig, k: int, chunk: int):
     """Top-k next-token log-probabilities at chosen positions.
 
     tokens, positions [B, T] (position -1 = padding); targets [B, M] int32 token indices whose
-    next-token distribution is kept (M a multiple of `chunk`). Log-softmax in float32.
+    next-token distribution is kept (M a multiple of `chunk`); prefix: optional K/V before the
+    tokens (`model.forward`). Log-softmax in float32.
     Returns ids [B, M, k] int32 and logprobs [B, M, k] float32, best first.
     """
-    hidden, _ = model_lib.forward(params, tokens, positions, config=config, return_hidden=True)
+    hidden, _ = model_lib.forward(params, tokens, positions, config=config, return_hidden=True,
+                                  prefix=prefix)
     h_bmd = jnp.take_along_axis(hidden, targets[:, :, None], axis=1)
     b, m, d = h_bmd.shape
     h_cbnd = h_bmd.reshape(b, m // chunk, chunk, d).swapaxes(0, 1)
@@ -187,6 +194,24 @@ def teacher_topk(params, tokens: jax.Array, positions: jax.Array, targets: jax.A
 
     ids, logprobs = jax.lax.map(one, h_cbnd)
     return (ids.swapaxes(0, 1).reshape(b, m, k), logprobs.swapaxes(0, 1).reshape(b, m, k))
+
+
+@dataclasses.dataclass(frozen=True)
+class SystemContext:
+    """The prefilled system messages of a batch: k, v [L, N, S, K, Dh] (after RoPE, positions
+    0..lengths[i]-1 in row i, padding after) and lengths [N] int32."""
+
+    k: jax.Array
+    v: jax.Array
+    lengths: np.ndarray
+
+    def prefix(self, start: int, stop: int, rows: int | None = None) -> dict:
+        """Rows [start, stop) as a `model.forward` prefix, padded to `rows` rows by repeating
+        the last (padding rows' outputs are discarded)."""
+        idx = np.arange(start, stop)
+        idx = np.concatenate([idx, np.full((rows or len(idx)) - len(idx), idx[-1])])
+        mask = np.arange(self.k.shape[2])[None] < self.lengths[idx][:, None]
+        return {"k": self.k[:, idx], "v": self.v[:, idx], "mask": jnp.asarray(mask)}
 
 
 @dataclasses.dataclass
@@ -263,33 +288,62 @@ class SelfStudy:
             text = text.replace(s, "")
         return text.strip()
 
+    def system_tokens(self, plan: Plan) -> list[int]:
+        """The system message alone: the shared start of both agents' and the teacher's input."""
+        return tok_lib.encode_chat(self.model.tokenizer, [{"role": "system",
+                                                           "content": plan.system}],
+                                   add_generation_prompt=False)
+
+    def _system_context(self, plans: Sequence[Plan]) -> SystemContext | None:
+        """Prefills the plans' system messages (one row each), or None when the chat template
+        does not render the system message as the start of a prompt."""
+        ids = [self.system_tokens(p) for p in plans]
+        for p, sys_ids in zip(plans, ids):
+            if self.answer_prompt(p)[:len(sys_ids)] != sys_ids:
+                return None
+        lengths = np.asarray([len(x) for x in ids], np.int32)
+        n = sampling.bucket(int(lengths.max()))
+        tokens = np.zeros((len(ids), n), np.int32)
+        positions = np.full((len(ids), n), -1, np.int32)
+        for i, x in enumerate(ids):
+            tokens[i, :len(x)] = x
+            positions[i, :len(x)] = np.arange(len(x))
+        k, v = model_lib.prefill_kv_jit(self.model.params, jnp.asarray(tokens),
+                                        jnp.asarray(positions), config=self.model.config)
+        return SystemContext(k, v, lengths)
+
     def _generate(self, prompts: list[list[int]], max_new: int, temperature: float,
-                  seed: int) -> list[list[int]]:
+                  seed: int, context: SystemContext | None = None) -> list[list[int]]:
         params = sampling.SamplingParams(max_new_tokens=max_new, temperature=temperature,
                                          stop_ids=self.stop_ids)
+        prefix = None
+        if context is not None:
+            prompts = [p[n:] for p, n in zip(prompts, context.lengths)]
+            prefix = context.prefix(0, len(prompts))
         return sampling.generate(self.model.params, self.model.config, prompts, params,
-                                 seed=seed)
+                                 seed=seed, prefix=prefix)
 
     def run_batch(self, items: Sequence[WorkItem]) -> tuple[list[dataset.Conversation], int]:
         """Synthesises one batch; returns its conversations (item order) and tokens generated."""
         cfg = self.config
         plans = [self.plan(it) for it in items]
+        context = self._system_context(plans)
         generated = 0
         for r in range(cfg.rounds):
             outs = self._generate([self.user_prompt(p) for p in plans], cfg.max_user_tokens,
-                                  cfg.user_temperature, _batch_seed(items, r, 0))
+                                  cfg.user_temperature, _batch_seed(items, r, 0), context)
             generated += sum(map(len, outs))
             for p, out in zip(plans, outs):
                 # An empty message (A stopped at once) falls back to the seed prompt itself.
                 p.conversation.append({"role": "user",
                                        "content": self.message_text(out) or p.seed_prompt})
             outs = self._generate([self.answer_prompt(p) for p in plans], cfg.max_answer_tokens,
-                                  cfg.answer_temperature, _batch_seed(items, r, 1))
+                                  cfg.answer_temperature, _batch_seed(items, r, 1), context)
             generated += sum(map(len, outs))
             for p, out in zip(plans, outs):
                 p.conversation.append({"role": "assistant", "content": self.message_text(out)})
         views = [self._views(p) for p in plans]
-        teacher = self._teacher_targets([(t, tg) for t, tg, _, _ in views])
+        teacher = self._teacher_targets([(t, tg) for t, tg, _, _ in views], context)
         convs = []
         for p, (_, _, student, mask), (ids, logprobs) in zip(plans, views, teacher):
             convs.append(dataset.Conversation(
@@ -326,30 +380,36 @@ class SelfStudy:
         return (np.asarray(teacher, np.int32), np.flatnonzero(mask) + offset,
                 np.asarray(student, np.int32), mask)
 
-    def _teacher_targets(self, rows: list[tuple[np.ndarray, np.ndarray]]
+    def _teacher_targets(self, rows: list[tuple[np.ndarray, np.ndarray]],
+                         context: SystemContext | None = None
                          ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per row (teacher tokens, target indices [M]) -> (ids [M, k], logprobs [M, k])."""
+        """Per row (teacher tokens, target indices [M]) -> (ids [M, k], logprobs [M, k]).
+
+        context: the K/V of each row's first `context.lengths[i]` teacher tokens (its system
+        message, already prefilled for the agents); only the tokens after them are run."""
         out = []
         n = self.config.teacher_batch_size
+        skip = np.zeros(len(rows), np.int32) if context is None else context.lengths
         for i in range(0, len(rows), n):
-            group = rows[i:i + n]
+            group = [(tk[s:], tg - s, s) for (tk, tg), s in zip(rows[i:i + n], skip[i:i + n])]
             b = sampling.bucket(len(group), minimum=1)
-            t = sampling.bucket(max(len(tk) for tk, _ in group))
-            m = sampling.bucket(max(len(tg) for _, tg in group))
+            t = sampling.bucket(max(len(tk) for tk, _, _ in group))
+            m = sampling.bucket(max(len(tg) for _, tg, _ in group))
             tokens = np.zeros((b, t), np.int32)
             positions = np.full((b, t), -1, np.int32)
             targets = np.zeros((b, m), np.int32)
-            for j, (tk, tg) in enumerate(group):
+            for j, (tk, tg, s) in enumerate(group):
                 tokens[j, :len(tk)] = tk
-                positions[j, :len(tk)] = np.arange(len(tk))
+                positions[j, :len(tk)] = s + np.arange(len(tk))
                 targets[j, :len(tg)] = tg
+            prefix = None if context is None else context.prefix(i, i + len(group), rows=b)
             ids, logprobs = teacher_topk(self.model.params, jnp.asarray(tokens),
-                                         jnp.asarray(positions), jnp.asarray(targets),
+                                         jnp.asarray(positions), jnp.asarray(targets), prefix,
                                          config=self.model.config, k=self.config.topk,
                                          chunk=min(m, 128))
             ids, logprobs = np.asarray(ids), np.asarray(logprobs)
             out.extend((ids[j, :len(tg)], logprobs[j, :len(tg)])
-                       for j, (_, tg) in enumerate(group))
+                       for j, (_, tg, _) in enumerate(group))
         return out
 
 

@@ -69,6 +69,12 @@ def test_batch_alignment_spans_and_teacher_logprobs(tiny, documents):
     items = synthesis.work_items(sorted(documents), 1, seed=0)
     convs, generated = study.run_batch(items)
     assert generated > 0 and len(convs) == len(items)
+    # ChatML renders the system message as the start of every prompt, so the batch ran with
+    # the system messages prefilled once: the teacher rows checked below came from that path.
+    plans = [study.plan(it) for it in items]
+    context = study._system_context(plans)
+    assert context is not None
+    assert context.lengths.tolist() == [len(study.system_tokens(p)) for p in plans]
     for item, conv in zip(items, convs):
         assert (conv.doc_id, conv.conversation_index) == (item.doc_id, item.conversation_index)
         teacher, doc_len = _teacher_context(tiny, documents, conv)
