@@ -66,7 +66,7 @@ def main(_):
         # the prefix of the rest of each prompt. Counted in each agent's time here, though
         # synthesis runs it once for both agents and the teacher.
         context = study._system_context(plans)
-        rest = [p[k:] for p, k in zip(prompts, context.lengths)]
+        rest = [context.strip(i, p) for i, p in enumerate(prompts)]
         return sampling.generate(m.params, m.config, rest, sampling.SamplingParams(n),
                                  prefix=context.prefix(0, len(rest)))
 

@@ -363,11 +363,7 @@ def prefill_contexts(model: LoadedModel, contexts: Sequence[list[int]], names: S
     b = max(1, min(rows_per_call, prefix_tokens_per_call // s))
     for start in range(0, len(contexts), b):
         rows = list(contexts[start:start + b])
-        tokens = np.zeros((len(rows), s), np.int32)
-        positions = np.full((len(rows), s), -1, np.int32)
-        for r, c in enumerate(rows):
-            tokens[r, :len(c)] = c
-            positions[r, :len(c)] = np.arange(len(c))
+        tokens, positions = sampling.right_pad(rows, s)
         cache = model_lib.init_cache(cfg, len(rows), s, model.params["embed"].dtype)
         for c0 in range(0, s, chunk_tokens):
             cache = _prefill_step(model.params, jnp.asarray(tokens[:, c0:c0 + chunk_tokens]),

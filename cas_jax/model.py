@@ -211,8 +211,9 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array,
     inv_freq = rope_inv_freq(config)
     x = params["embed"][tokens]
     if isinstance(params["layers"], (list, tuple)):
-        return _forward_unrolled(params, x, positions, kv_cache, prefix, config, inv_freq,
-                                 return_hidden)
+        x, new_cache = _layers_unrolled(params["layers"], x, positions, kv_cache, prefix,
+                                        config, inv_freq)
+        return _head(params, x, new_cache, config, return_hidden)
     index = None if kv_cache is None else kv_cache["index"]
     pre_xs = None if prefix is None else (
         prefix["k"], prefix["v"],
@@ -241,15 +242,20 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array,
                 kv_cache["v"], v_new.astype(kv_cache["v"].dtype), (0, 0, index, 0, 0)),
             "pos": jax.lax.dynamic_update_slice_in_dim(kv_cache["pos"], new_pos, index, axis=1),
             "index": index + tokens.shape[1]}
+    return _head(params, x, new_cache, config, return_hidden)
+
+
+def _head(params, x, new_cache, config, return_hidden):
+    """The final norm, then logits unless `return_hidden`; paired with the new cache."""
     x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
     if return_hidden:
         return x, new_cache
     return logits_from_hidden(params, x, config), new_cache
 
 
-def _forward_unrolled(params, x, positions, kv_cache, prefix, config, inv_freq, return_hidden):
-    """`forward` on unrolled params (see the module doc): one Python-level call per layer."""
-    layers = params["layers"]
+def _layers_unrolled(layers, x, positions, kv_cache, prefix, config, inv_freq):
+    """The decoder layers of `forward` on unrolled params (module doc), one Python-level call
+    per layer -> (hidden [B, T, D], new cache as `forward` returns it)."""
     if kv_cache is not None and not isinstance(kv_cache["k"], (list, tuple)):
         raise ValueError("forward: unrolled params need an unrolled cache (unroll_layers)")
     if prefix is not None and not isinstance(prefix["k"], (list, tuple)):
@@ -275,10 +281,7 @@ def _forward_unrolled(params, x, positions, kv_cache, prefix, config, inv_freq, 
         new_cache = {"k": jnp.stack([k for k, _ in news]), "v": jnp.stack([v for _, v in news])}
     else:
         new_cache["k"], new_cache["v"] = tuple(new_cache["k"]), tuple(new_cache["v"])
-    x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
-    if return_hidden:
-        return x, new_cache
-    return logits_from_hidden(params, x, config), new_cache
+    return x, new_cache
 
 
 def unroll_layers(tree: dict) -> dict:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -140,6 +141,18 @@ def left_pad(prompts: list[list[int]], length: int, n_prefix: np.ndarray, pad_id
         n = len(p)
         tokens[i, length - n:] = p
         positions[i, length - n:] = n_prefix[i] + np.arange(n)
+    return tokens, positions
+
+
+def right_pad(rows: Sequence[Sequence[int]], length: int, batch: int | None = None,
+              starts: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pads token rows to [batch (default len(rows)), length] with token 0; row i's
+    positions count from starts[i] (default 0), padding (and extra rows) gets -1."""
+    tokens = np.zeros((batch or len(rows), length), np.int32)
+    positions = np.full(tokens.shape, -1, np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = r
+        positions[i, :len(r)] = (0 if starts is None else starts[i]) + np.arange(len(r))
     return tokens, positions
 
 

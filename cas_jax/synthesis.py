@@ -198,12 +198,26 @@ def teacher_topk(params, tokens: jax.Array, positions: jax.Array, targets: jax.A
 
 @dataclasses.dataclass(frozen=True)
 class SystemContext:
-    """The prefilled system messages of a batch: k, v [L, N, S, K, Dh] (after RoPE, positions
-    0..lengths[i]-1 in row i, padding after) and lengths [N] int32."""
+    """The prefilled system messages of a batch: ids, each row's system-message tokens; k, v
+    [L, N, S, K, Dh] their K/V (after RoPE, positions 0..len(ids[i])-1 in row i, padding
+    after)."""
 
+    ids: tuple[tuple[int, ...], ...]
     k: jax.Array
     v: jax.Array
-    lengths: np.ndarray
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """[N] int32 system-message tokens per row."""
+        return np.asarray([len(x) for x in self.ids], np.int32)
+
+    def strip(self, row: int, tokens: Sequence[int]) -> Sequence[int]:
+        """Row `row`'s tokens after its system message (which they must start with)."""
+        n = len(self.ids[row])
+        if tuple(tokens[:n]) != self.ids[row]:
+            raise ValueError(f"self-study row {row}: the input does not start with its system "
+                             "message as the chat template renders it alone")
+        return tokens[n:]
 
     def prefix(self, start: int, stop: int, rows: int | None = None) -> dict:
         """Rows [start, stop) as a `model.forward` prefix, padded to `rows` rows by repeating
@@ -301,16 +315,10 @@ class SelfStudy:
         for p, sys_ids in zip(plans, ids):
             if self.answer_prompt(p)[:len(sys_ids)] != sys_ids:
                 return None
-        lengths = np.asarray([len(x) for x in ids], np.int32)
-        n = sampling.bucket(int(lengths.max()))
-        tokens = np.zeros((len(ids), n), np.int32)
-        positions = np.full((len(ids), n), -1, np.int32)
-        for i, x in enumerate(ids):
-            tokens[i, :len(x)] = x
-            positions[i, :len(x)] = np.arange(len(x))
+        tokens, positions = sampling.right_pad(ids, sampling.bucket(max(map(len, ids))))
         k, v = model_lib.prefill_kv_jit(self.model.params, jnp.asarray(tokens),
                                         jnp.asarray(positions), config=self.model.config)
-        return SystemContext(k, v, lengths)
+        return SystemContext(tuple(map(tuple, ids)), k, v)
 
     def _generate(self, prompts: list[list[int]], max_new: int, temperature: float,
                   seed: int, context: SystemContext | None = None) -> list[list[int]]:
@@ -318,7 +326,7 @@ class SelfStudy:
                                          stop_ids=self.stop_ids)
         prefix = None
         if context is not None:
-            prompts = [p[n:] for p, n in zip(prompts, context.lengths)]
+            prompts = [context.strip(i, p) for i, p in enumerate(prompts)]
             prefix = context.prefix(0, len(prompts))
         return sampling.generate(self.model.params, self.model.config, prompts, params,
                                  seed=seed, prefix=prefix)
@@ -389,18 +397,19 @@ class SelfStudy:
         message, already prefilled for the agents); only the tokens after them are run."""
         out = []
         n = self.config.teacher_batch_size
+        if context is not None:
+            rows = [(context.strip(i, tk), tg - len(context.ids[i]))
+                    for i, (tk, tg) in enumerate(rows)]
         skip = np.zeros(len(rows), np.int32) if context is None else context.lengths
         for i in range(0, len(rows), n):
-            group = [(tk[s:], tg - s, s) for (tk, tg), s in zip(rows[i:i + n], skip[i:i + n])]
+            group = rows[i:i + n]
             b = sampling.bucket(len(group), minimum=1)
-            t = sampling.bucket(max(len(tk) for tk, _, _ in group))
-            m = sampling.bucket(max(len(tg) for _, tg, _ in group))
-            tokens = np.zeros((b, t), np.int32)
-            positions = np.full((b, t), -1, np.int32)
+            m = sampling.bucket(max(len(tg) for _, tg in group))
+            tokens, positions = sampling.right_pad(
+                [tk for tk, _ in group], sampling.bucket(max(len(tk) for tk, _ in group)), b,
+                starts=skip[i:i + n])
             targets = np.zeros((b, m), np.int32)
-            for j, (tk, tg, s) in enumerate(group):
-                tokens[j, :len(tk)] = tk
-                positions[j, :len(tk)] = s + np.arange(len(tk))
+            for j, (_, tg) in enumerate(group):
                 targets[j, :len(tg)] = tg
             prefix = None if context is None else context.prefix(i, i + len(group), rows=b)
             ids, logprobs = teacher_topk(self.model.params, jnp.asarray(tokens),
@@ -409,7 +418,7 @@ class SelfStudy:
                                          chunk=min(m, 128))
             ids, logprobs = np.asarray(ids), np.asarray(logprobs)
             out.extend((ids[j, :len(tg)], logprobs[j, :len(tg)])
-                       for j, (_, tg, _) in enumerate(group))
+                       for j, (_, tg) in enumerate(group))
         return out
 
 

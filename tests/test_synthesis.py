@@ -75,6 +75,10 @@ def test_batch_alignment_spans_and_teacher_logprobs(tiny, documents):
     context = study._system_context(plans)
     assert context is not None
     assert context.lengths.tolist() == [len(study.system_tokens(p)) for p in plans]
+    prompt = study.user_prompt(plans[0])
+    assert list(context.strip(0, prompt)) == prompt[len(context.ids[0]):]
+    with pytest.raises(ValueError, match="row 0.*system message"):
+        context.strip(0, prompt[1:])
     for item, conv in zip(items, convs):
         assert (conv.doc_id, conv.conversation_index) == (item.doc_id, item.conversation_index)
         teacher, doc_len = _teacher_context(tiny, documents, conv)
