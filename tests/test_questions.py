@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
+from cas_jax import corpus
 from cas_jax.corpus import load_factbook
-from cas_jax.questions import (FIELD_NAMES, Question, clean_answer, field_values,
-                               generate_factbook_questions, read_questions, write_questions)
+from cas_jax.questions import (FIELD_NAMES, FIELDS, FactField, Question, clean_answer, field_values,
+                               generate_factbook_questions, read_questions, to_section_questions,
+                               write_questions)
 
 IDS = ["fr", "gm", "ja", "br", "sf", "xx", "oo", "cc"]
 
@@ -136,3 +139,66 @@ def test_read_rejects_malformed_line_naming_file_and_line(tmp_path, bad_line, ex
     path.write_text(f"{good}\n\n{bad_line}\n{good}\n", encoding="utf-8")
     with pytest.raises(ValueError, match=rf"q\.jsonl:3: .*{expected}"):
         read_questions(path)
+
+
+def test_each_field_lies_in_one_section():
+    section = {f.name: corpus.section_doc_id("fr", f.section) for f in FIELDS}
+    assert section["capital"] == section["national_holiday"] == "fr-government"
+    assert section["coastline"] == section["highest_point"] == "fr-geography"
+    assert section["internet_code"] == "fr-communications"
+    assert section["airports"] == "fr-transportation"
+    assert section["population"] == "fr-people_and_society"
+    with pytest.raises(ValueError, match="'mixed'.*one section"):
+        FactField("mixed", (("Geography", "Area"), ("Economy", "Area")), "{name}?")
+
+
+def test_section_questions_ask_only_their_section():
+    sections = corpus.load_factbook_sections(profiles=["fr", "oo"]).ids
+    qs = generate_factbook_questions(sections, num_per_doc=100, seed=0, kinds=("mc", "free"))
+    index, titles = corpus.factbook_section_index(), corpus.factbook_titles()
+    by_field = {f.name: f for f in FIELDS}
+    for q in qs:
+        profile_id, section = index[q.doc_id]
+        assert by_field[q.field].section == section
+        assert q.gold == field_values(q.field)[profile_id]
+        assert q.question == by_field[q.field].template.format(name=titles[profile_id])
+    assert {q.doc_id for q in qs} < set(sections)  # fr-economy holds no field
+    profile_level = generate_factbook_questions(["fr", "oo"], num_per_doc=100, seed=0)
+    assert sorted((index[q.doc_id][0], q.field) for q in qs if q.kind == "mc") == \
+        sorted((q.doc_id, q.field) for q in profile_level)
+    fr_gov = generate_factbook_questions(["fr-government"], num_per_doc=2, seed=0)
+    assert len(fr_gov) == 2 and all(q.doc_id == "fr-government" for q in fr_gov)
+    capital = generate_factbook_questions(["fr-government"], num_per_doc=100, seed=0)
+    capital = next(q for q in capital if q.field == "capital")
+    assert capital.question == "What is the capital of France?" and capital.gold == "Paris"
+    others = set(field_values("capital").values()) - {"Paris"}  # distractors from all profiles
+    assert all(o in others for o in capital.options if o != "Paris")
+    with pytest.raises(ValueError, match="'fr-geo'"):
+        generate_factbook_questions(["fr-geography", "fr-geo"], 1, 0)
+
+
+def test_to_section_questions_round_trip(tmp_path):
+    qs = generate_factbook_questions(IDS, num_per_doc=4, seed=5, kinds=("mc", "free"))
+    mapped = to_section_questions(qs)
+    index = corpus.factbook_section_index()
+    by_field = {f.name: f for f in FIELDS}
+    sections = corpus.load_factbook_sections(documents=dict.fromkeys(q.doc_id for q in mapped))
+    for q, m in zip(qs, mapped, strict=True):
+        assert m.doc_id == corpus.section_doc_id(q.doc_id, by_field[q.field].section)
+        assert index[m.doc_id][0] == q.doc_id
+        assert dataclasses.replace(m, doc_id=q.doc_id) == q
+        heads = tuple(" > ".join(path) + ":" for path in by_field[q.field].paths)
+        assert any(line.startswith(heads) for line in sections[m.doc_id].text.splitlines())
+    write_questions(tmp_path / "s.jsonl", mapped)
+    assert read_questions(tmp_path / "s.jsonl") == mapped
+
+
+@pytest.mark.parametrize("question, expected", [
+    (Question("fr", "Who?", "Ann"), r"'Who\?'.*'fr'.*field None"),
+    (Question("fr", "Flag?", "blue", "flag"), r"'Flag\?'.*field 'flag'"),
+    (Question("fr-government", "Capital?", "Paris", "capital"), r"'Capital\?'.*'fr-government'.*not a"),
+    (Question("oo", "Ocean capital?", "x", "capital"), r"'Ocean capital\?'.*no section 'oo-government'"),
+])
+def test_to_section_questions_rejects_questions_it_cannot_place(question, expected):
+    with pytest.raises(ValueError, match=expected):
+        to_section_questions([Question("fr", "Q?", "Paris", "capital"), question])
