@@ -1,0 +1,226 @@
+"""Reference (PyTorch Cartridges) .pt files: bitwise round trips, layout, shape checks, errors,
+and store -> .pt -> store through the launchers' library functions."""
+
+import os
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from cas_jax import interop, store as store_lib, train
+from cas_jax.cartridge import Cartridge, CartridgeMeta, CartridgeMismatchError
+from cas_jax.interop import ReferenceFormatError
+from cas_jax.train_collection import opt_template_fn
+
+FP = "tiny-fp"
+L, P, K, DH = 3, 7, 2, 4  # layers, tokens, kv heads, head dim
+SHAPE = (L, K, DH)
+
+
+def make_cartridge(dtype=np.float32, num_frozen=1, doc_id="doc", seed=0) -> Cartridge:
+    rng = np.random.default_rng(seed)
+    return Cartridge(keys=rng.standard_normal((L, P, K, DH)).astype(dtype),
+                     values=rng.standard_normal((L, P, K, DH)).astype(dtype),
+                     meta=CartridgeMeta(FP, doc_id, num_frozen, "first_tokens"))
+
+
+def assert_bitwise_equal(a: Cartridge, b: Cartridge):
+    for x, y in ((a.keys, b.keys), (a.values, b.values)):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+    assert a.meta.num_frozen == b.meta.num_frozen
+
+
+def write(path, data):
+    torch.save(data, str(path))
+    return str(path)
+
+
+def reference_dict(num_frozen=1, layers=L, heads=K, tokens=P, dtype=torch.float32):
+    """A file's dict as the reference writes it: nn.ParameterLists of (frozen) Parameters."""
+    torch.manual_seed(0)
+
+    def params(n, grad):
+        return torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.randn(1, heads, n, DH, dtype=dtype), requires_grad=grad)
+             for _ in range(layers)] if n else [])
+
+    return {"trainable_keys": params(tokens - num_frozen, True),
+            "trainable_values": params(tokens - num_frozen, True),
+            "frozen_keys": params(num_frozen, False), "frozen_values": params(num_frozen, False)}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("num_frozen", [1, 3, 0])
+def test_round_trip_is_bitwise(tmp_path, dtype, num_frozen):
+    c = make_cartridge(dtype, num_frozen)
+    path = str(tmp_path / "cartridge.pt")
+    interop.save_reference_cartridge(c, path)
+    back = interop.load_reference_cartridge(path, model_fingerprint=FP, doc_id="doc",
+                                            expected_shape=SHAPE)
+    assert_bitwise_equal(back, c)
+    assert back.meta == CartridgeMeta(FP, "doc", num_frozen, interop.IMPORTED_INIT)
+    assert os.listdir(tmp_path) == ["cartridge.pt"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("dtype,torch_dtype", [(np.float32, torch.float32),
+                                               (ml_dtypes.bfloat16, torch.bfloat16)])
+def test_file_has_the_reference_layout(tmp_path, dtype, torch_dtype):
+    c = make_cartridge(dtype, num_frozen=2)
+    path = str(tmp_path / "cartridge.pt")
+    interop.save_reference_cartridge(c, path)
+    data = torch.load(path, weights_only=True)
+    assert sorted(data) == sorted(interop.REFERENCE_KEYS)
+    for name, tokens in (("frozen", 2), ("trainable", P - 2)):
+        for kind, src in (("keys", c.keys), ("values", c.values)):
+            seq = data[f"{name}_{kind}"]
+            assert isinstance(seq, list) and len(seq) == L
+            for layer, t in enumerate(seq):
+                assert t.shape == (1, K, tokens, DH) and t.dtype == torch_dtype
+                start = 0 if name == "frozen" else 2
+                want = np.asarray(src)[layer, start:start + tokens].transpose(1, 0, 2)
+                got = t[0].float().numpy()
+                np.testing.assert_array_equal(got, want.astype(np.float32))
+
+
+def test_reads_reference_parameter_lists(tmp_path):
+    data = reference_dict(num_frozen=1, dtype=torch.bfloat16)
+    c = interop.load_reference_cartridge(write(tmp_path / "ref.pt", data), model_fingerprint=FP,
+                                         expected_shape=SHAPE)
+    assert c.keys.shape == (L, P, K, DH) and c.keys.dtype == ml_dtypes.bfloat16
+    assert c.meta.num_frozen == 1
+    for layer in range(L):
+        want = torch.cat([data["frozen_keys"][layer], data["trainable_keys"][layer]], dim=2)
+        np.testing.assert_array_equal(c.keys[layer].astype(np.float32),
+                                      want[0].detach().float().numpy().transpose(1, 0, 2))
+
+
+@pytest.mark.parametrize("shape", [(L + 1, K, DH), (L, K * 2, DH), (L, K, DH * 2)])
+def test_other_models_shape_is_rejected(tmp_path, shape):
+    path = str(tmp_path / "cartridge.pt")
+    interop.save_reference_cartridge(make_cartridge(), path)
+    with pytest.raises(CartridgeMismatchError, match="cartridge.pt.*expected the model's"):
+        interop.load_reference_cartridge(path, model_fingerprint=FP, expected_shape=shape)
+
+
+def test_unreadable_files_are_named(tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a torch file" * 8)
+    good = tmp_path / "good.pt"
+    interop.save_reference_cartridge(make_cartridge(), str(good))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:200])
+    for path in (garbage, truncated):
+        with pytest.raises(ReferenceFormatError, match=f"{path.name}: not a readable torch"):
+            interop.load_reference_cartridge(str(path), model_fingerprint=FP)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        interop.load_reference_cartridge(str(tmp_path / "missing.pt"), model_fingerprint=FP)
+
+
+def test_malformed_contents_give_clear_errors(tmp_path):
+    def load(data):
+        return interop.load_reference_cartridge(write(tmp_path / "c.pt", data),
+                                                model_fingerprint=FP, expected_shape=SHAPE)
+
+    with pytest.raises(ReferenceFormatError, match="c.pt: holds a list, expected a dict"):
+        load([torch.zeros(1)])
+    data = reference_dict()
+    del data["frozen_values"]
+    with pytest.raises(ReferenceFormatError, match=r"c.pt: missing keys \['frozen_values'\]"):
+        load(data)
+    data = reference_dict()
+    data["trainable_values"] = data["trainable_values"][:-1]
+    with pytest.raises(ReferenceFormatError, match="trainable_keys has 3 layers, "
+                                                   "trainable_values 2"):
+        load(data)
+    data = reference_dict()
+    data["frozen_keys"], data["frozen_values"] = (data["frozen_keys"][:1],
+                                                  data["frozen_values"][:1])
+    with pytest.raises(ReferenceFormatError, match="frozen_keys has 1 layers, trainable_keys 3"):
+        load(data)
+    data = reference_dict()
+    data["trainable_keys"] = [t[0] for t in data["trainable_keys"]]
+    with pytest.raises(ReferenceFormatError, match=r"trainable_keys\[0\] has shape \[2, 6, 4\], "
+                                                   r"expected \[1, kv_heads, tokens, head_dim\]"):
+        load(data)
+    data = reference_dict()
+    data["trainable_keys"] = [t.detach().repeat(2, 1, 1, 1) for t in data["trainable_keys"]]
+    with pytest.raises(ReferenceFormatError, match=r"has shape \[2, 2, 6, 4\]"):
+        load(data)
+    data = reference_dict()
+    data["frozen_keys"] = [t.detach().repeat(1, 2, 1, 1) for t in data["frozen_keys"]]
+    data["frozen_values"] = [t.detach().repeat(1, 2, 1, 1) for t in data["frozen_values"]]
+    with pytest.raises(ReferenceFormatError, match="frozen tokens are .* 4 kv heads .* "
+                                                   "trainable ones .* 2 x 4; expected"):
+        load(data)
+    data = reference_dict()
+    data["trainable_values"][1] = data["trainable_values"][1].detach()[:, :, :3]
+    with pytest.raises(ReferenceFormatError, match=r"trainable_values\[1\] is float32\[1, 2, 3, "
+                                                   r"4\], trainable_keys\[0\] is float32"):
+        load(data)
+    data = reference_dict()
+    for name in ("trainable_keys", "trainable_values"):
+        data[name] = [t.detach()[:, :, :0] for t in data[name]]
+    with pytest.raises(ReferenceFormatError, match="zero trainable tokens"):
+        load(data)
+    with pytest.raises(ReferenceFormatError, match="trainable_keys is empty"):
+        load(reference_dict(layers=0))
+
+
+def test_store_round_trip_through_the_launchers(tmp_path):
+    src = store_lib.CartridgeStore(str(tmp_path / "src"), FP)
+    c = make_cartridge(ml_dtypes.bfloat16, num_frozen=1, doc_id="fr")
+    src.save("fr", c)
+    pt = str(tmp_path / "fr.pt")
+    common = dict(model_fingerprint=FP, expected_shape=SHAPE)
+    interop.export_cartridge(pt, store=src.root, doc_id="fr", **common)
+    with pytest.raises(FileExistsError, match="fr.pt exists"):
+        interop.export_cartridge(pt, store=src.root, doc_id="fr", **common)
+
+    # Into a train_collection folder: its cartridges/ store, with a fresh trainable Adam state.
+    run_dir = tmp_path / "run"
+    store_lib.CartridgeStore(str(run_dir / "cartridges"), FP)
+    interop.import_cartridge(pt, str(run_dir), "fr", **common)
+    dst = store_lib.CartridgeStore(str(run_dir / "cartridges"), FP)
+    template = opt_template_fn(train.make_optimizer(train.TrainConfig()))
+    back, opt_state, step = dst.load("fr", opt_template=template)
+    assert_bitwise_equal(back, c)
+    assert back.meta == CartridgeMeta(FP, "fr", 1, interop.IMPORTED_INIT) and step == 0
+    assert all(not np.asarray(x).any() for x in jax.tree.leaves(opt_state)
+               if np.asarray(x).ndim)
+    with pytest.raises(FileExistsError, match="'fr' is already in store"):
+        interop.import_cartridge(pt, str(run_dir), "fr", **common)
+
+    # Into a new folder (a store root), without optimizer state; exported again, same bits.
+    interop.import_cartridge(pt, str(tmp_path / "new"), "fr", with_opt_state=False, **common)
+    plain = store_lib.CartridgeStore(str(tmp_path / "new"), FP)
+    assert plain.load("fr")[1] is None
+    again = str(tmp_path / "again.pt")
+    interop.export_cartridge(again, store=plain.root, doc_id="fr", **common)
+    assert_bitwise_equal(
+        interop.load_reference_cartridge(again, model_fingerprint=FP, expected_shape=SHAPE), c)
+
+
+def test_export_from_a_cartridge_directory_checks_the_model(tmp_path):
+    c = make_cartridge()
+    store_lib.save_cartridge(str(tmp_path / "train_out" / "cartridge"), c)
+    pt = str(tmp_path / "c.pt")
+    for source in ("train_out", "train_out/cartridge"):  # output_dir or the cartridge itself
+        interop.export_cartridge(pt, cartridge_dir=str(tmp_path / source), overwrite=True,
+                                 model_fingerprint=FP, expected_shape=SHAPE)
+        assert_bitwise_equal(interop.load_reference_cartridge(pt, model_fingerprint=FP), c)
+    with pytest.raises(CartridgeMismatchError, match="made for model tiny-fp"):
+        interop.export_cartridge(pt, cartridge_dir=str(tmp_path / "train_out"), overwrite=True,
+                                 model_fingerprint="other", expected_shape=SHAPE)
+    with pytest.raises(CartridgeMismatchError, match="kv_heads=4"):
+        interop.export_cartridge(pt, cartridge_dir=str(tmp_path / "train_out"), overwrite=True,
+                                 model_fingerprint=FP, expected_shape=(L, 4, DH))
+    with pytest.raises(store_lib.CartridgeNotFoundError, match="no cartridge store"):
+        interop.export_cartridge(pt, store=str(tmp_path / "nowhere"), doc_id="x", overwrite=True,
+                                 model_fingerprint=FP, expected_shape=SHAPE)
+    with pytest.raises(CartridgeMismatchError):  # an imported file must fit the model too
+        interop.import_cartridge(pt, str(tmp_path / "s"), "x", model_fingerprint=FP,
+                                 expected_shape=(L, K, DH * 2))
