@@ -7,7 +7,8 @@ A batch file is written under a `.tmp` name and renamed once complete; the manif
 finalised files, so a killed writer resumes at the first unlisted batch and readers never see a
 partial file. Manifest fields: format_version, shard_index, shard_count, run (every setting
 that decides the content), doc_ids (sorted vocabulary, the same in every shard), num_items,
-num_batches, files [{name, num_records, bytes, lengths}].
+num_batches, files [{name, num_records, bytes, lengths, dropped}] (dropped: conversations the
+synthesis filter removed from that batch, per seed family).
 
 Each record is one `Conversation` as uncompressed `.npz` bytes (no pickle). A missing or
 resized file is reported when the dataset is opened; ArrayRecord (Riegeli) checksums every
@@ -149,14 +150,19 @@ class ShardWriter:
 
     @property
     def conversations_done(self) -> int:
-        return sum(f["num_records"] for f in self.manifest["files"])
+        return sum(f["num_records"] + sum(f.get("dropped", {}).values())
+                   for f in self.manifest["files"])
 
     @property
     def complete(self) -> bool:
         return self.batches_done == self.manifest["num_batches"]
 
-    def write_batch(self, batch_index: int, conversations: Sequence[Conversation]) -> None:
-        """Finalises batch `batch_index` (must be the next one) and records it in the manifest."""
+    def write_batch(self, batch_index: int, conversations: Sequence[Conversation],
+                    dropped: dict[str, int] | None = None) -> None:
+        """Finalises batch `batch_index` (must be the next one) and records it in the manifest.
+
+        dropped: conversations of this batch the synthesis filter removed, per seed family
+        (recorded, and counted as done)."""
         if batch_index != self.batches_done:
             raise ValueError(f"{self.manifest_path}: batch {batch_index} written out of order "
                              f"(next is {self.batches_done})")
@@ -171,8 +177,19 @@ class ShardWriter:
         os.replace(path + ".tmp", path)
         self.manifest["files"].append({
             "name": os.path.relpath(path, self.data_dir), "num_records": len(conversations),
-            "bytes": os.path.getsize(path), "lengths": [len(c.tokens) for c in conversations]})
+            "bytes": os.path.getsize(path), "lengths": [len(c.tokens) for c in conversations],
+            "dropped": dict(dropped or {})})
         _write_json_atomic(self.manifest_path, self.manifest)
+
+
+def dropped_counts(data_dir: str) -> dict[str, int]:
+    """Conversations the synthesis filter removed, per seed family, over all shards."""
+    out: dict[str, int] = {}
+    for m in read_manifests(data_dir):
+        for f in m["files"]:
+            for fam, n in f.get("dropped", {}).items():
+                out[fam] = out.get(fam, 0) + n
+    return out
 
 
 def read_manifests(data_dir: str) -> list[dict]:

@@ -4,8 +4,9 @@ Every method answers the same questions with the same query tokens (`build_promp
 differ only in what comes before the query:
 
   closed_book           nothing
-  icl                   the question's document, as a system turn at the start of the sequence,
-                        cut to the token budget (window minus room for the query and answer)
+  icl                   the question's document as the document block (`cas_jax.rendering`) at
+                        the start of the sequence, cut to the token budget (window minus room
+                        for the query and answer)
   rag                   the top-k retrieved chunks (of `chunk_tokens` tokens, over all documents)
   oracle_cartridge      the question's document's cartridge, as the attention prefix
   retrieval_cartridges  the top-k retrieved documents' cartridges, composed (`attention.compose`)
@@ -65,7 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cas_jax import attention, chunking, model as model_lib, retrieval, sampling
+from cas_jax import attention, chunking, model as model_lib, rendering, retrieval, sampling
 from cas_jax import tokenizer as tok_lib
 from cas_jax.cartridge import Cartridge, CartridgeMeta, check_compatible
 from cas_jax.corpus import Collection
@@ -91,8 +92,8 @@ class CartridgeSource(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class Prompt:
-    """Token ids of one question's prompt: `context` (a system turn, [] without context), then
-    `query` (the chat template for the user question, ending with the assistant header)."""
+    """Token ids of one question's prompt: `context` (the document block, [] without context),
+    then `query` (the question turn, ending with the assistant header); see `cas_jax.rendering`."""
 
     context: list[int]
     query: list[int]
@@ -109,45 +110,40 @@ def question_text(question: Question, list_options: bool = False) -> str:
     return f"{question.question}\n\n" + "\n".join(lines) + f"\n\n{MC_INSTRUCTION}"
 
 
-def context_message(passages: Sequence[tuple[str, str]]) -> str:
-    """The system message holding context passages, (title, text) pairs, best first."""
-    docs = "\n\n".join(f"<document title=\"{title}\">\n{text}\n</document>"
-                       for title, text in passages)
-    return f"Answer using the following documents.\n\n{docs}"
+def passage_text(title: str, text: str) -> str:
+    """A context passage: `text`, headed by its `title` line unless it already starts with it
+    (Factbook documents do; RAG chunks after a document's first do not)."""
+    return text if text.startswith(title) else f"{title}\n{text}"
 
 
-def build_prompt(tokenizer, question: Question, context: str | None = None,
-                 list_options: bool = False) -> Prompt:
-    """The prompt of every method (the single definition of the format).
-
-    query: the chat template for `[{"role": "user", "content": question_text(question,
-      list_options)}]` with the generation prompt, exactly the student's view in training
-      (SmolLM2's template adds its default system turn); identical whatever the context.
-    context: `None`, or a system message (e.g. `context_message(...)`) rendered as a system turn
-      without generation prompt, placed before the query. So a method with context sees
-      context + query, and a cartridge made from the context's K/V sees the same sequence.
-    """
-    user = question_text(question, list_options)
-    query = tok_lib.encode_chat(tokenizer, [{"role": "user", "content": user}])
-    if context is None:
+def build_prompt(tokenizer, question: Question, passages: Sequence[tuple[str, str]] | None = None,
+                 list_options: bool = False, format: str = rendering.DEFAULT_FORMAT) -> Prompt:
+    """The prompt of every method: `cas_jax.rendering`'s document block for the (title, text)
+    `passages` (None: closed book), then the question turn. The query is identical whatever
+    the context, and is exactly the student's view in training, so a cartridge made from the
+    context's K/V sees the same sequence as ICL."""
+    r = rendering.rendering_for(tokenizer, format)
+    query = r.conversation([{"role": "user", "content": question_text(question, list_options)}])
+    if passages is None:
         return Prompt([], query)
-    block = tok_lib.encode_chat(tokenizer, [{"role": "system", "content": context}],
-                                add_generation_prompt=False)
-    return Prompt(block, query)
+    return Prompt(r.document([passage_text(t, x) for t, x in passages]), query)
 
 
-def fit_context(tokenizer, passages: Sequence[tuple[str, str]], budget: int
-                ) -> tuple[list[int], int]:
-    """The context turn for `passages` in at most `budget` tokens: (tokens, text tokens dropped).
+def fit_context(tokenizer, passages: Sequence[tuple[str, str]], budget: int,
+                format: str = rendering.DEFAULT_FORMAT) -> tuple[list[int], int]:
+    """The document block for (title, text) `passages` in at most `budget` tokens:
+    (tokens, text tokens dropped).
 
     Trailing passages are dropped first, then the last kept one is cut at a token boundary.
     """
+    r = rendering.rendering_for(tokenizer, format)
+    block_of = lambda ps: r.document([passage_text(t, x) for t, x in ps])  # noqa: E731
     passages = list(passages)
-    block = _context_tokens(tokenizer, passages)
+    block = block_of(passages)
     dropped = 0
     while len(block) > budget and len(passages) > 1:
         dropped += len(tokenizer.encode(passages.pop()[1], add_special_tokens=False))
-        block = _context_tokens(tokenizer, passages)
+        block = block_of(passages)
     if len(block) <= budget:
         return block, dropped
     title, text = passages[-1]
@@ -157,16 +153,10 @@ def fit_context(tokenizer, passages: Sequence[tuple[str, str]], budget: int
     while True:
         if keep < 1:
             raise ValueError(f"a context budget of {budget} tokens has no room for any text")
-        cut = passages[:-1] + [(title, text[:offsets[keep - 1][1]])]
-        block = _context_tokens(tokenizer, cut)
+        block = block_of(passages[:-1] + [(title, text[:offsets[keep - 1][1]])])
         if len(block) <= budget:
             return block, dropped + len(offsets) - keep
         keep -= len(block) - budget
-
-
-def _context_tokens(tokenizer, passages) -> list[int]:
-    message = {"role": "system", "content": context_message(passages)}
-    return tok_lib.encode_chat(tokenizer, [message], add_generation_prompt=False)
 
 
 # ----------------------------------------------------------------------------- answers
@@ -353,16 +343,23 @@ def prefill_contexts(model: LoadedModel, contexts: Sequence[list[int]], names: S
                      rows_per_call: int = 16) -> list[Cartridge]:
     """The exact K/V of each context's tokens (positions 0..n-1) as a Cartridge named `names[i]`.
 
-    Rows are prefilled together, `chunk_tokens` at a time through a KV cache, so attention
+    Rows of similar length are prefilled together (shortest first, each call padded to its
+    longest), `chunk_tokens` at a time through a KV cache, so attention
     memory is chunk x cache rather than n x n; each chunk attends over the cache slots up to
     its end only (`_visible_slots`), which for a long context about halves attention's work.
     """
     cfg = model.config
-    out: list[Cartridge] = []
-    s = -(-sampling.bucket(max(len(c) for c in contexts)) // chunk_tokens) * chunk_tokens
-    b = max(1, min(rows_per_call, prefix_tokens_per_call // s))
-    for start in range(0, len(contexts), b):
-        rows = list(contexts[start:start + b])
+    out: list[Cartridge | None] = [None] * len(contexts)
+    # Shortest first, each group padded to its own longest: similar lengths share a call.
+    order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
+    start = 0
+    while start < len(order):
+        s = -(-sampling.bucket(len(contexts[order[start]])) // chunk_tokens) * chunk_tokens
+        b = max(1, min(rows_per_call, prefix_tokens_per_call // s))
+        group = order[start:start + b]
+        s = -(-sampling.bucket(len(contexts[group[-1]])) // chunk_tokens) * chunk_tokens
+        group = group[:max(1, min(b, prefix_tokens_per_call // s))]
+        rows = [contexts[i] for i in group]
         tokens, positions = sampling.right_pad(rows, s)
         cache = model_lib.init_cache(cfg, len(rows), s, model.params["embed"].dtype)
         for c0 in range(0, s, chunk_tokens):
@@ -371,9 +368,11 @@ def prefill_contexts(model: LoadedModel, contexts: Sequence[list[int]], names: S
                                   config=cfg,
                                   visible=_visible_slots(c0 + chunk_tokens, s, chunk_tokens))
         k, v = np.asarray(cache["k"]), np.asarray(cache["v"])
-        for r, c in enumerate(rows):
-            meta = CartridgeMeta(model.fingerprint, doc_id=names[start + r], num_frozen=0)
-            out.append(Cartridge(keys=k[:, r, :len(c)], values=v[:, r, :len(c)], meta=meta))
+        for r, i in enumerate(group):
+            meta = CartridgeMeta(model.fingerprint, doc_id=names[i], num_frozen=0)
+            out[i] = Cartridge(keys=k[:, r, :len(contexts[i])], values=v[:, r, :len(contexts[i])],
+                               meta=meta)
+        start += len(group)
     return out
 
 
@@ -393,6 +392,8 @@ class EvalConfig:
     prefix_tokens_per_call: cap on rows x prefix slots per forward (bounds prefix memory).
     prefill_chunk: context tokens prefilled per step.
     chunk_tokens: RAG chunk length in tokens.
+    format: the document block's format (`cas_jax.rendering.FORMATS`); cartridges must have
+      been trained under the same one.
     """
 
     window: int | None = None
@@ -403,8 +404,11 @@ class EvalConfig:
     prefix_tokens_per_call: int = 32768
     prefill_chunk: int = 512
     chunk_tokens: int = 256
+    format: str = rendering.DEFAULT_FORMAT
 
     def __post_init__(self):
+        if self.format not in rendering.FORMATS:
+            raise ValueError(f"format must be one of {rendering.FORMATS}, got {self.format!r}")
         if self.option_score not in OPTION_SCORES:
             raise ValueError(f"option_score must be one of {OPTION_SCORES}, "
                              f"got {self.option_score!r}")
@@ -572,7 +576,8 @@ class Evaluator:
             fitted = {}
             for doc_id in dict.fromkeys(q.doc_id for q in questions):
                 doc = self.collection[doc_id]
-                fitted[doc_id] = fit_context(self.model.tokenizer, [(doc.title, doc.text)], budget)
+                fitted[doc_id] = fit_context(self.model.tokenizer, [(doc.title, doc.text)],
+                                             budget, self.config.format)
             contexts = [_Context(q.doc_id, *fitted[q.doc_id]) for q in questions]
             records = self._context_records(questions, contexts, budget)
         return self._result("icl", records, clock)
@@ -589,7 +594,8 @@ class Evaluator:
             contexts = []
             for q in questions:
                 ids = [i for i, _ in index.search(q.question, top_k)]
-                block, dropped = fit_context(self.model.tokenizer, [chunks[i] for i in ids], budget)
+                block, dropped = fit_context(self.model.tokenizer, [chunks[i] for i in ids],
+                                             budget, self.config.format)
                 hit = any(i.rsplit("#", 1)[0] == q.doc_id for i in ids)
                 contexts.append(_Context("|".join(ids), block, dropped, ids, hit))
             records = self._context_records(questions, contexts, budget)
@@ -665,7 +671,8 @@ class Evaluator:
         return budget
 
     def _query(self, q: Question) -> list[int]:
-        return build_prompt(self.model.tokenizer, q, list_options=self.config.list_options).query
+        return build_prompt(self.model.tokenizer, q, list_options=self.config.list_options,
+                            format=self.config.format).query
 
     def _result(self, method: str, records: list[dict[str, Any]], clock: _CompileClock
                 ) -> EvalResult:

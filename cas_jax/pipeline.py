@@ -17,7 +17,7 @@ from cas_jax.loading import LoadedModel
 from cas_jax.questions import Question
 from cas_jax.store import CartridgeStore
 from cas_jax.train_collection import (CollectionConfig, CollectionReport, document_tokens,
-                                     train_collection)
+                                     initialise_store, train_collection)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +39,10 @@ class PipelineConfig:
     budget_bytes: int = 1 << 30
     top_k: int = 2
     seed: int = 0
+    family_weights: tuple[float, ...] | None = None  # over synthesis.FAMILIES; None = uniform
+    span_turns: int = 4
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
 
 
 def synthesize(model: LoadedModel, docs: Collection, data_dir: str, cfg: PipelineConfig,
@@ -46,7 +50,9 @@ def synthesize(model: LoadedModel, docs: Collection, data_dir: str, cfg: Pipelin
     """Self-study conversations for every document into `data_dir` (resumed if present)."""
     study = synthesis.SelfStudy(model, docs, synthesis.SynthesisConfig(
         chunk_min=cfg.chunk_min, chunk_max=cfg.chunk_max, max_user_tokens=cfg.max_user_tokens,
-        max_answer_tokens=cfg.max_answer_tokens))
+        max_answer_tokens=cfg.max_answer_tokens, family_weights=cfg.family_weights,
+        span_turns=cfg.span_turns, no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+        repetition_penalty=cfg.repetition_penalty))
     items = synthesis.work_items(docs.ids, cfg.conversations_per_doc, cfg.seed)
     synthesis.run_shard(study, items, data_dir, batch_size=cfg.synthesis_batch,
                         on_batch=on_batch)
@@ -79,6 +85,16 @@ def train_cartridges(model: LoadedModel, docs: Collection, data_dir: str, store_
                   tokens_per_doc=tokens_per_doc or cfg.tokens_per_doc,
                   distractors=cfg.distractors if distractors is None else distractors,
                   texts=docs.texts, cartridge_of=None, on_report=on_report)
+
+
+def initial_store(model: LoadedModel, docs: Collection, store_dir: str, cfg: PipelineConfig
+                  ) -> CartridgeStore:
+    """The store `train_cartridges` starts from: every document's first-P-token cartridge with
+    fresh optimizer state (created where missing), i.e. the cartridges at step 0."""
+    store = CartridgeStore(os.path.join(store_dir, "cartridges"), model.fingerprint)
+    optimizer = train.make_optimizer(train.TrainConfig(lr=cfg.lr, total_steps=cfg.steps))
+    initialise_store(store, model, docs.texts, cfg.tokens_per_doc, optimizer)
+    return store
 
 
 MONOLITHIC_ID = "monolithic"

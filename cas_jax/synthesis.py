@@ -2,24 +2,22 @@
 
 For each work item (doc_id, conversation index, seed) a chunk of `chunk_min..chunk_max` tokens
 is drawn from the document (`chunking.sample_chunk`, never across documents) and a seed prompt
-from one family (`SEED_PROMPTS`). Two agents share the system prompt `chunk_system_prompt`,
-which holds the chunk:
+from one family (`SEED_PROMPTS`). Both agents read the chunk as the document block of
+`cas_jax.rendering` (the one layout of "document, then conversation"), headed by its
+document's title (`chunk_passage`):
   A reads the seed prompt and writes the user message (temperature 0.6);
   B answers it (greedy).
 With `rounds > 1`, A sees the conversation with roles swapped (B's answers as user turns) and
 writes the next user message. All conversations of a batch go through the batched sampler
 together.
 
-The system message (with the chunk) is prefilled once per batch and its K/V are the prefix of
-both agents' prompts and of the teacher's forward, so the chunk is read once, not three times
-(when the chat template renders the system message as a prefix of every prompt; otherwise
-each prompt is run whole).
+The document blocks are prefilled once per batch (`SystemContext`) and their K/V are the prefix
+of both agents' prompts and of the teacher's forward, so the chunk is read once, not three times.
 
-Two views of each conversation are tokenised with the chat template:
-  teacher: [system: chunk] + conversation   (what B saw)
-  student: the conversation with no system message, i.e. exactly what the chat template gives
-    for `[{"role": "user", "content": question}]` at evaluation, where the cartridge replaces the
-    document (for SmolLM2 the template inserts its default system prompt in both cases).
+Two views of each conversation:
+  teacher: document(chunk) + conversation   (what B saw)
+  student: conversation alone, exactly what evaluation gives a cartridge to read (the
+    cartridge stands where the document block stood).
 Alignment of a stored example (see `dataset.Conversation`): `loss_mask[t]` is True iff student
 token t+1 belongs to an assistant turn (its content and end-of-turn token), and the teacher rows
 hold the top-k of the teacher's next-token log-softmax at that position, i.e. its prediction of
@@ -43,7 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cas_jax import chunking, dataset, model as model_lib, sampling, tokenizer as tok_lib
+from cas_jax import chunking, dataset, model as model_lib, rendering, sampling, selfstudy_quality
+from cas_jax import spans
+from cas_jax import tokenizer as tok_lib
 from cas_jax.config import ModelConfig
 from cas_jax.corpus import Document
 from cas_jax.loading import LoadedModel
@@ -105,13 +105,16 @@ SEED_PROMPTS: dict[str, tuple[str, ...]] = {
         f"Ask the assistant for some information contained in the excerpt. {_ONLY}",
     ),
 }
-FAMILIES = tuple(SEED_PROMPTS)
+SPANS = "spans"
+FAMILIES = tuple(SEED_PROMPTS) + (SPANS,)
+"""Seed families, then `SPANS`: conversations built from the chunk's own text (`cas_jax.spans`),
+with no generation."""
 
 
-def chunk_system_prompt(title: str, chunk: str) -> str:
-    """The system message of both agents and of the teacher: the chunk and its document title."""
-    return (f"Below is an excerpt of the document \"{title}\". Answer using this information."
-            f"\n\n<document>\n{chunk}\n</document>")
+def chunk_passage(title: str, chunk: str) -> str:
+    """The text of the document block both agents and the teacher read: the chunk, headed by
+    its document's title line unless it starts with it (`evaluate.passage_text`)."""
+    return chunk if chunk.startswith(title) else f"{title}\n{chunk}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +123,11 @@ class SynthesisConfig:
 
     family_weights: sampling weight per seed family, in `FAMILIES` order; None = uniform.
     teacher_batch_size: rows per teacher forward (bounds its memory).
+    format: the document block's format (`cas_jax.rendering.FORMATS`).
+    span_turns: (cue, segment) exchanges per `SPANS` conversation.
+    no_repeat_ngram_size, repetition_penalty: both agents' repetition control
+      (`sampling.SamplingParams`; counted over generated tokens only, so quoting the chunk is
+      not penalised); 0 and 1.0 turn them off.
     """
 
     chunk_min: int = 512
@@ -132,6 +140,19 @@ class SynthesisConfig:
     topk: int = 20
     family_weights: tuple[float, ...] | None = None
     teacher_batch_size: int = 8
+    format: str = rendering.DEFAULT_FORMAT
+    span_turns: int = 4
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
+
+    def penalties(self) -> dict:
+        """The agents' repetition settings as `SamplingParams` fields (neutral ones left out)."""
+        out = {}
+        if self.no_repeat_ngram_size:
+            out["no_repeat_ngram_size"] = self.no_repeat_ngram_size
+        if self.repetition_penalty != 1.0:
+            out["repetition_penalty"] = self.repetition_penalty
+        return out
 
     def family_probs(self) -> np.ndarray:
         w = np.ones(len(FAMILIES)) if self.family_weights is None else np.asarray(
@@ -198,7 +219,7 @@ def teacher_topk(params, tokens: jax.Array, positions: jax.Array, targets: jax.A
 
 @dataclasses.dataclass(frozen=True)
 class SystemContext:
-    """The prefilled system messages of a batch: ids, each row's system-message tokens; k, v
+    """The prefilled document blocks of a batch: ids, each row's document-block tokens; k, v
     [L, N, S, K, Dh] their K/V (after RoPE, positions 0..len(ids[i])-1 in row i, padding
     after)."""
 
@@ -208,16 +229,21 @@ class SystemContext:
 
     @property
     def lengths(self) -> np.ndarray:
-        """[N] int32 system-message tokens per row."""
+        """[N] int32 document-block tokens per row."""
         return np.asarray([len(x) for x in self.ids], np.int32)
 
     def strip(self, row: int, tokens: Sequence[int]) -> Sequence[int]:
-        """Row `row`'s tokens after its system message (which they must start with)."""
+        """Row `row`'s tokens after its document block (which they must start with)."""
         n = len(self.ids[row])
         if tuple(tokens[:n]) != self.ids[row]:
-            raise ValueError(f"self-study row {row}: the input does not start with its system "
-                             "message as the chat template renders it alone")
+            raise ValueError(f"self-study row {row}: the input does not start with its "
+                             "document block")
         return tokens[n:]
+
+    def select(self, rows: Sequence[int]) -> "SystemContext":
+        """The context of `rows` only, in that order."""
+        idx = np.asarray(rows)
+        return SystemContext(tuple(self.ids[i] for i in rows), self.k[:, idx], self.v[:, idx])
 
     def prefix(self, start: int, stop: int, rows: int | None = None) -> dict:
         """Rows [start, stop) as a `model.forward` prefix, padded to `rows` rows by repeating
@@ -232,16 +258,16 @@ class SystemContext:
 class Plan:
     """A conversation in the making: its chunk, seed prompt and the turns written so far.
 
-    span: the chunk's token span [start, end) in the document; system: the agents' (and
-    teacher's) system prompt with the chunk; conversation: [{"role", "content"}] user/assistant
-    turns, without the system message.
+    span: the chunk's token span [start, end) in the document; passage: the text of the
+    agents' (and teacher's) document block; conversation: [{"role", "content"}]
+    user/assistant turns.
     """
 
     item: WorkItem
     span: tuple[int, int]
     family: str
     seed_prompt: str
-    system: str
+    passage: str
     conversation: list[dict[str, str]]
 
 
@@ -257,6 +283,7 @@ class SelfStudy:
         tok = model.tokenizer
         self.stop_ids = tuple(tok_lib.stop_token_ids(tok))
         self.special = sorted(tok.all_special_tokens, key=len, reverse=True)
+        self.render = rendering.rendering_for(tok, config.format)
         self._doc_tokens: dict[str, np.ndarray] = {}
 
     def doc_tokens(self, doc_id: str) -> np.ndarray:
@@ -274,26 +301,27 @@ class SelfStudy:
         tokens = self.doc_tokens(item.doc_id)
         start, end = chunking.sample_chunk(len(tokens), rng, cfg.chunk_min, cfg.chunk_max)
         family = FAMILIES[int(rng.choice(len(FAMILIES), p=self.probs))]
-        prompts = SEED_PROMPTS[family]
-        seed_prompt = prompts[int(rng.integers(len(prompts)))]
         doc = self.documents[item.doc_id]
         chunk = self.model.tokenizer.decode(tokens[start:end].tolist())
-        return Plan(item, (start, end), family, seed_prompt,
-                    chunk_system_prompt(doc.title, chunk), [])
+        conversation = []
+        if family == SPANS:
+            conversation = spans.conversation(chunk, rng, cfg.span_turns, title=doc.title)
+            family = SPANS if conversation else "generic"  # a chunk with no segment
+        prompts = SEED_PROMPTS.get(family, ("",))
+        seed_prompt = prompts[int(rng.integers(len(prompts)))]
+        return Plan(item, (start, end), family, seed_prompt, chunk_passage(doc.title, chunk),
+                    conversation)
 
     def user_prompt(self, plan: Plan) -> list[int]:
         """Agent A's prompt: the seed prompt, then the turns so far with roles swapped."""
         swapped = [{"role": "assistant" if m["role"] == "user" else "user",
                     "content": m["content"]} for m in plan.conversation]
-        return tok_lib.encode_chat(self.model.tokenizer, [
-            {"role": "system", "content": plan.system},
-            {"role": "user", "content": plan.seed_prompt}] + swapped)
+        return self.render.prompt(plan.passage, [{"role": "user", "content": plan.seed_prompt}]
+                                  + swapped)
 
     def answer_prompt(self, plan: Plan) -> list[int]:
         """Agent B's prompt (the teacher's context): the chunk, then the turns so far."""
-        return tok_lib.encode_chat(self.model.tokenizer,
-                                   [{"role": "system", "content": plan.system}]
-                                   + plan.conversation)
+        return self.render.prompt(plan.passage, plan.conversation)
 
     def message_text(self, ids: list[int]) -> str:
         """Generated ids -> message text, with special tokens (and their spellings) removed."""
@@ -303,27 +331,22 @@ class SelfStudy:
         return text.strip()
 
     def system_tokens(self, plan: Plan) -> list[int]:
-        """The system message alone: the shared start of both agents' and the teacher's input."""
-        return tok_lib.encode_chat(self.model.tokenizer, [{"role": "system",
-                                                           "content": plan.system}],
-                                   add_generation_prompt=False)
+        """The document block alone: the shared start of both agents' and the teacher's input."""
+        return self.render.document(plan.passage)
 
-    def _system_context(self, plans: Sequence[Plan]) -> SystemContext | None:
-        """Prefills the plans' system messages (one row each), or None when the chat template
-        does not render the system message as the start of a prompt."""
+    def _system_context(self, plans: Sequence[Plan]) -> SystemContext:
+        """Prefills the plans' document blocks (one row each)."""
         ids = [self.system_tokens(p) for p in plans]
-        for p, sys_ids in zip(plans, ids):
-            if self.answer_prompt(p)[:len(sys_ids)] != sys_ids:
-                return None
         tokens, positions = sampling.right_pad(ids, sampling.bucket(max(map(len, ids))))
         k, v = model_lib.prefill_kv_jit(self.model.params, jnp.asarray(tokens),
                                         jnp.asarray(positions), config=self.model.config)
         return SystemContext(tuple(map(tuple, ids)), k, v)
 
     def _generate(self, prompts: list[list[int]], max_new: int, temperature: float,
-                  seed: int, context: SystemContext | None = None) -> list[list[int]]:
+                  seed: int, context: SystemContext | None = None, penalties: dict | None = None
+                  ) -> list[list[int]]:
         params = sampling.SamplingParams(max_new_tokens=max_new, temperature=temperature,
-                                         stop_ids=self.stop_ids)
+                                         stop_ids=self.stop_ids, **(penalties or {}))
         prefix = None
         if context is not None:
             prompts = [context.strip(i, p) for i, p in enumerate(prompts)]
@@ -337,19 +360,25 @@ class SelfStudy:
         plans = [self.plan(it) for it in items]
         context = self._system_context(plans)
         generated = 0
-        for r in range(cfg.rounds):
-            outs = self._generate([self.user_prompt(p) for p in plans], cfg.max_user_tokens,
-                                  cfg.user_temperature, _batch_seed(items, r, 0), context)
-            generated += sum(map(len, outs))
-            for p, out in zip(plans, outs):
-                # An empty message (A stopped at once) falls back to the seed prompt itself.
-                p.conversation.append({"role": "user",
-                                       "content": self.message_text(out) or p.seed_prompt})
-            outs = self._generate([self.answer_prompt(p) for p in plans], cfg.max_answer_tokens,
-                                  cfg.answer_temperature, _batch_seed(items, r, 1), context)
-            generated += sum(map(len, outs))
-            for p, out in zip(plans, outs):
-                p.conversation.append({"role": "assistant", "content": self.message_text(out)})
+        talk = [i for i, p in enumerate(plans) if p.family != SPANS]  # span plans are complete
+        if talk:
+            sub = context.select(talk)
+            for r in range(cfg.rounds):
+                outs = self._generate([self.user_prompt(plans[i]) for i in talk],
+                                      cfg.max_user_tokens, cfg.user_temperature,
+                                      _batch_seed(items, r, 0), sub, cfg.penalties())
+                generated += sum(map(len, outs))
+                for i, out in zip(talk, outs):
+                    # An empty message (A stopped at once) falls back to the seed prompt itself.
+                    plans[i].conversation.append(
+                        {"role": "user", "content": self.message_text(out) or plans[i].seed_prompt})
+                outs = self._generate([self.answer_prompt(plans[i]) for i in talk],
+                                      cfg.max_answer_tokens, cfg.answer_temperature,
+                                      _batch_seed(items, r, 1), sub, cfg.penalties())
+                generated += sum(map(len, outs))
+                for i, out in zip(talk, outs):
+                    plans[i].conversation.append({"role": "assistant",
+                                                  "content": self.message_text(out)})
         views = [self._views(p) for p in plans]
         teacher = self._teacher_targets([(t, tg) for t, tg, _, _ in views], context)
         convs = []
@@ -363,27 +392,16 @@ class SelfStudy:
 
     def _views(self, plan: Plan):
         """(teacher tokens [Tt], teacher target indices [M], student tokens [T], loss_mask [T])."""
-        tok = self.model.tokenizer
         conv = plan.conversation
-        student = tok_lib.encode_chat(tok, conv, add_generation_prompt=False)
-        teacher = tok_lib.encode_chat(tok, [{"role": "system", "content": plan.system}] + conv,
-                                      add_generation_prompt=False)
-        offset = len(teacher) - len(student)
+        student = self.render.conversation(conv, add_generation_prompt=False)
+        offset = len(self.system_tokens(plan))
+        teacher = self.system_tokens(plan) + student
         mask = np.zeros(len(student), bool)
-        for i, m in enumerate(conv):
-            if m["role"] != "assistant":
-                continue
-            before = tok_lib.encode_chat(tok, conv[:i], add_generation_prompt=True)
-            upto = tok_lib.encode_chat(tok, conv[:i + 1], add_generation_prompt=False)
-            start, end = len(before), len(upto)
-            if student[:start] != before or student[:end] != upto or start == 0:
-                raise ValueError("the chat template does not render a conversation as the "
-                                 "concatenation of its turns; self-study cannot align it")
+        for start, end in self.render.assistant_spans(conv):
+            if start == 0:
+                raise ValueError("an assistant turn starts the conversation; nothing predicts it")
             stops = [j for j in range(start, end) if student[j] in self.stop_ids]
             end = stops[0] + 1 if stops else end
-            if teacher[offset + start - 1:offset + end] != student[start - 1:end]:
-                raise ValueError("teacher and student views disagree on an assistant turn: the "
-                                 "chat template renders turns differently after a system prompt")
             mask[start - 1:end - 1] = True
         return (np.asarray(teacher, np.int32), np.flatnonzero(mask) + offset,
                 np.asarray(student, np.int32), mask)
@@ -448,6 +466,9 @@ def run_shard(study: SelfStudy, items: Sequence[WorkItem], data_dir: str, *, bat
               on_batch: Callable[[Progress], None] | None = None) -> dataset.ShardWriter:
     """Synthesises shard `shard_index` of `shard_count` of `items` into `data_dir`, resumably.
 
+    Conversations with a looping answer (`selfstudy_quality.keep`) are dropped, and counted
+    per family in the manifest.
+
     The shard takes items[shard_index::shard_count] in batches of `batch_size`; batch j is
     written as one finalised file before the manifest records it, so a killed run restarts at
     the first unrecorded batch. The manifest records what decides the content (model
@@ -465,7 +486,13 @@ def run_shard(study: SelfStudy, items: Sequence[WorkItem], data_dir: str, *, bat
     t0, generated, resumed = time.perf_counter(), 0, writer.conversations_done
     for j in range(writer.batches_done, len(batches)):
         convs, n = study.run_batch(batches[j])
-        writer.write_batch(j, convs)
+        kept, dropped = [], {}
+        for c in convs:
+            if selfstudy_quality.keep(selfstudy_quality.answers(c)):
+                kept.append(c)
+            else:
+                dropped[c.seed_family] = dropped.get(c.seed_family, 0) + 1
+        writer.write_batch(j, kept, dropped)
         generated += n
         if on_batch is not None:
             on_batch(Progress(writer.conversations_done, len(mine), resumed, generated,

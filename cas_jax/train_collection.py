@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cas_jax import cartridge as cart_lib, dataset, train
+from cas_jax import cartridge as cart_lib, dataset, rendering, train
 from cas_jax.budget import BudgetManager
 from cas_jax.cartridge import Cartridge
 from cas_jax.distractors import DistractorSchedule, StepPlan, plan_step
@@ -103,11 +103,13 @@ class PendingStore:
         return len(ids)
 
 
-def document_tokens(tokenizer, text: str, num_tokens: int) -> np.ndarray:
-    """The first num_tokens tokens of text; a shorter document is repeated to fill them."""
-    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
-    if len(ids) == 0:
+def document_tokens(tokenizer, text: str, num_tokens: int,
+                    format: str = rendering.DEFAULT_FORMAT) -> np.ndarray:
+    """The first num_tokens tokens of text's document block (`cas_jax.rendering`), where the
+    cartridge will stand; a shorter block is repeated to fill them."""
+    if not text.strip():
         raise ValueError("cannot initialise a cartridge from an empty document")
+    ids = np.asarray(rendering.rendering_for(tokenizer, format).document(text), np.int32)
     return np.resize(ids, num_tokens)
 
 

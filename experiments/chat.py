@@ -14,7 +14,7 @@ import sys
 import jax.numpy as jnp
 from absl import app, flags
 
-from cas_jax import attention, cartridge as cart_lib, loading, sampling, store
+from cas_jax import attention, cartridge as cart_lib, loading, rendering, sampling, store
 from cas_jax import tokenizer as tok_lib
 
 FLAGS = flags.FLAGS
@@ -50,7 +50,10 @@ def main(argv):
         n = len(cartridges)
         prefix = attention.compose(bank, jnp.arange(n, dtype=jnp.int32)[None],
                                    jnp.ones((1, n), bool))
-    prompt = tok_lib.encode_chat(model.tokenizer, [{"role": "user", "content": FLAGS.prompt}])
+    # The one rendering (cas_jax.rendering): cartridges stand where the document block stood,
+    # with nothing between them and the conversation.
+    prompt = rendering.rendering_for(model.tokenizer).conversation(
+        [{"role": "user", "content": FLAGS.prompt}])
     params = sampling.SamplingParams(
         max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
         stop_ids=tuple(tok_lib.stop_token_ids(model.tokenizer)))

@@ -7,9 +7,9 @@ With a dataset about several documents this is one monolithic cartridge for all 
 
 --document names the text the cartridge is initialised from: a document id of --collection
 (as in `experiments.synthesize`), or a path to a text file. For `first_tokens` the cartridge is the
-KV cache of the first --tokens tokens of that document framed the way the teacher saw its chunks
-(`synthesis.chunk_system_prompt` under the chat template), so token 0, the frozen attention sink,
-is the template's first token.
+KV cache of the first --tokens tokens of that document's block in the one rendering
+(`cas_jax.rendering`), exactly where the teacher saw its chunks; token 0 is the frozen attention
+sink.
 
 Writes to --output_dir: metrics.jsonl (one line per report), checkpoints/ (Orbax; rerunning the
 same command resumes a killed run), and cartridge/, the trained cartridge as a plain directory
@@ -24,8 +24,8 @@ import time
 import jax
 from absl import app, flags, logging
 
-from cas_jax import cartridge as cart_lib, corpus, dataset, loading, store, synthesis
-from cas_jax import tokenizer as tok_lib, train as train_lib
+from cas_jax import cartridge as cart_lib, corpus, dataset, loading, rendering, store, synthesis
+from cas_jax import train as train_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "", "HF folder or GGUF file; empty = embedded SmolLM2-135M-Instruct.")
@@ -62,10 +62,10 @@ def _document() -> tuple[str, str, str]:
             text = f.read()
         stem = os.path.splitext(os.path.basename(FLAGS.document))[0]
         return stem, stem, text
-    if FLAGS.collection == "factbook":
-        docs = corpus.load_factbook(documents=[FLAGS.document])
-    else:
-        docs = corpus.load_folder(FLAGS.collection)
+    try:
+        docs = corpus.load_collection(FLAGS.collection, [FLAGS.document])
+    except (KeyError, ValueError):
+        docs = {}
     if FLAGS.document not in docs:
         raise app.UsageError(f"--document {FLAGS.document!r} is neither a file nor a document "
                              f"of collection {FLAGS.collection!r}")
@@ -75,9 +75,8 @@ def _document() -> tuple[str, str, str]:
 
 def _initial_cartridge(model: loading.LoadedModel) -> cart_lib.Cartridge:
     doc_id, title, text = _document()
-    system = synthesis.chunk_system_prompt(title, text)
-    framed = tok_lib.encode_chat(model.tokenizer, [{"role": "system", "content": system}],
-                                 add_generation_prompt=False)
+    framed = rendering.rendering_for(model.tokenizer).document(
+        synthesis.chunk_passage(title, text))
     common = dict(fingerprint=model.fingerprint, doc_id=doc_id)
     key = jax.random.PRNGKey(FLAGS.seed)
     if FLAGS.init == "first_tokens":

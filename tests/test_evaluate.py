@@ -63,11 +63,13 @@ def test_prompt_lists_options_and_keeps_the_query_whatever_the_context(tokenizer
     assert "A. Paris\nB. Quillton\nC. Tokyo\nD. Rome" in text and ev.MC_INSTRUCTION in text
     assert ev.question_text(MC) == MC.question and ev.question_text(FREE) == FREE.question
     bare = ev.build_prompt(tokenizer, MC, list_options=True)
-    with_doc = ev.build_prompt(tokenizer, MC, ev.context_message([("Zorbania", "Some text.")]),
-                               list_options=True)
+    with_doc = ev.build_prompt(tokenizer, MC, [("Zorbania", "Some text.")], list_options=True)
     assert bare.context == [] and with_doc.query == bare.query
-    decoded = tokenizer.decode(with_doc.context)
-    assert decoded.startswith("<|im_start|>system") and "Some text." in decoded
+    # The one rendering: the document block, then the question turn with no system turn
+    # (SmolLM2's template would insert its default one) in between.
+    assert tokenizer.decode(with_doc.context) == "Zorbania\nSome text.\n"
+    assert tokenizer.decode(bare.query).startswith("<|im_start|>user\n")
+    assert "system" not in tokenizer.decode(with_doc.context + with_doc.query)
 
 
 def test_parse_choice_and_answer_match():
@@ -87,7 +89,7 @@ def test_fit_context_cuts_to_the_budget(tokenizer):
     block, dropped = ev.fit_context(tokenizer, [("T", text)], 200)
     assert len(block) <= 200 and len(block) > 190 and dropped > 0
     whole, none = ev.fit_context(tokenizer, [("T", "short")], 200)
-    short = ev.build_prompt(tokenizer, MC, ev.context_message([("T", "short")]))
+    short = ev.build_prompt(tokenizer, MC, [("T", "short")])
     assert none == 0 and whole == short.context
     two, dropped2 = ev.fit_context(tokenizer, [("T", "short"), ("U", text)], 100)
     assert len(two) <= 100 and dropped2 == len(tokenizer.encode(text, add_special_tokens=False))
@@ -170,10 +172,10 @@ def test_prompt_tokens_and_kv_bytes(tiny):
 
 
 def test_icl_truncation_is_reported(tiny):
-    evaluator = ev.Evaluator(tiny, DOCS, ev.EvalConfig(window=256, max_new_tokens=0))
+    evaluator = ev.Evaluator(tiny, DOCS, ev.EvalConfig(window=128, max_new_tokens=0))
     result = evaluator.icl([MC])
     assert result.truncated == 1 and result.truncated_tokens > 0
-    assert result.prompt_tokens + 4 <= 256  # context + query + the answer fit the window
+    assert result.prompt_tokens + 4 <= 128  # context + query + the answer fit the window
 
 
 def test_retrieval_cartridges_do_not_recompile_when_k_changes(tiny):
@@ -191,8 +193,7 @@ def test_retrieval_cartridges_do_not_recompile_when_k_changes(tiny):
 
 def test_context_as_prefix_equals_context_tokens_in_the_sequence(tiny):
     """Forward level: a context's K/V as the prefix gives the log-probs of its tokens inline."""
-    prompts = [ev.build_prompt(tiny.tokenizer, q, ev.context_message([(DOCS[q.doc_id].title,
-                                                                         DOCS[q.doc_id].text)]))
+    prompts = [ev.build_prompt(tiny.tokenizer, q, [(DOCS[q.doc_id].title, DOCS[q.doc_id].text)])
                for q in (MC, FREE)]
     conts = [tiny.tokenizer.encode(a, add_special_tokens=False) for a in ("Quillton", "Mount Brel")]
     inline = ev.score_continuations(tiny, [p.context + p.query for p in prompts], conts)
@@ -212,8 +213,8 @@ def test_oracle_cartridge_of_the_document_kv_equals_icl(tiny):
     questions = [MC, FREE]
     evaluator = ev.Evaluator(tiny, DOCS, ev.EvalConfig(max_new_tokens=0))
     icl = evaluator.icl(questions)
-    source = {d: _kv_cartridge(tiny, ev.build_prompt(tiny.tokenizer, MC, ev.context_message(
-        [(DOCS[d].title, DOCS[d].text)])).context, d) for d in DOCS}
+    source = {d: _kv_cartridge(tiny, ev.build_prompt(
+        tiny.tokenizer, MC, [(DOCS[d].title, DOCS[d].text)]).context, d) for d in DOCS}
     oracle = evaluator.oracle_cartridge(questions, source)
     np.testing.assert_allclose(oracle.records[0]["option_logprobs"],
                                icl.records[0]["option_logprobs"], atol=1e-4, rtol=1e-4)

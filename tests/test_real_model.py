@@ -103,3 +103,26 @@ def test_truncated_gguf_named(tmp_path):
     garbage.write_bytes(b"not a gguf file at all" * 10)
     with pytest.raises(checkpoints.CheckpointError, match="garbage.gguf"):
         checkpoints.load_gguf(str(garbage))
+
+
+@pytest.mark.slow
+def test_cartridge_of_the_documents_own_kv_equals_icl(smollm):
+    """The one rendering puts a cartridge exactly where ICL's document block stands: a cartridge
+    initialised from the whole block (first-P init with P = its length) scores like ICL."""
+    from cas_jax import corpus, evaluate, questions, rendering, train_collection
+    from cas_jax.cartridge import init_from_tokens
+
+    docs = corpus.load_factbook_sections(documents=["fr-transportation"])
+    qs = questions.generate_factbook_questions(["fr-transportation"], 3, seed=0)
+    assert qs and all(q.doc_id == "fr-transportation" for q in qs)
+    ev = evaluate.Evaluator(smollm, docs, evaluate.EvalConfig(max_new_tokens=0))
+    icl = ev.icl(qs)
+    text = docs["fr-transportation"].text
+    n = len(rendering.rendering_for(smollm.tokenizer).document(text))
+    ids = train_collection.document_tokens(smollm.tokenizer, text, n)
+    cart = init_from_tokens(smollm.config, smollm.params, ids, fingerprint=smollm.fingerprint,
+                            doc_id="fr-transportation")
+    oracle = ev.oracle_cartridge(qs, {"fr-transportation": cart})
+    assert oracle.cartridge_tokens == icl.context_tokens == n
+    for a, b in zip(oracle.records, icl.records):
+        np.testing.assert_allclose(a["option_logprobs"], b["option_logprobs"], atol=2e-3, rtol=1e-4)

@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from cas_jax import dataset, loading, model as model_lib, synthesis, tokenizer as tok_lib
+from cas_jax import dataset, loading, model as model_lib, rendering, synthesis
+from cas_jax import tokenizer as tok_lib
 from cas_jax.config import ModelConfig
 from cas_jax.corpus import Document
 
@@ -45,13 +46,13 @@ def test_work_items_are_deterministic_and_distinct():
 
 
 def test_family_weights_are_validated_and_used():
-    probs = synthesis.SynthesisConfig(family_weights=(0, 0, 1, 0, 0, 0)).family_probs()
+    probs = synthesis.SynthesisConfig(family_weights=(0, 0, 1, 0, 0, 0, 0)).family_probs()
     assert synthesis.FAMILIES[int(np.argmax(probs))] == "question" and probs.max() == 1
     with pytest.raises(ValueError, match="family_weights"):
         synthesis.SynthesisConfig(family_weights=(1, 2)).family_probs()
     assert all(len(p) >= 3 for p in synthesis.SEED_PROMPTS.values())
     assert set(synthesis.FAMILIES) == {"structuring", "summarization", "question", "use_case",
-                                       "creative", "generic"}
+                                       "creative", "generic", "spans"}
 
 
 def _teacher_context(tiny, documents, conv):
@@ -59,9 +60,9 @@ def _teacher_context(tiny, documents, conv):
     doc = documents[conv.doc_id]
     ids = tok(doc.text, add_special_tokens=False)["input_ids"]
     chunk = tok.decode(ids[conv.chunk_start:conv.chunk_end])
-    system = {"role": "system", "content": synthesis.chunk_system_prompt(doc.title, chunk)}
-    return tok_lib.encode_chat(tok, [system] + json.loads(conv.messages),
-                               add_generation_prompt=False), len(ids)
+    r = rendering.rendering_for(tok)
+    return (r.document(synthesis.chunk_passage(doc.title, chunk))
+            + r.conversation(json.loads(conv.messages), add_generation_prompt=False), len(ids))
 
 
 def test_batch_alignment_spans_and_teacher_logprobs(tiny, documents):
@@ -69,15 +70,15 @@ def test_batch_alignment_spans_and_teacher_logprobs(tiny, documents):
     items = synthesis.work_items(sorted(documents), 1, seed=0)
     convs, generated = study.run_batch(items)
     assert generated > 0 and len(convs) == len(items)
-    # ChatML renders the system message as the start of every prompt, so the batch ran with
-    # the system messages prefilled once: the teacher rows checked below came from that path.
+    # The batch ran with the document blocks prefilled once: the teacher rows checked below
+    # came from that path.
     plans = [study.plan(it) for it in items]
     context = study._system_context(plans)
     assert context is not None
     assert context.lengths.tolist() == [len(study.system_tokens(p)) for p in plans]
     prompt = study.user_prompt(plans[0])
     assert list(context.strip(0, prompt)) == prompt[len(context.ids[0]):]
-    with pytest.raises(ValueError, match="row 0.*system message"):
+    with pytest.raises(ValueError, match="row 0.*document block"):
         context.strip(0, prompt[1:])
     for item, conv in zip(items, convs):
         assert (conv.doc_id, conv.conversation_index) == (item.doc_id, item.conversation_index)

@@ -1,0 +1,173 @@
+"""The quality study: closed book, ICL, RAG and trained oracle cartridges on held-out questions.
+
+  python -m benchmarks.quality                      # the default study (test profiles)
+  python -m benchmarks.quality --split=dev --profiles=4 --out=runs/quality_dev   # tuning
+
+Documents are `factbook_sections` sections (--sections) of the first --profiles profiles of
+the --split (`cas_jax.splits`: tune on dev, report on test). Questions: every Factbook question
+field of those profiles, multiple choice and free answer, addressed to the section holding the
+field. Stages resume from --out (`cas_jax.study`): self-study (+ a held-out set), baselines,
+cartridge training with a learning curve, report (report.md, report.json, curve.png).
+Last line: `icl_gap=X recovered_acc=Y recovered_nll=Z compression=C`.
+"""
+
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+from absl import app, flags
+
+from cas_jax import corpus, evaluate, loading, pipeline, questions as questions_lib, splits
+from cas_jax import selfstudy_quality, study, synthesis
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", "runs/quality", "Output folder (resumed if present).")
+flags.DEFINE_string("model", "", "HF folder or GGUF file; empty = embedded SmolLM2-135M-Instruct.")
+flags.DEFINE_enum("split", "test", ["dev", "test"], "Profiles to draw documents from.")
+flags.DEFINE_integer("profiles", 24, "Profiles (from the start of the split).")
+flags.DEFINE_list("sections", ["geography", "government", "people_and_society"],
+                  "Section slugs to use as documents (those holding question fields).")
+flags.DEFINE_list("kinds", ["mc", "free"], "Question kinds.")
+flags.DEFINE_integer("conversations_per_doc", 32, "Training conversations per document.")
+flags.DEFINE_integer("heldout_per_doc", 4, "Held-out conversations per document (other seed).")
+flags.DEFINE_string("family_weights", "spans=1",
+                    "Self-study family weights as family=weight pairs; unlisted families get 0. "
+                    f"Families: {','.join(synthesis.FAMILIES)}.")
+D = pipeline.PipelineConfig()
+flags.DEFINE_integer("span_turns", D.span_turns, "Exchanges per span conversation.")
+flags.DEFINE_integer("chunk_min", 384, "Shortest self-study chunk (tokens).")
+flags.DEFINE_integer("chunk_max", 768, "Longest self-study chunk (tokens).")
+flags.DEFINE_integer("max_user_tokens", D.max_user_tokens, "Most tokens of a generated user turn.")
+flags.DEFINE_integer("max_answer_tokens", D.max_answer_tokens, "Most tokens of a generated answer.")
+flags.DEFINE_integer("no_repeat_ngram_size", 4, "Agents' no-repeat n-gram size (0 = off).")
+flags.DEFINE_float("repetition_penalty", 1.0, "Agents' repetition penalty (1 = off).")
+flags.DEFINE_integer("synthesis_batch", D.synthesis_batch, "Conversations generated together.")
+flags.DEFINE_integer("tokens", D.tokens_per_doc, "Cartridge tokens P per document.")
+flags.DEFINE_integer("steps", 200, "Training steps (all documents together, in isolation).")
+flags.DEFINE_integer("batch", D.batch, "Conversations per step.")
+flags.DEFINE_integer("seq_len", 256, "Training sequence length.")
+flags.DEFINE_float("lr", D.lr, "Adam learning rate.")
+flags.DEFINE_integer("eval_every", 50, "Learning-curve interval in steps (0 = start and end).")
+flags.DEFINE_integer("max_new_tokens", 24, "Greedy generation length (free-answer match).")
+flags.DEFINE_integer("rag_top_k", 2, "RAG chunks per question.")
+flags.DEFINE_integer("seed", 0, "Seed of questions, synthesis and training.")
+
+
+def _weights() -> tuple[float, ...]:
+    pairs = dict(p.partition("=")[::2] for p in FLAGS.family_weights.split(",") if p)
+    bad = sorted(f for f in pairs if f not in synthesis.FAMILIES)
+    if bad:
+        raise app.UsageError(f"--family_weights: unknown families {bad}; expected "
+                             f"{synthesis.FAMILIES}")
+    return tuple(float(pairs.get(f, 0.0)) for f in synthesis.FAMILIES)
+
+
+def _stage(name, times, t0):
+    times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+    print(f"  {name}: {times[name]:.0f}s", flush=True)
+
+
+def main(argv):
+    del argv
+    out = FLAGS.out
+    os.makedirs(out, exist_ok=True)
+    times_path = os.path.join(out, "times.json")
+    times = json.load(open(times_path)) if os.path.exists(times_path) else {}
+    model = loading.load_model(FLAGS.model or None)
+    profiles = (splits.dev_profiles() if FLAGS.split == "dev" else splits.test_profiles())
+    profiles = profiles[:FLAGS.profiles]
+    qs = questions_lib.to_section_questions(questions_lib.generate_factbook_questions(
+        profiles, len(questions_lib.FIELDS), FLAGS.seed, kinds=FLAGS.kinds))
+    qs = [q for q in qs if q.doc_id.split("-", 1)[1] in FLAGS.sections]
+    docs = corpus.load_factbook_sections(documents=sorted({q.doc_id for q in qs}))
+    questions_lib.write_questions(os.path.join(out, "questions.jsonl"), qs)
+    cfg = study.StudyConfig(pipeline.PipelineConfig(
+        conversations_per_doc=FLAGS.conversations_per_doc, chunk_min=FLAGS.chunk_min,
+        chunk_max=FLAGS.chunk_max, max_user_tokens=FLAGS.max_user_tokens,
+        max_answer_tokens=FLAGS.max_answer_tokens, synthesis_batch=FLAGS.synthesis_batch,
+        tokens_per_doc=FLAGS.tokens, distractors=0, steps=FLAGS.steps, batch=FLAGS.batch,
+        seq_len=FLAGS.seq_len, lr=FLAGS.lr, seed=FLAGS.seed, family_weights=_weights(),
+        span_turns=FLAGS.span_turns, no_repeat_ngram_size=FLAGS.no_repeat_ngram_size,
+        repetition_penalty=FLAGS.repetition_penalty),
+        heldout_per_doc=FLAGS.heldout_per_doc, eval_every=FLAGS.eval_every,
+        max_new_tokens=FLAGS.max_new_tokens, rag_top_k=FLAGS.rag_top_k)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump({"flags": FLAGS.flag_values_dict(), "profiles": profiles,
+                   "config": dataclasses.asdict(cfg)}, f, indent=1, default=str)
+    doc_tokens = {d: len(model.tokenizer(docs[d].text, add_special_tokens=False)["input_ids"])
+                  for d in docs.ids}
+    print(f"{len(qs)} questions ({', '.join(FLAGS.kinds)}) on {len(docs)} section documents of "
+          f"{len(profiles)} {FLAGS.split} profiles; median document {np.median(list(doc_tokens.values())):.0f} "
+          f"tokens; P={FLAGS.tokens}", flush=True)
+
+    t0 = time.perf_counter()
+    print("== 1. self-study ==", flush=True)
+    progress = lambda p: print(  # noqa: E731
+        f"  {p.conversations_done}/{p.conversations_total} conversations, ETA {p.eta_s:.0f}s",
+        flush=True)
+    data_dir = pipeline.synthesize(model, docs, os.path.join(out, "selfstudy"), cfg.pipeline,
+                                   on_batch=progress)
+    heldout_dir = pipeline.synthesize(
+        model, docs, os.path.join(out, "heldout"),
+        dataclasses.replace(cfg.pipeline, conversations_per_doc=cfg.heldout_per_doc,
+                            seed=cfg.pipeline.seed + 1), on_batch=progress)
+    _stage("synthesis", times, t0)
+    quality_path = os.path.join(data_dir, "quality.json")
+    if not os.path.exists(quality_path):
+        rows = selfstudy_quality.dataset_report(model, data_dir, docs, limit=400)
+        with open(quality_path, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
+    quality = [selfstudy_quality.FamilyQuality(**r) for r in json.load(open(quality_path))]
+    print(selfstudy_quality.format_report(quality), flush=True)
+
+    t0 = time.perf_counter()
+    print("== 2. baselines ==", flush=True)
+    ev = evaluate.Evaluator(model, docs, evaluate.EvalConfig(max_new_tokens=cfg.max_new_tokens))
+    closed = study.cached_method(out, "closed_book", lambda: ev.closed_book(qs))
+    icl = study.cached_method(out, "icl", lambda: ev.icl(qs))
+    rag = study.cached_method(out, f"rag_bm25_k{cfg.rag_top_k}",
+                              lambda: ev.rag(qs, top_k=cfg.rag_top_k))
+    _stage("baselines", times, t0)
+
+    t0 = time.perf_counter()
+    print("== 3. cartridges (one per document, with learning curve) ==", flush=True)
+    store_dir = os.path.join(out, "cartridges")
+    curve_path = os.path.join(out, "curve.jsonl")
+    mc = [q for q in qs if q.kind == "mc"]
+    study.train_with_curve(
+        model, docs, data_dir, heldout_dir, store_dir, ev, mc, cfg, curve_path,
+        on_report=lambda r: print(f"  step {r.step}/{r.total_steps} loss {r.loss:.4f} "
+                                  f"{r.tokens_per_s:.0f} tok/s ETA {r.eta_s:.0f}s", flush=True),
+        on_point=lambda p: print(f"  curve: {json.dumps(p)}", flush=True))
+    _stage("training", times, t0)
+    t0 = time.perf_counter()
+    source = pipeline.StoreSource(pipeline.initial_store(model, docs, store_dir, cfg.pipeline))
+    oracle = study.cached_method(out, f"oracle_cartridge_step{cfg.pipeline.steps}",
+                                 lambda: ev.oracle_cartridge(qs, source))
+    _stage("cartridge evaluation", times, t0)
+    with open(times_path, "w") as f:
+        json.dump(times, f)
+
+    median_doc = float(np.median([doc_tokens[q.doc_id] for q in qs]))
+    rows = [study.method_row(n, o, closed, icl, median_doc, c) for n, o, c in (
+        ("closed_book", closed, None), ("icl", icl, None), (f"rag_bm25_k{cfg.rag_top_k}", rag, None),
+        ("oracle_cartridge", oracle, FLAGS.tokens))]
+    table = study.format_rows(rows)
+    study.plot_curve(curve_path, os.path.join(out, "curve.png"), closed, icl)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(table + "\n\n" + selfstudy_quality.format_report(quality) + "\n\nwall time (s): "
+                + json.dumps({k: round(v) for k, v in times.items()}) + "\n")
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump({"rows": rows, "quality": [dataclasses.asdict(r) for r in quality],
+                   "times": times, "median_document_tokens": median_doc}, f, indent=1)
+    print(table)
+    o = rows[-1]
+    print(f"icl_gap={rows[1]['accuracy'] - rows[0]['accuracy']:.3f} "
+          f"recovered_acc={o['recovered_acc']:.3f} recovered_nll={o['recovered_nll']:.3f} "
+          f"compression={o['compression']:.1f}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,281 @@
+"""The quality study: do trained cartridges recover ICL's gain over closed book, measured?
+
+Stages (each resumes from what its output folder already holds; `benchmarks.quality` wires them):
+  1. self-study conversations for every document (`selfstudy/`), and a smaller HELD-OUT set
+     from another seed (`heldout/`) that training never reads;
+  2. baselines on the questions: closed book, ICL, RAG (`eval/<method>.json`);
+  3. one cartridge per document, trained in isolation (`cartridges/`), evaluated every
+     `eval_every` steps: held-out distillation loss (with the no-cartridge student as the
+     floor), gold NLL and accuracy (`curve.jsonl`);
+  4. the report: accuracy with 95% bootstrap CIs over questions, gold NLL, ICL gain recovered
+     (method - closed book) / (ICL - closed book) on accuracy and on NLL, compression
+     (document tokens / P), prompt tokens and KV bytes per question, wall time per stage
+     (`report.md`, `report.json`, `curve.png`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cas_jax import dataset, evaluate, pipeline, train
+from cas_jax.corpus import Collection
+from cas_jax.loading import LoadedModel
+from cas_jax.questions import Question
+
+CI_SAMPLES = 1000
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def bootstrap_ci(values: Sequence[float], samples: int = CI_SAMPLES, seed: int = 0
+                 ) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of `values` (resampled with replacement)."""
+    x = np.asarray(values, np.float64)
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, len(x), (samples, len(x)))
+    means = x[idx].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def recovered(method: float, closed: float, icl: float) -> float:
+    """(method - closed book) / (ICL - closed book); nan when ICL does not beat closed book."""
+    gap = icl - closed
+    return float((method - closed) / gap) if gap > 0 else float("nan")
+
+
+def paired_recovered_ci(method: np.ndarray, closed: np.ndarray, icl: np.ndarray,
+                        samples: int = CI_SAMPLES, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of `recovered` over questions resampled jointly (paired)."""
+    idx = np.random.default_rng(seed).integers(0, len(method), (samples, len(method)))
+    m, c, i = method[idx].mean(1), closed[idx].mean(1), icl[idx].mean(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(i - c > 0, (m - c) / (i - c), np.nan)
+    r = r[np.isfinite(r)]
+    if len(r) == 0:
+        return float("nan"), float("nan")
+    return float(np.percentile(r, 2.5)), float(np.percentile(r, 97.5))
+
+
+# ----------------------------------------------------------------------------- held-out loss
+
+
+@functools.partial(jax.jit, static_argnames=("config", "train_config"))
+def _batch_loss(keys, values, params, batch, *, config, train_config):
+    parts = train.split_cartridges(keys, values, 1)
+    return train.loss_fn(parts, params, batch, config=config, train_config=train_config)
+
+
+def heldout_loss(model: LoadedModel, data_dir: str, source, seq_len: int, batch_size: int = 8,
+                 with_cartridges: bool = True) -> float:
+    """Mean distillation loss (nats per answer token) of the student on every conversation in
+    `data_dir`, each row reading its own document's cartridge from `source` (with_cartridges
+    False: the no-cartridge student, the floor training must beat)."""
+    ids = dataset.doc_ids(data_dir)
+    it = dataset.make_train_iterator(data_dir, batch_size, seq_len, shuffle=False, num_epochs=1)
+    tcfg = train.TrainConfig()
+    total, count = 0.0, 0.0
+    cartridges: dict[str, Any] = {}
+    for batch in it:
+        rows = [ids[i] for i in np.asarray(batch["doc_index"])]
+        b = len(batch["tokens"])
+        for d in rows:
+            if d not in cartridges:
+                cartridges[d] = source.get(d) if with_cartridges else None
+        if with_cartridges:
+            if any(cartridges[d] is None for d in rows):
+                raise KeyError(f"no cartridge for {[d for d in rows if cartridges[d] is None]}")
+            keys = np.stack([cartridges[d].keys for d in rows])
+            values = np.stack([cartridges[d].values for d in rows])
+        else:  # one dummy 2-token cartridge, never selected
+            cfg = model.config
+            keys = values = np.zeros((1, cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim),
+                                     model.params["embed"].dtype)
+        host = {k: jnp.asarray(batch[k]) for k in ("tokens", "loss_mask", "teacher_ids",
+                                                  "teacher_logprobs", "length")}
+        host["selection"] = jnp.asarray(np.arange(b)[:, None] % len(keys), jnp.int32)
+        host["selected"] = jnp.full((b, 1), with_cartridges)
+        mean, n = _batch_loss(jnp.asarray(keys), jnp.asarray(values), model.params, host,
+                              config=model.config, train_config=tcfg)
+        total += float(mean) * float(n)
+        count += float(n)
+    return total / max(count, 1.0)
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """The study's recipe and sizes (defaults: the recipe recorded in BUILD_NOTES.md)."""
+
+    pipeline: pipeline.PipelineConfig = pipeline.PipelineConfig()
+    heldout_per_doc: int = 4
+    eval_every: int = 0  # 0: evaluate at step 0 and at the end only
+    max_new_tokens: int = 24
+    rag_top_k: int = 2
+
+
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+def cached_method(out_dir: str, name: str, run: Callable[[], evaluate.EvalResult]) -> dict:
+    """The method's summary and records from `eval/<name>.json`, computed by `run` once."""
+    path = os.path.join(out_dir, "eval", f"{name}.json")
+    if os.path.exists(path):
+        return _read_json(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    r = run()
+    obj = {"summary": r.summary(), "records": list(r.records)}
+    _write_json(path, obj)
+    return obj
+
+
+def _no_generation(ev: evaluate.Evaluator) -> evaluate.Evaluator:
+    return evaluate.Evaluator(ev.model, ev.collection,
+                              dataclasses.replace(ev.config, max_new_tokens=0))
+
+
+def train_with_curve(model: LoadedModel, docs: Collection, data_dir: str, heldout_dir: str,
+                     store_dir: str, ev: evaluate.Evaluator, questions: Sequence[Question],
+                     cfg: StudyConfig, curve_path: str,
+                     on_report=None, on_point: Callable[[dict], None] | None = None) -> dict:
+    """Trains one cartridge per document in isolation (distractors 0) to `cfg.pipeline.steps`,
+    stopping every `cfg.eval_every` steps (and at step 0) to append a curve point: held-out
+    loss, no-cartridge floor, oracle gold NLL and accuracy. Resumes from the curve and store."""
+    p = cfg.pipeline
+    points = []
+    if os.path.exists(curve_path):
+        with open(curve_path) as f:
+            points = [json.loads(line) for line in f if line.strip()]
+    done = {pt["step"] for pt in points}
+    every = cfg.eval_every or p.steps
+    marks = sorted({0, *range(every, p.steps, every), p.steps})
+    floor = points[0]["heldout_floor"] if points else None
+    quick = _no_generation(ev)
+    summary: dict = {}
+    for step in marks:
+        t0 = time.perf_counter()
+        stage_cfg = dataclasses.replace(p, steps=max(step, 1) if step else 0)
+        if step:
+            store, summary = pipeline.train_cartridges(model, docs, data_dir, store_dir,
+                                                       stage_cfg, distractors=0,
+                                                       on_report=on_report)
+        else:
+            store = pipeline.initial_store(model, docs, store_dir, p)
+        if step in done:
+            continue
+        source = pipeline.StoreSource(store)
+        if floor is None:
+            floor = heldout_loss(model, heldout_dir, source, p.seq_len, with_cartridges=False)
+        res = quick.oracle_cartridge(questions, source)
+        point = {"step": step, "heldout_loss": heldout_loss(model, heldout_dir, source, p.seq_len),
+                 "heldout_floor": floor, "gold_nll": res.gold_nll, "accuracy": res.accuracy,
+                 "seconds": time.perf_counter() - t0}
+        with open(curve_path, "a") as f:
+            f.write(json.dumps(point) + "\n")
+        points.append(point)
+        if on_point is not None:
+            on_point(point)
+    return summary
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def method_row(name: str, obj: dict, closed: dict, icl: dict, doc_tokens: float | None,
+               cartridge_tokens: float | None) -> dict:
+    """One report row: accuracy (mc by option log-likelihood) with CI, gold NLL with CI, gain
+    recovered on accuracy and NLL (with paired CIs), compression, prompt tokens, KV bytes."""
+    recs = obj["records"]
+    acc = np.asarray([float(r["correct_ll"]) for r in recs if r["kind"] == "mc"])
+    nll = np.asarray([r["gold_nll"] for r in recs])
+    acc_c = np.asarray([float(r["correct_ll"]) for r in closed["records"] if r["kind"] == "mc"])
+    acc_i = np.asarray([float(r["correct_ll"]) for r in icl["records"] if r["kind"] == "mc"])
+    nll_c = np.asarray([r["gold_nll"] for r in closed["records"]])
+    nll_i = np.asarray([r["gold_nll"] for r in icl["records"]])
+    s = obj["summary"]
+    row = {"method": name, "questions": len(recs), "accuracy": float(acc.mean()),
+           "accuracy_ci": bootstrap_ci(acc), "gold_nll": float(nll.mean()),
+           "gold_nll_ci": bootstrap_ci(nll),
+           "free_match": s.get("free_match"),
+           "recovered_acc": recovered(acc.mean(), acc_c.mean(), acc_i.mean()),
+           "recovered_acc_ci": paired_recovered_ci(acc, acc_c, acc_i),
+           # NLL falls as context helps: recovered on -NLL.
+           "recovered_nll": recovered(-nll.mean(), -nll_c.mean(), -nll_i.mean()),
+           "recovered_nll_ci": paired_recovered_ci(-nll, -nll_c, -nll_i),
+           "compression": (doc_tokens / cartridge_tokens) if doc_tokens and cartridge_tokens
+           else None,
+           "prompt_tokens": s["prompt_tokens"], "cartridge_tokens": s["cartridge_tokens"],
+           "kv_bytes": s["kv_bytes"], "seconds_per_question": s["latency_s"]}
+    return row
+
+
+def format_rows(rows: Sequence[dict]) -> str:
+    def ci(x):
+        return f"[{x[0]:.3f}, {x[1]:.3f}]"
+
+    def num(x, fmt="{:.3f}"):
+        return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else fmt.format(x)
+
+    lines = ["| method | questions | accuracy | 95% CI | gold NLL | 95% CI | recovered (acc) "
+             "| recovered (NLL) | compression | prompt tok/q | cartridge tok/q | KV MiB/q |",
+             "|" + "---|" * 12]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['questions']} | {r['accuracy']:.3f} | {ci(r['accuracy_ci'])} "
+            f"| {r['gold_nll']:.3f} | {ci(r['gold_nll_ci'])} | {num(r['recovered_acc'])} "
+            f"| {num(r['recovered_nll'])} | {num(r['compression'], '{:.1f}x')} "
+            f"| {r['prompt_tokens']:.0f} | {r['cartridge_tokens']:.0f} "
+            f"| {r['kv_bytes'] / 2**20:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_curve(curve_path: str, png_path: str, closed: dict, icl: dict) -> None:
+    """Held-out loss (with floor), gold NLL and accuracy against step, with the closed-book and
+    ICL levels as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(curve_path) as f:
+        pts = [json.loads(line) for line in f if line.strip()]
+    steps = [p["step"] for p in pts]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(steps, [p["heldout_loss"] for p in pts], "o-", label="oracle cartridge")
+    axes[0].axhline(pts[0]["heldout_floor"], color="grey", ls="--", label="no cartridge")
+    axes[0].set_title("held-out distillation loss")
+    for ax, key, name in ((axes[1], "gold_nll", "gold_nll"), (axes[2], "accuracy", "accuracy")):
+        ax.plot(steps, [p[key] for p in pts], "o-", label="oracle cartridge")
+        ax.axhline(closed["summary"][name if name == "gold_nll" else "accuracy"], color="grey",
+                   ls="--", label="closed book")
+        ax.axhline(icl["summary"][name if name == "gold_nll" else "accuracy"], color="green",
+                   ls=":", label="ICL")
+        ax.set_title(name.replace("_", " "))
+    for ax in axes:
+        ax.set_xlabel("training step")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
