@@ -7,7 +7,11 @@ after any cartridges in `prefix`.
 
 To avoid recompiling for every new shape, the prompt length, the batch size, the cache size and
 the output length are rounded up to buckets (`bucket`); temperature, top-p, the real number of new
-tokens and the stop ids are traced values.
+tokens, the stop ids and the repetition controls (`SamplingParams`) are traced values.
+
+Repetition controls count only the tokens generated in this call, never the prompt or the
+prefix: in self-study the prompt/prefix holds the document chunk, and the model must stay free
+to quote it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from cas_jax import model as model_lib
 from cas_jax.config import ModelConfig
 
 MAX_STOP_IDS = 8
+MAX_NGRAM = 8  # largest no_repeat_ngram_size; the n-gram ban is traced up to this n
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -37,12 +42,26 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 means greedy; top_p 1.0 disables nucleus filtering."""
+    """temperature 0 means greedy; top_p 1.0 disables nucleus filtering.
+
+    Repetition controls (applied to the logits before temperature, top-p and greedy argmax) see
+    only the tokens generated so far in this call, not the prompt or the prefix:
+      repetition_penalty: > 0; a generated token's logit is divided by it if positive, multiplied
+        by it otherwise (transformers). 1.0 disables it.
+      frequency_penalty, presence_penalty: logit -= frequency_penalty * count + presence_penalty
+        * (count > 0), count = times the token was generated (OpenAI). 0.0 disables them.
+      no_repeat_ngram_size: n in [0, MAX_NGRAM]; a token that would complete an n-gram already
+        generated is banned (transformers). 0 disables it.
+    """
 
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_p: float = 1.0
     stop_ids: tuple[int, ...] = ()
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0
 
 
 def sample_logits(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_p: jax.Array
@@ -76,11 +95,46 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top
     return jax.lax.cond(temperature > 0, sample, greedy, None)
 
 
+def penalize_logits(logits: jax.Array, counts: jax.Array, out: jax.Array, step: jax.Array,
+                    penalties: tuple[jax.Array, ...]) -> jax.Array:
+    """logits [B, V] f32 -> logits with the repetition controls applied.
+
+    counts [B, V] int32: times each token was generated so far; out [B, N] int32: generated
+    tokens, out[:, :step] valid; penalties: (repetition, frequency, presence) f32 scalars and
+    no_repeat_ngram_size int32 scalar (`SamplingParams`). Each control sits behind a `lax.cond`,
+    so at its neutral value it costs nothing but the predicate.
+    """
+    rep, freq, pres, ngram = penalties
+
+    def count_penalties(x):
+        seen = counts > 0
+        x = jnp.where(seen, jnp.where(x > 0, x / rep, x * rep), x)
+        return x - freq * counts.astype(x.dtype) - pres * seen.astype(x.dtype)
+
+    def ban_ngrams(x):
+        # Row b bans out[b, j] (j < step) when the n-1 tokens before j equal the last n-1
+        # generated tokens, out[b, step-n+1 .. step-1].
+        j = jnp.arange(out.shape[1])[None]
+        match = jnp.broadcast_to(j < step, out.shape)
+        for d in range(1, MAX_NGRAM):
+            before_j = jnp.roll(out, d, axis=1)  # [:, j] = out[:, j - d], valid for j >= d
+            last = jax.lax.dynamic_slice_in_dim(out, jnp.maximum(step - d, 0), 1, axis=1)
+            match &= (d >= ngram) | ((j >= d) & (before_j == last))
+        rows = jnp.broadcast_to(jnp.arange(out.shape[0])[:, None], out.shape)
+        banned = jnp.where(match, out, x.shape[1])  # out-of-range index: dropped
+        return x.at[rows, banned].set(-jnp.inf, mode="drop")
+
+    active = (rep != 1.0) | (freq != 0.0) | (pres != 0.0)
+    logits = jax.lax.cond(active, count_penalties, lambda x: x, logits)
+    return jax.lax.cond(ngram > 0, ban_ngrams, lambda x: x, logits)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "cache_size", "out_len"),
                    donate_argnames=())
 def _generate(params, tokens, positions, prefix, rng, temperature, top_p, max_new, stop_ids,
-              *, config: ModelConfig, cache_size: int, out_len: int):
-    """tokens/positions [B, Tp] left-padded; returns (new tokens [B, out_len], lengths [B])."""
+              penalties, *, config: ModelConfig, cache_size: int, out_len: int):
+    """tokens/positions [B, Tp] left-padded; penalties as in `penalize_logits`; returns (new
+    tokens [B, out_len], lengths [B])."""
     b = tokens.shape[0]
     dtype = params["embed"].dtype
     # Prefill without the (empty) cache, so its attention spans the prompt only, then write
@@ -95,8 +149,13 @@ def _generate(params, tokens, positions, prefix, rng, temperature, top_p, max_ne
              "pos": cache["pos"].at[:, :tokens.shape[1]].set(jnp.maximum(positions, -1)),
              "index": jnp.int32(tokens.shape[1])}
     last_pos = jnp.max(positions, axis=1)
+    rows = jnp.arange(b)
+    counts = jnp.zeros(last_logits.shape, jnp.int32)
+    out = jnp.zeros((b, out_len), jnp.int32)
     rng, sub = jax.random.split(rng)
-    first = sample_logits(last_logits, sub, temperature, top_p)
+    # Nothing generated yet: the controls are applied for consistency but change nothing.
+    first = sample_logits(penalize_logits(last_logits, counts, out, jnp.int32(0), penalties),
+                          sub, temperature, top_p)
 
     def is_stop(tok):
         return jnp.any(tok[:, None] == stop_ids[None, :], axis=1)
@@ -106,28 +165,31 @@ def _generate(params, tokens, positions, prefix, rng, temperature, top_p, max_ne
     params = model_lib.unroll_layers(params)
     cache = model_lib.unroll_layers(cache)
     prefix = None if prefix is None else model_lib.unroll_layers(prefix)
-    out = jnp.zeros((b, out_len), jnp.int32).at[:, 0].set(first)
+    out = out.at[:, 0].set(first)
+    counts = counts.at[rows, first].add(1)
     done = is_stop(first) | (max_new <= 1)
     lengths = jnp.ones((b,), jnp.int32)
 
     def cond(state):
-        step, _, _, _, done, _, _ = state
+        step, _, _, _, _, done, _, _ = state
         return (step < jnp.minimum(max_new, out_len)) & ~jnp.all(done)
 
     def body(state):
-        step, cache, out, tok, done, lengths, rng = state
+        step, cache, out, counts, tok, done, lengths, rng = state
         pos = (last_pos + step)[:, None]
         logits, cache = model_lib.forward(params, tok[:, None], pos, cache, prefix, config=config)
+        logits = penalize_logits(logits[:, 0], counts, out, step, penalties)
         rng, sub = jax.random.split(rng)
-        nxt = sample_logits(logits[:, 0], sub, temperature, top_p)
+        nxt = sample_logits(logits, sub, temperature, top_p)
         nxt = jnp.where(done, 0, nxt)
         out = out.at[:, step].set(nxt)
+        counts = counts.at[rows, nxt].add((~done).astype(jnp.int32))
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | is_stop(nxt)
-        return step + 1, cache, out, nxt, done, lengths, rng
+        return step + 1, cache, out, counts, nxt, done, lengths, rng
 
-    state = (jnp.int32(1), cache, out, first, done, lengths, rng)
-    _, _, out, _, _, lengths, _ = jax.lax.while_loop(cond, body, state)
+    state = (jnp.int32(1), cache, out, counts, first, done, lengths, rng)
+    _, _, out, _, _, _, lengths, _ = jax.lax.while_loop(cond, body, state)
     return out, lengths
 
 
@@ -177,6 +239,12 @@ def generate(params, config: ModelConfig, prompts: list[list[int]],
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
+    if not 0 <= sampling.no_repeat_ngram_size <= MAX_NGRAM:
+        raise ValueError(f"generate: no_repeat_ngram_size must be in [0, {MAX_NGRAM}], got "
+                         f"{sampling.no_repeat_ngram_size}")
+    if sampling.repetition_penalty <= 0:
+        raise ValueError(f"generate: repetition_penalty must be > 0, got "
+                         f"{sampling.repetition_penalty}")
     b = len(prompts)
     b_pad = bucket(b, minimum=1)
     tp = bucket(max(len(p) for p in prompts))
@@ -205,6 +273,8 @@ def generate(params, config: ModelConfig, prompts: list[list[int]],
         params, jnp.asarray(tokens), jnp.asarray(positions), prefix, jax.random.PRNGKey(seed),
         jnp.float32(sampling.temperature), jnp.float32(sampling.top_p),
         jnp.int32(sampling.max_new_tokens), jnp.asarray(stop_arr),
+        (jnp.float32(sampling.repetition_penalty), jnp.float32(sampling.frequency_penalty),
+         jnp.float32(sampling.presence_penalty), jnp.int32(sampling.no_repeat_ngram_size)),
         config=config, cache_size=cache_size, out_len=out_len)
     out, lengths = np.asarray(out), np.asarray(lengths)
     return [out[i, :lengths[i]].tolist() for i in range(b)]
