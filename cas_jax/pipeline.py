@@ -43,6 +43,7 @@ class PipelineConfig:
     span_turns: int = 4
     no_repeat_ngram_size: int = 0
     repetition_penalty: float = 1.0
+    init: str = "first_tokens"  # train_collection.INITS
 
 
 def synthesize(model: LoadedModel, docs: Collection, data_dir: str, cfg: PipelineConfig,
@@ -66,7 +67,7 @@ def _train(model: LoadedModel, data_dir: str, store_dir: str, cfg: PipelineConfi
     """`train_collection` with the pipeline's steps, batch, budget, learning rate and seed, so
     CAS and both baselines see the same data and token budget."""
     ccfg = CollectionConfig(
-        tokens_per_doc=tokens_per_doc, batch_size=cfg.batch, seq_len=cfg.seq_len,
+        tokens_per_doc=tokens_per_doc, init=cfg.init, batch_size=cfg.batch, seq_len=cfg.seq_len,
         steps=cfg.steps, distractors=DistractorSchedule(distractors, "uniform"),
         budget_bytes=cfg.budget_bytes, checkpoint_every=max(cfg.steps // 4, 1), seed=cfg.seed)
     tcfg = train.TrainConfig(lr=cfg.lr, total_steps=cfg.steps)
@@ -93,7 +94,7 @@ def initial_store(model: LoadedModel, docs: Collection, store_dir: str, cfg: Pip
     fresh optimizer state (created where missing), i.e. the cartridges at step 0."""
     store = CartridgeStore(os.path.join(store_dir, "cartridges"), model.fingerprint)
     optimizer = train.make_optimizer(train.TrainConfig(lr=cfg.lr, total_steps=cfg.steps))
-    initialise_store(store, model, docs.texts, cfg.tokens_per_doc, optimizer)
+    initialise_store(store, model, docs.texts, cfg.tokens_per_doc, optimizer, init=cfg.init)
     return store
 
 

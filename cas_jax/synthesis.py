@@ -335,12 +335,16 @@ class SelfStudy:
         return self.render.document(plan.passage)
 
     def _system_context(self, plans: Sequence[Plan]) -> SystemContext:
-        """Prefills the plans' document blocks (one row each)."""
-        ids = [self.system_tokens(p) for p in plans]
-        tokens, positions = sampling.right_pad(ids, sampling.bucket(max(map(len, ids))))
+        """Prefills the plans' document blocks (one row each; a block shared by several rows,
+        e.g. a whole short document, is prefilled once)."""
+        ids = [tuple(self.system_tokens(p)) for p in plans]
+        unique = list(dict.fromkeys(ids))
+        tokens, positions = sampling.right_pad(unique, sampling.bucket(max(map(len, unique))),
+                                               sampling.bucket(len(unique), minimum=1))
         k, v = model_lib.prefill_kv_jit(self.model.params, jnp.asarray(tokens),
                                         jnp.asarray(positions), config=self.model.config)
-        return SystemContext(tuple(map(tuple, ids)), k, v)
+        rows = np.asarray([unique.index(x) for x in ids])
+        return SystemContext(tuple(ids), k[:, rows], v[:, rows])
 
     def _generate(self, prompts: list[list[int]], max_new: int, temperature: float,
                   seed: int, context: SystemContext | None = None, penalties: dict | None = None

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cas_jax import cartridge as cart_lib, dataset, rendering, train
+from cas_jax import cartridge as cart_lib, dataset, kv_compression, rendering, train
 from cas_jax.budget import BudgetManager
 from cas_jax.cartridge import Cartridge
 from cas_jax.distractors import DistractorSchedule, StepPlan, plan_step
@@ -51,11 +51,13 @@ RUN_STATE = "collection_run.json"
 
 @dataclasses.dataclass(frozen=True)
 class CollectionConfig:
-    """tokens_per_doc: P of every document's cartridge. budget_bytes: device bytes for resident
+    """tokens_per_doc: P of every document's cartridge. init: how missing cartridges start
+    (`initialise_store`). budget_bytes: device bytes for resident
     cartridges + optimizer state. checkpoint_every: steps between checkpoints. io_threads:
     the budget manager's reader threads."""
 
     tokens_per_doc: int = 128
+    init: str = "first_tokens"
     batch_size: int = 4
     seq_len: int = 512
     steps: int = 100
@@ -125,19 +127,31 @@ def opt_template_fn(optimizer: optax.GradientTransformation) -> Callable[[Cartri
     return cached_opt_template(lambda c: optimizer.init(single_parts(c)))
 
 
+INITS = ("first_tokens", "document_kv")
+
+
 def initialise_store(store: CartridgeStore, model: LoadedModel, texts: dict[str, str],
                      tokens_per_doc: int, optimizer: optax.GradientTransformation,
-                     num_frozen: int = 1) -> list[str]:
-    """Saves a first-P-tokens cartridge (with fresh optimizer state) for every document the
-    store lacks; returns the ids it created."""
+                     num_frozen: int = 1, init: str = "first_tokens") -> list[str]:
+    """Saves a fresh cartridge (with fresh optimizer state) for every document the store lacks;
+    returns the ids it created. init: "first_tokens" (the K/V of the document block's first P
+    tokens, the paper's default) or "document_kv" (`kv_compression`: the whole block's K/V
+    compressed to its P most-attended positions; a block shorter than P falls back to
+    first_tokens)."""
+    if init not in INITS:
+        raise ValueError(f"init {init!r}: expected one of {INITS}")
     made = []
     for doc_id, text in texts.items():
         if store.exists(doc_id):
             continue
-        ids = document_tokens(model.tokenizer, text, tokens_per_doc)
-        c = cart_lib.init_from_tokens(model.config, model.params, ids,
-                                      fingerprint=model.fingerprint, doc_id=doc_id,
-                                      num_frozen=num_frozen)
+        block = rendering.rendering_for(model.tokenizer).document(text) if text.strip() else []
+        common = dict(fingerprint=model.fingerprint, doc_id=doc_id, num_frozen=num_frozen)
+        if init == "document_kv" and len(block) > tokens_per_doc:
+            c = kv_compression.init_from_document_kv(model.config, model.params, block,
+                                                     tokens_per_doc, **common)
+        else:
+            ids = document_tokens(model.tokenizer, text, tokens_per_doc)
+            c = cart_lib.init_from_tokens(model.config, model.params, ids, **common)
         c = jax.device_get(c)
         store.save(doc_id, c, jax.device_get(optimizer.init(single_parts(c))), step=0)
         made.append(doc_id)
@@ -241,7 +255,7 @@ def train_collection(model: LoadedModel, data_dir: str, store_dir: str, cfg: Col
             raise ValueError(f"{store_dir}: no cartridge yet for {missing[:5]}... and no document "
                              "text given to initialise them")
         initialise_store(main, model, {d: texts[d] for d in missing}, cfg.tokens_per_doc,
-                         optimizer)
+                         optimizer, init=cfg.init)
 
     run_path = os.path.join(store_dir, RUN_STATE)
     data = dataset.make_train_iterator(data_dir, cfg.batch_size, cfg.seq_len, cfg.seed,

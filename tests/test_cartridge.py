@@ -187,3 +187,37 @@ def test_loading_a_cartridge_for_another_model_fails_clearly(params, tmp_path):
     relaid = dataclasses.replace(model, config=dataclasses.replace(CONFIG, num_kv_heads=4))
     with pytest.raises(cart_lib.CartridgeMismatchError, match="fr_cartridge.*kv_heads=4"):
         chat.load_for_model(path, relaid)
+
+
+def test_document_kv_init_keeps_the_sink_and_the_most_attended_positions(params):
+    from cas_jax import kv_compression as kvc
+
+    doc = _tokens(40, 7)
+    # Keeping every position is the document's own KV cache (= init_from_tokens).
+    whole = kvc.init_from_document_kv(CONFIG, params, doc, 40, fingerprint=FP, doc_id="d")
+    ref = cart_lib.init_from_tokens(CONFIG, params, doc, fingerprint=FP, doc_id="d")
+    np.testing.assert_allclose(whole.keys, ref.keys, atol=1e-5)
+    np.testing.assert_allclose(whole.values, ref.values, atol=1e-6)
+    keys, values, scores = kvc.key_scores(params, jnp.asarray(doc), config=CONFIG)
+    assert scores.shape == (CONFIG.num_layers, CONFIG.num_kv_heads, 40)
+    np.testing.assert_allclose(keys, ref.keys, atol=1e-5)  # the scan's K/V are the prefill's
+    # Each window query's probabilities sum to one per query head: sum(score * visible) = G.
+    seen = 40 - np.arange(40)  # window queries (all 40) that can see key j
+    np.testing.assert_allclose((np.asarray(scores) * seen).sum(-1),
+                               CONFIG.num_heads // CONFIG.num_kv_heads * 40, rtol=1e-4)
+    keep = kvc.select_positions(np.asarray(scores), 8, pool=1)
+    assert keep.shape == (2, 2, 8) and np.all(keep[..., 0] == 0)
+    assert np.all(np.diff(keep, axis=-1) > 0)
+    best = np.argsort(-np.asarray(scores)[0, 0, 1:])[:7] + 1
+    assert set(keep[0, 0, 1:]) == set(best)
+    c = kvc.init_from_document_kv(CONFIG, params, doc, 8, fingerprint=FP, pool=1)
+    assert c.keys.shape == (2, 8, 2, 8) and c.meta.init == "document_kv"
+    # Values are the kept positions' values; keys are re-rotated to slots 0..P-1.
+    np.testing.assert_allclose(c.values[0, :, 0], ref.values[0, keep[0, 0], 0], atol=1e-6)
+    inv = model_lib.rope_inv_freq(CONFIG)
+    raw = model_lib.apply_rope(ref.keys[0][None, keep[0, 0]][:, :, :1],
+                               -jnp.asarray(keep[0, 0])[None], inv)
+    np.testing.assert_allclose(c.keys[0, :, :1], model_lib.apply_rope(
+        raw, jnp.arange(8)[None], inv)[0], atol=1e-4)
+    with pytest.raises(ValueError, match="keep"):
+        kvc.select_positions(np.asarray(scores), 41)
