@@ -220,12 +220,13 @@ def teacher_topk(params, tokens: jax.Array, positions: jax.Array, targets: jax.A
 @dataclasses.dataclass(frozen=True)
 class SystemContext:
     """The prefilled document blocks of a batch: ids, each row's document-block tokens; k, v
-    [L, N, S, K, Dh] their K/V (after RoPE, positions 0..len(ids[i])-1 in row i, padding
-    after)."""
+    [L, U, S, K, Dh] the K/V of the U distinct blocks (after RoPE, positions 0..n-1, padding
+    after); block [N] int, each row's block in k and v (rows of one document share one)."""
 
     ids: tuple[tuple[int, ...], ...]
     k: jax.Array
     v: jax.Array
+    block: np.ndarray
 
     @property
     def lengths(self) -> np.ndarray:
@@ -241,9 +242,9 @@ class SystemContext:
         return tokens[n:]
 
     def select(self, rows: Sequence[int]) -> "SystemContext":
-        """The context of `rows` only, in that order."""
-        idx = np.asarray(rows)
-        return SystemContext(tuple(self.ids[i] for i in rows), self.k[:, idx], self.v[:, idx])
+        """The context of `rows` only, in that order (no K/V copied)."""
+        return SystemContext(tuple(self.ids[i] for i in rows), self.k, self.v,
+                             self.block[np.asarray(rows, int)])
 
     def prefix(self, start: int, stop: int, rows: int | None = None) -> dict:
         """Rows [start, stop) as a `model.forward` prefix, padded to `rows` rows by repeating
@@ -251,7 +252,8 @@ class SystemContext:
         idx = np.arange(start, stop)
         idx = np.concatenate([idx, np.full((rows or len(idx)) - len(idx), idx[-1])])
         mask = np.arange(self.k.shape[2])[None] < self.lengths[idx][:, None]
-        return {"k": self.k[:, idx], "v": self.v[:, idx], "mask": jnp.asarray(mask)}
+        blocks = jnp.asarray(self.block[idx])
+        return {"k": self.k[:, blocks], "v": self.v[:, blocks], "mask": jnp.asarray(mask)}
 
 
 @dataclasses.dataclass
@@ -339,12 +341,14 @@ class SelfStudy:
         e.g. a whole short document, is prefilled once)."""
         ids = [tuple(self.system_tokens(p)) for p in plans]
         unique = list(dict.fromkeys(ids))
-        tokens, positions = sampling.right_pad(unique, sampling.bucket(max(map(len, unique))),
+        # Multiples of 512: each distinct prefix length compiles the prefill, the agents'
+        # sampler and the teacher again (minutes on a 2-core CPU).
+        length = -(-max(map(len, unique)) // 512) * 512
+        tokens, positions = sampling.right_pad(unique, length,
                                                sampling.bucket(len(unique), minimum=1))
         k, v = model_lib.prefill_kv_jit(self.model.params, jnp.asarray(tokens),
                                         jnp.asarray(positions), config=self.model.config)
-        rows = np.asarray([unique.index(x) for x in ids])
-        return SystemContext(tuple(ids), k[:, rows], v[:, rows])
+        return SystemContext(tuple(ids), k, v, np.asarray([unique.index(x) for x in ids]))
 
     def _generate(self, prompts: list[list[int]], max_new: int, temperature: float,
                   seed: int, context: SystemContext | None = None, penalties: dict | None = None

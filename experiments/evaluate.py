@@ -27,7 +27,8 @@ flags.DEFINE_list("question_kinds", ["mc"], "Kinds for --make_questions: mc, fre
 flags.DEFINE_integer("seed", 0, "Seed of --make_questions.")
 flags.DEFINE_multi_string("method", ["closed_book"], "Methods, repeated or comma-separated.")
 flags.DEFINE_string("model", "", "HF folder or GGUF file; empty = embedded SmolLM2-135M-Instruct.")
-flags.DEFINE_string("collection", "factbook", "'factbook' or a folder of .txt/.md/.json files.")
+flags.DEFINE_string("collection", "factbook", "'factbook', 'factbook_sections' (one document "
+                    "per profile section, e.g. fr-geography) or a folder of .txt/.md/.json files.")
 flags.DEFINE_list("documents", [], "Document ids; empty = those the questions ask about "
                   "(Factbook; fr,gm,ja with --make_questions) or the whole folder.")
 flags.DEFINE_string("cartridge_dir", "", "CartridgeStore root or folder of cartridge dirs.")
@@ -68,10 +69,9 @@ class DirectorySource:
 
 
 def _collection(asked: list[str]) -> corpus.Collection:
-    if FLAGS.collection == "factbook":
-        return corpus.load_factbook(documents=FLAGS.documents or asked)
-    docs = corpus.load_folder(FLAGS.collection)
-    return docs.subset(FLAGS.documents) if FLAGS.documents else docs
+    if FLAGS.collection in corpus.FACTBOOK_COLLECTIONS:
+        return corpus.load_collection(FLAGS.collection, FLAGS.documents or asked)
+    return corpus.load_collection(FLAGS.collection, FLAGS.documents or None)
 
 
 def _run(evaluator: evaluate.Evaluator, method: str, qs, source) -> evaluate.EvalResult:
@@ -103,9 +103,11 @@ def main(argv):
     if not FLAGS.questions:
         raise app.UsageError("--questions is required")
     if FLAGS.make_questions:
-        if FLAGS.collection != "factbook":
-            raise app.UsageError("--make_questions needs --collection=factbook")
-        ids = FLAGS.documents or list(DEFAULT_FACTBOOK_DOCS)
+        if FLAGS.collection not in corpus.FACTBOOK_COLLECTIONS:
+            raise app.UsageError("--make_questions needs --collection=factbook or "
+                                 "factbook_sections")
+        ids = FLAGS.documents or (list(DEFAULT_FACTBOOK_DOCS) if FLAGS.collection == "factbook"
+                                  else [f"{d}-geography" for d in DEFAULT_FACTBOOK_DOCS])
         made = questions_lib.generate_factbook_questions(ids, FLAGS.make_questions, FLAGS.seed,
                                                          FLAGS.question_kinds)
         questions_lib.write_questions(FLAGS.questions, made)

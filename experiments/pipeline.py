@@ -21,9 +21,14 @@ from absl import app, flags
 from cas_jax import corpus, evaluate, loading, pipeline, questions as questions_lib
 
 DEFAULTS = pipeline.PipelineConfig()
+# Geography sections of four test profiles (cas_jax.splits): ~700-token documents whose fields
+# (area, coastline, highest and lowest point) the generated questions ask about.
+DEMO_DOCUMENTS = ("ws-geography", "ti-geography", "mj-geography", "ly-geography")
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "", "HF folder or GGUF file; empty = embedded SmolLM2-135M-Instruct.")
-flags.DEFINE_list("documents", ["tb", "vi", "cw", "bd"], "Factbook document ids.")
+flags.DEFINE_string("collection", "factbook_sections", "'factbook_sections' (a document per "
+                    "profile section), 'factbook' (whole profiles) or a folder of files.")
+flags.DEFINE_list("documents", list(DEMO_DOCUMENTS), "Document ids of --collection.")
 flags.DEFINE_string("out", "runs/demo", "Output folder (resumed if present).")
 flags.DEFINE_integer("conversations_per_doc", DEFAULTS.conversations_per_doc,
                      "Self-study conversations per document.")
@@ -68,7 +73,7 @@ def main(argv):
     os.makedirs(out, exist_ok=True)
     t_all = time.perf_counter()
     model = loading.load_model(FLAGS.model or None)
-    docs = corpus.load_factbook(documents=FLAGS.documents)
+    docs = corpus.load_collection(FLAGS.collection, FLAGS.documents)
     print(f"model {model.path} ({model.config.num_layers} layers); documents "
           f"{', '.join(f'{d} ({docs[d].title})' for d in docs.ids)}", flush=True)
 

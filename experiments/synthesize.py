@@ -13,7 +13,8 @@ from cas_jax import corpus, loading, synthesis
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "", "HF folder or GGUF file; empty = embedded SmolLM2-135M-Instruct.")
-flags.DEFINE_string("collection", "factbook", "'factbook' or a folder of .txt/.md/.json files.")
+flags.DEFINE_string("collection", "factbook", "'factbook', 'factbook_sections' or a folder of "
+                    ".txt/.md/.json files.")
 flags.DEFINE_string("documents", "", "Comma-separated doc ids; empty = fr,gm,ja for the "
                     "Factbook, every document of a folder.")
 flags.DEFINE_integer("conversations_per_doc", 16, "Conversations synthesised per document.")
@@ -38,8 +39,7 @@ def _collection() -> corpus.Collection:
     ids = [d for d in FLAGS.documents.split(",") if d]
     if FLAGS.collection == "factbook":
         return corpus.load_factbook(documents=ids or DEFAULT_FACTBOOK_DOCS)
-    docs = corpus.load_folder(FLAGS.collection)
-    return docs.subset(ids) if ids else docs
+    return corpus.load_collection(FLAGS.collection, ids or None)
 
 
 def _family_weights() -> tuple[float, ...] | None:

@@ -25,8 +25,10 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "", "HF folder or GGUF file; empty = embedded SmolLM2-135M-Instruct.")
 flags.DEFINE_string("data", None, "Self-study dataset folder (from experiments.synthesize).")
 flags.DEFINE_string("store", None, "Cartridge store folder (created or resumed).")
-flags.DEFINE_string("collection", "factbook", "'factbook' or a folder: the documents' texts, "
-                    "used to initialise their cartridges.")
+flags.DEFINE_string("collection", "factbook", "'factbook', 'factbook_sections' or a folder: the "
+                    "documents' texts, used to initialise their cartridges.")
+flags.DEFINE_enum("init", "first_tokens", ["first_tokens", "document_kv"],
+                  "Cartridge initialisation (train_collection.initialise_store).")
 flags.DEFINE_integer("tokens_per_doc", 128, "Cartridge tokens P per document.")
 flags.DEFINE_integer("distractors", 3, "Most distractor cartridges per example (k_max).")
 flags.DEFINE_enum("schedule", "uniform", SCHEDULES, "How k is drawn per step.")
@@ -50,8 +52,7 @@ def main(argv):
     del argv
     model = loading.load_model(FLAGS.model or None)
     ids = list(dataset.doc_ids(FLAGS.data))
-    docs = (corpus.load_factbook(documents=ids) if FLAGS.collection == "factbook"
-            else corpus.load_folder(FLAGS.collection).subset(ids))
+    docs = corpus.load_collection(FLAGS.collection, ids)
     texts, cartridge_of = docs.texts, None
     tokens, k_max = FLAGS.tokens_per_doc, FLAGS.distractors
     if FLAGS.monolithic:
@@ -59,7 +60,7 @@ def main(argv):
                                                                  FLAGS.seq_len)
         k_max = 0
     cfg = CollectionConfig(
-        tokens_per_doc=tokens, batch_size=FLAGS.batch, seq_len=FLAGS.seq_len,
+        tokens_per_doc=tokens, init=FLAGS.init, batch_size=FLAGS.batch, seq_len=FLAGS.seq_len,
         steps=FLAGS.steps, distractors=DistractorSchedule(k_max, FLAGS.schedule,
                                                           FLAGS.ramp_steps),
         grad_scope=FLAGS.grad_scope, budget_bytes=FLAGS.budget_bytes,
