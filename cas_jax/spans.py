@@ -6,7 +6,8 @@ segment of the chunk, and every user turn is a cue drawn from that segment, so t
 reads the chunk) predicts the answer by copying it while the no-context student cannot; the
 distillation target is the teacher's distribution over those tokens.
 
-Segments are the chunk's lines, a long line cut at sentence ends (`max_segment_chars`); lines
+Segments are the chunk's lines, a long line cut at sentence ends, else at commas or spaces, to
+at most `max_segment_chars` characters (so a conversation stays within a training sequence); lines
 shorter than `min_words` words are skipped, and so is the chunk's first line when it is the
 document's title. The cue depends only on the text's shape, not on any one collection:
   "key: value" segments (a colon within the first `max_key_chars` characters) ask about the key:
@@ -23,10 +24,12 @@ from collections.abc import Sequence
 import numpy as np
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+(?=[A-Z0-9\"'(])")
+_CLAUSE_END = re.compile(r"(?<=[,;])\s+")
+_SPACE = re.compile(r"\s+")
 
 
 def segments(text: str, *, title: str | None = None, min_words: int = 3,
-             max_segment_chars: int = 400) -> list[str]:
+             max_segment_chars: int = 240) -> list[str]:
     """The chunk's answerable segments, in order (see module doc)."""
     out = []
     lines = [ln.strip() for ln in text.splitlines()]
@@ -40,18 +43,27 @@ def segments(text: str, *, title: str | None = None, min_words: int = 3,
 
 
 def _split_long(line: str, max_chars: int) -> list[str]:
+    """`line` cut into pieces of at most `max_chars`: at sentence ends, else after commas and
+    semicolons, else at spaces (a single longer word stays whole)."""
     if len(line) <= max_chars:
         return [line] if line else []
+    for boundary in (_SENTENCE_END, _CLAUSE_END, _SPACE):
+        parts = boundary.split(line)
+        if len(parts) > 1:
+            break
+    else:
+        return [line]
     pieces, current = [], ""
-    for sentence in _SENTENCE_END.split(line):
-        if current and len(current) + 1 + len(sentence) > max_chars:
+    for part in parts:
+        if current and len(current) + 1 + len(part) > max_chars:
             pieces.append(current)
-            current = sentence
+            current = part
         else:
-            current = f"{current} {sentence}".strip()
+            current = f"{current} {part}".strip()
     if current:
         pieces.append(current)
-    return pieces
+    return [q for p in pieces for q in (_split_long(p, max_chars) if len(p) > max_chars
+                                        and p != line else [p])]
 
 
 def cue(segment: str, *, max_key_chars: int = 100, cue_words: int = 6) -> str:
