@@ -37,19 +37,22 @@ flags.DEFINE_string("family_weights", "spans=1",
                     f"Families: {','.join(synthesis.FAMILIES)}.")
 D = pipeline.PipelineConfig()
 flags.DEFINE_integer("span_turns", D.span_turns, "Exchanges per span conversation.")
-flags.DEFINE_integer("chunk_min", 384, "Shortest self-study chunk (tokens).")
-flags.DEFINE_integer("chunk_max", 768, "Longest self-study chunk (tokens).")
+flags.DEFINE_integer("chunk_min", D.chunk_min, "Shortest self-study chunk (tokens).")
+flags.DEFINE_integer("chunk_max", D.chunk_max, "Longest self-study chunk (tokens).")
 flags.DEFINE_integer("max_user_tokens", D.max_user_tokens, "Most tokens of a generated user turn.")
 flags.DEFINE_integer("max_answer_tokens", D.max_answer_tokens, "Most tokens of a generated answer.")
-flags.DEFINE_integer("no_repeat_ngram_size", 4, "Agents' no-repeat n-gram size (0 = off).")
+flags.DEFINE_integer("no_repeat_ngram_size", D.no_repeat_ngram_size, "Agents' no-repeat n-gram size (0 = off).")
 flags.DEFINE_float("repetition_penalty", 1.0, "Agents' repetition penalty (1 = off).")
 flags.DEFINE_integer("synthesis_batch", D.synthesis_batch, "Conversations generated together.")
 flags.DEFINE_integer("tokens", D.tokens_per_doc, "Cartridge tokens P per document.")
-flags.DEFINE_integer("steps", 200, "Training steps (all documents together, in isolation).")
+flags.DEFINE_enum("init", D.init, ["first_tokens", "document_kv"],
+                  "Cartridge initialisation (train_collection.initialise_store).")
+flags.DEFINE_integer("steps", 560, "Training steps (all documents together, in isolation); "
+                     "the default is one epoch of the default study's conversations.")
 flags.DEFINE_integer("batch", D.batch, "Conversations per step.")
-flags.DEFINE_integer("seq_len", 256, "Training sequence length.")
+flags.DEFINE_integer("seq_len", D.seq_len, "Training sequence length.")
 flags.DEFINE_float("lr", D.lr, "Adam learning rate.")
-flags.DEFINE_integer("eval_every", 50, "Learning-curve interval in steps (0 = start and end).")
+flags.DEFINE_integer("eval_every", 140, "Learning-curve interval in steps (0 = start and end).")
 flags.DEFINE_integer("max_new_tokens", 24, "Greedy generation length (free-answer match).")
 flags.DEFINE_integer("rag_top_k", 2, "RAG chunks per question.")
 flags.DEFINE_integer("seed", 0, "Seed of questions, synthesis and training.")
@@ -90,7 +93,7 @@ def main(argv):
         tokens_per_doc=FLAGS.tokens, distractors=0, steps=FLAGS.steps, batch=FLAGS.batch,
         seq_len=FLAGS.seq_len, lr=FLAGS.lr, seed=FLAGS.seed, family_weights=_weights(),
         span_turns=FLAGS.span_turns, no_repeat_ngram_size=FLAGS.no_repeat_ngram_size,
-        repetition_penalty=FLAGS.repetition_penalty),
+        repetition_penalty=FLAGS.repetition_penalty, init=FLAGS.init),
         heldout_per_doc=FLAGS.heldout_per_doc, eval_every=FLAGS.eval_every,
         max_new_tokens=FLAGS.max_new_tokens, rag_top_k=FLAGS.rag_top_k)
     with open(os.path.join(out, "config.json"), "w") as f:

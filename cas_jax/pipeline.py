@@ -22,26 +22,28 @@ from cas_jax.train_collection import (CollectionConfig, CollectionReport, docume
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-    """Sizes of every stage; defaults are the 2-core CPU demo."""
+    """Sizes of every stage; defaults are the 2-core CPU demo and the recipe of BUILD_NOTES.md
+    ("Cartridges that work"): span conversations only (the 135M model's generated answers
+    carry little of the document), whole short documents as chunks, P=64."""
 
-    conversations_per_doc: int = 8
-    chunk_min: int = 256
-    chunk_max: int = 384
+    conversations_per_doc: int = 24
+    chunk_min: int = 1024
+    chunk_max: int = 1024
     max_user_tokens: int = 48
     max_answer_tokens: int = 96
     synthesis_batch: int = 16
     tokens_per_doc: int = 64
     distractors: int = 2
-    steps: int = 32
+    steps: int = 48
     batch: int = 4
-    seq_len: int = 192
+    seq_len: int = 320
     lr: float = 2e-2
     budget_bytes: int = 1 << 30
     top_k: int = 2
     seed: int = 0
-    family_weights: tuple[float, ...] | None = None  # over synthesis.FAMILIES; None = uniform
+    family_weights: tuple[float, ...] | None = (0, 0, 0, 0, 0, 0, 1)  # synthesis.FAMILIES: spans
     span_turns: int = 4
-    no_repeat_ngram_size: int = 0
+    no_repeat_ngram_size: int = 4
     repetition_penalty: float = 1.0
     init: str = "first_tokens"  # train_collection.INITS
 

@@ -1,8 +1,9 @@
 """The main job, end to end: self-study -> CAS cartridges -> evaluation table.
 
-  python -m experiments.pipeline            # `make demo`: SmolLM2-135M + 4 Factbook documents
+  python -m experiments.pipeline            # `make demo`: SmolLM2-135M + 8 Factbook sections
 
-1. synthesise self-study conversations about every document (resumable dataset);
+1. synthesise self-study conversations about every document (resumable dataset; by default span
+   conversations built from each document's own lines, see `cas_jax.spans`);
 2. train one cartridge per document jointly with distractor cartridges (CAS), paged through the
    budget manager;
 3. write multiple-choice questions from the documents' structured Factbook fields and evaluate
@@ -21,9 +22,9 @@ from absl import app, flags
 from cas_jax import corpus, evaluate, loading, pipeline, questions as questions_lib
 
 DEFAULTS = pipeline.PipelineConfig()
-# Geography sections of four test profiles (cas_jax.splits): ~700-token documents whose fields
-# (area, coastline, highest and lowest point) the generated questions ask about.
-DEMO_DOCUMENTS = ("ws-geography", "ti-geography", "mj-geography", "ly-geography")
+# Geography sections of eight test profiles (cas_jax.splits): 414-771-token documents whose
+# fields (area, coastline, highest and lowest point) the generated questions ask about.
+DEMO_DOCUMENTS = tuple(f"{p}-geography" for p in ("ws", "ti", "mj", "ly", "mo", "wa", "ne", "tw"))
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "", "HF folder or GGUF file; empty = embedded SmolLM2-135M-Instruct.")
 flags.DEFINE_string("collection", "factbook_sections", "'factbook_sections' (a document per "
@@ -38,7 +39,10 @@ flags.DEFINE_integer("steps", DEFAULTS.steps, "CAS training steps.")
 flags.DEFINE_integer("batch", DEFAULTS.batch, "Conversations per training step.")
 flags.DEFINE_integer("seq_len", DEFAULTS.seq_len, "Training sequence length (tokens).")
 flags.DEFINE_float("lr", DEFAULTS.lr, "Adam learning rate.")
-flags.DEFINE_integer("questions_per_doc", 6, "Multiple-choice questions per document.")
+flags.DEFINE_enum("init", DEFAULTS.init, ["first_tokens", "document_kv"],
+                  "Cartridge initialisation (train_collection.initialise_store).")
+flags.DEFINE_integer("questions_per_doc", 6, "Multiple-choice questions per document (a "
+                     "geography section holds 4 question fields).")
 flags.DEFINE_integer("max_new_tokens", 24, "Greedy generation length of the evaluation "
                      "(acc (gen)); 0 = no generation.")
 flags.DEFINE_integer("top_k", DEFAULTS.top_k, "Documents / chunks retrieved per question.")
@@ -68,7 +72,7 @@ def main(argv):
     cfg = pipeline.PipelineConfig(
         conversations_per_doc=FLAGS.conversations_per_doc, tokens_per_doc=FLAGS.tokens_per_doc,
         distractors=FLAGS.distractors, steps=FLAGS.steps, batch=FLAGS.batch,
-        seq_len=FLAGS.seq_len, lr=FLAGS.lr, top_k=FLAGS.top_k, seed=FLAGS.seed)
+        seq_len=FLAGS.seq_len, lr=FLAGS.lr, top_k=FLAGS.top_k, seed=FLAGS.seed, init=FLAGS.init)
     out = FLAGS.out
     os.makedirs(out, exist_ok=True)
     t_all = time.perf_counter()
