@@ -14,10 +14,11 @@ import sys
 
 from absl import app, flags
 
-from cas_jax import loading, server, store as store_lib
+from cas_jax import interop, loading, server, store as store_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("store", None, "CartridgeStore directory to serve cartridges from.")
+flags.DEFINE_string("store", None, "CartridgeStore directory to serve cartridges from (a store "
+                    "root, or a train_collection --store folder such as runs/demo/cas).")
 flags.DEFINE_string("model", "", "HF folder or GGUF file; empty = embedded SmolLM2-135M-Instruct.")
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
 flags.DEFINE_integer("port", 8000, "Port to listen on.")
@@ -43,7 +44,11 @@ def main(argv):
         batch_wait_ms=FLAGS.batch_wait_ms, max_cartridges=FLAGS.max_cartridges,
         max_cartridge_tokens=FLAGS.max_cartridge_tokens or None,
         default_max_tokens=FLAGS.default_max_tokens, model_id=FLAGS.model_id or None)
-    server.serve(model, store_lib.CartridgeStore(FLAGS.store), config, FLAGS.host, FLAGS.port)
+    try:
+        cartridges = interop.open_store(FLAGS.store, model.fingerprint)
+    except store_lib.CartridgeNotFoundError as e:
+        sys.exit(f"error: --store: {e}")
+    server.serve(model, cartridges, config, FLAGS.host, FLAGS.port)
 
 
 if __name__ == "__main__":
