@@ -92,6 +92,16 @@ def compose(bank: CartridgeBank, selection: jax.Array, selected: jax.Array) -> d
     return {"k": k, "v": v, "mask": mask.reshape(b, c * p)}
 
 
+def compose_in_order(cartridges: list[Cartridge]) -> dict | None:
+    """The batch-1 prefix of `cartridges` composed in the order given (None for none): what
+    `experiments.chat --cartridges` reads before its prompt."""
+    if not cartridges:
+        return None
+    n = len(cartridges)
+    return compose(bank_from_cartridges(cartridges), jnp.arange(n, dtype=jnp.int32)[None],
+                   jnp.ones((1, n), bool))
+
+
 def num_prefix_tokens(prefix: dict | None, batch: int) -> jax.Array:
     """[B] int32: visible prefix tokens per row, i.e. where each row's query positions start."""
     if prefix is None:

@@ -11,7 +11,6 @@ with another layout is refused with an error naming it.
 
 import sys
 
-import jax.numpy as jnp
 from absl import app, flags
 
 from cas_jax import attention, cartridge as cart_lib, loading, rendering, sampling, store
@@ -44,12 +43,7 @@ def main(argv):
         cartridges = [load_for_model(p, model) for p in FLAGS.cartridges]
     except (cart_lib.CartridgeMismatchError, store.CartridgeStoreError) as e:
         sys.exit(f"error: {e}")
-    prefix = None
-    if cartridges:
-        bank = attention.bank_from_cartridges(cartridges)
-        n = len(cartridges)
-        prefix = attention.compose(bank, jnp.arange(n, dtype=jnp.int32)[None],
-                                   jnp.ones((1, n), bool))
+    prefix = attention.compose_in_order(cartridges)
     # The one rendering (cas_jax.rendering): cartridges stand where the document block stood,
     # with nothing between them and the conversation.
     prompt = rendering.rendering_for(model.tokenizer).conversation(

@@ -9,7 +9,6 @@ import os
 
 import httpx
 import jax
-import jax.numpy as jnp
 import openai
 import pytest
 
@@ -90,12 +89,7 @@ def chat_path(model, store, ids, question, max_tokens):
     """What experiments.chat --cartridges answers: its library calls, greedy."""
     cartridges = [store_lib.load_cartridge(store.cartridge_dir(i), model.fingerprint)
                   for i in ids]
-    prefix = None
-    if cartridges:
-        bank = attention.bank_from_cartridges(cartridges)
-        n = len(cartridges)
-        prefix = attention.compose(bank, jnp.arange(n, dtype=jnp.int32)[None],
-                                   jnp.ones((1, n), bool))
+    prefix = attention.compose_in_order(cartridges)
     prompt = rendering.rendering_for(model.tokenizer).conversation(_user(question))
     params = sampling.SamplingParams(max_new_tokens=max_tokens, stop_ids=tuple(
         tok_lib.stop_token_ids(model.tokenizer)))
