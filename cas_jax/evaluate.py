@@ -66,7 +66,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cas_jax import attention, chunking, model as model_lib, rendering, retrieval, sampling
+from cas_jax import attention, chunking, model as model_lib, progress, rendering, retrieval
+from cas_jax import sampling
 from cas_jax import tokenizer as tok_lib
 from cas_jax.cartridge import Cartridge, CartridgeMeta, check_compatible
 from cas_jax.corpus import Collection
@@ -282,6 +283,7 @@ def score_continuations(model: LoadedModel, prompts: Sequence[list[int]],
         b = _rows_per_call(rows_per_call, slots * bank.max_tokens, prefix_tokens_per_call)
     order = sorted(range(n), key=lambda i: len(prompts[i]) + len(continuations[i]))
     out: list[np.ndarray] = [np.zeros(0, np.float32)] * n
+    pbar = progress.bar(n, "scoring", "row")
     for start in range(0, n, b):
         rows = order[start:start + b]
         t = sampling.bucket(max(len(prompts[i]) + len(continuations[i]) for i in rows))
@@ -304,6 +306,8 @@ def score_continuations(model: LoadedModel, prompts: Sequence[list[int]],
         lp = np.asarray(lp)
         for r, i in enumerate(rows):
             out[i] = lp[r, :len(continuations[i])]
+        pbar.update(len(rows))
+    pbar.close()
     return out
 
 
@@ -325,7 +329,9 @@ def generate_answers(model: LoadedModel, prompts: Sequence[list[int]], max_new_t
         sel, on = _selection_arrays(selections, slots)
         b = _rows_per_call(rows_per_call, slots * bank.max_tokens, prefix_tokens_per_call)
     texts = []
+    pbar = progress.bar(n, "generating", "answer")
     for start in range(0, n, b):
+        pbar.update(min(b, n - start))
         rows = list(range(start, min(start + b, n)))
         rows += [rows[-1]] * (b - len(rows))
         prefix = None if bank is None else _compose(bank, jnp.asarray(sel[rows]),
@@ -335,6 +341,7 @@ def generate_answers(model: LoadedModel, prompts: Sequence[list[int]], max_new_t
         for r in range(min(b, n - start)):
             ids = [t for t in out[r] if t not in stops]
             texts.append(model.tokenizer.decode(ids, skip_special_tokens=True).strip())
+    pbar.close()
     return texts
 
 
@@ -353,6 +360,7 @@ def prefill_contexts(model: LoadedModel, contexts: Sequence[list[int]], names: S
     # Shortest first, each group padded to its own longest: similar lengths share a call.
     order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
     start = 0
+    pbar = progress.bar(sum(map(len, contexts)), "prefilling contexts", "tok")
     while start < len(order):
         s = -(-sampling.bucket(len(contexts[order[start]])) // chunk_tokens) * chunk_tokens
         b = max(1, min(rows_per_call, prefix_tokens_per_call // s))
@@ -373,6 +381,8 @@ def prefill_contexts(model: LoadedModel, contexts: Sequence[list[int]], names: S
             out[i] = Cartridge(keys=k[:, r, :len(contexts[i])], values=v[:, r, :len(contexts[i])],
                                meta=meta)
         start += len(group)
+        pbar.update(sum(len(contexts[i]) for i in group))
+    pbar.close()
     return out
 
 

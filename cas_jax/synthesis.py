@@ -41,8 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cas_jax import chunking, dataset, model as model_lib, rendering, sampling, selfstudy_quality
-from cas_jax import spans
+from cas_jax import chunking, dataset, model as model_lib, progress, rendering, sampling
+from cas_jax import selfstudy_quality, spans
 from cas_jax import tokenizer as tok_lib
 from cas_jax.config import ModelConfig
 from cas_jax.corpus import Document
@@ -492,8 +492,11 @@ def run_shard(study: SelfStudy, items: Sequence[WorkItem], data_dir: str, *, bat
     writer = dataset.ShardWriter(data_dir, shard_index, shard_count, run=run, doc_ids=doc_ids,
                                  num_items=len(mine), num_batches=len(batches))
     t0, generated, resumed = time.perf_counter(), 0, writer.conversations_done
+    pbar = progress.bar(len(mine), f"self-study shard {shard_index}", "conv",
+                        initial=writer.conversations_done)
     for j in range(writer.batches_done, len(batches)):
         convs, n = study.run_batch(batches[j])
+        pbar.update(len(convs))
         kept, dropped = [], {}
         for c in convs:
             if selfstudy_quality.keep(selfstudy_quality.answers(c)):
@@ -505,4 +508,5 @@ def run_shard(study: SelfStudy, items: Sequence[WorkItem], data_dir: str, *, bat
         if on_batch is not None:
             on_batch(Progress(writer.conversations_done, len(mine), resumed, generated,
                               time.perf_counter() - t0))
+    pbar.close()
     return writer

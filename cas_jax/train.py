@@ -49,7 +49,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cas_jax import losses, model as model_lib
+from cas_jax import losses, model as model_lib, progress
 from cas_jax.attention import CartridgeBank, compose, num_prefix_tokens
 from cas_jax.cartridge import Cartridge
 from cas_jax.config import ModelConfig
@@ -348,12 +348,14 @@ def train(state: TrainState, params: Any, data: DataIterator, *, config: ModelCo
     t0 = t_last = time.perf_counter()
     tokens = 0
     pending: list[dict] = []
+    pbar = progress.bar(num_steps, "training", "step", initial=start)
     try:
         for step in range(start, num_steps):
             batch = device_batch(next(data), mesh)
             tokens += int(np.prod(batch["tokens"].shape))
             state, metrics = step_fn(state, params, batch)
             done = step + 1
+            pbar.update(1)
             if on_report is not None:
                 pending.append(metrics)
                 if done % log_every == 0 or done == num_steps:
@@ -372,6 +374,7 @@ def train(state: TrainState, params: Any, data: DataIterator, *, config: ModelCo
             if manager is not None and (done % save_every == 0 or done == num_steps):
                 save_checkpoint(manager, state, data)
     finally:  # a crashed run still completes the checkpoint writes it started
+        pbar.close()
         if manager is not None:
             manager.wait_until_finished()
             manager.close()

@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cas_jax import cartridge as cart_lib, dataset, kv_compression, rendering, train
+from cas_jax import cartridge as cart_lib, dataset, kv_compression, progress, rendering
+from cas_jax import train
 from cas_jax.budget import BudgetManager
 from cas_jax.cartridge import Cartridge
 from cas_jax.distractors import DistractorSchedule, StepPlan, plan_step
@@ -305,6 +306,7 @@ def train_collection(model: LoadedModel, data_dir: str, store_dir: str, cfg: Col
     tokens = 0
     start = step
     data_state, batch, plan = next_plan(step)
+    pbar = progress.bar(cfg.steps, "collection training", "step", initial=step)
     try:
         while step < cfg.steps:
             if stop_after is not None and step - start >= stop_after:
@@ -335,6 +337,8 @@ def train_collection(model: LoadedModel, data_dir: str, store_dir: str, cfg: Col
             losses.append(float(metrics["loss"]))
             tokens += int(np.sum(batch["length"]))
             step += 1
+            pbar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+            pbar.update(1)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 next_state = following[0] if following is not None else data.get_state()
                 checkpoint(step, next_state)
@@ -356,6 +360,7 @@ def train_collection(model: LoadedModel, data_dir: str, store_dir: str, cfg: Col
     finally:
         # Also on a simulated kill: what this flushes lands in the pending store, which the
         # next run discards, exactly as after a real kill.
+        pbar.close()
         manager.close()
     stats = manager.stats
     wall = time.perf_counter() - t_start
