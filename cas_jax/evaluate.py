@@ -111,12 +111,6 @@ def question_text(question: Question, list_options: bool = False) -> str:
     return f"{question.question}\n\n" + "\n".join(lines) + f"\n\n{MC_INSTRUCTION}"
 
 
-def passage_text(title: str, text: str) -> str:
-    """A context passage: `text`, headed by its `title` line unless it already starts with it
-    (Factbook documents do; RAG chunks after a document's first do not)."""
-    return text if text.startswith(title) else f"{title}\n{text}"
-
-
 def build_prompt(tokenizer, question: Question, passages: Sequence[tuple[str, str]] | None = None,
                  list_options: bool = False, format: str = rendering.DEFAULT_FORMAT) -> Prompt:
     """The prompt of every method: `cas_jax.rendering`'s document block for the (title, text)
@@ -127,7 +121,7 @@ def build_prompt(tokenizer, question: Question, passages: Sequence[tuple[str, st
     query = r.conversation([{"role": "user", "content": question_text(question, list_options)}])
     if passages is None:
         return Prompt([], query)
-    return Prompt(r.document([passage_text(t, x) for t, x in passages]), query)
+    return Prompt(r.document([rendering.titled(t, x) for t, x in passages]), query)
 
 
 def fit_context(tokenizer, passages: Sequence[tuple[str, str]], budget: int,
@@ -138,7 +132,7 @@ def fit_context(tokenizer, passages: Sequence[tuple[str, str]], budget: int,
     Trailing passages are dropped first, then the last kept one is cut at a token boundary.
     """
     r = rendering.rendering_for(tokenizer, format)
-    block_of = lambda ps: r.document([passage_text(t, x) for t, x in ps])  # noqa: E731
+    block_of = lambda ps: r.document([rendering.titled(t, x) for t, x in ps])  # noqa: E731
     passages = list(passages)
     block = block_of(passages)
     dropped = 0
@@ -331,7 +325,6 @@ def generate_answers(model: LoadedModel, prompts: Sequence[list[int]], max_new_t
     texts = []
     pbar = progress.bar(n, "generating", "answer")
     for start in range(0, n, b):
-        pbar.update(min(b, n - start))
         rows = list(range(start, min(start + b, n)))
         rows += [rows[-1]] * (b - len(rows))
         prefix = None if bank is None else _compose(bank, jnp.asarray(sel[rows]),
@@ -341,6 +334,7 @@ def generate_answers(model: LoadedModel, prompts: Sequence[list[int]], max_new_t
         for r in range(min(b, n - start)):
             ids = [t for t in out[r] if t not in stops]
             texts.append(model.tokenizer.decode(ids, skip_special_tokens=True).strip())
+        pbar.update(min(b, n - start))
     pbar.close()
     return texts
 

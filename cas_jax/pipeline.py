@@ -20,6 +20,10 @@ from cas_jax.train_collection import (CollectionConfig, CollectionReport, docume
                                      initialise_store, train_collection)
 
 
+SPANS_ONLY = tuple(float(f == synthesis.SPANS) for f in synthesis.FAMILIES)
+"""Family weights (`synthesis.FAMILIES` order) that synthesise span conversations only."""
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """Sizes of every stage; defaults are the 2-core CPU demo and the recipe of BUILD_NOTES.md
@@ -41,7 +45,7 @@ class PipelineConfig:
     budget_bytes: int = 1 << 30
     top_k: int = 2
     seed: int = 0
-    family_weights: tuple[float, ...] | None = (0, 0, 0, 0, 0, 0, 1)  # synthesis.FAMILIES: spans
+    family_weights: tuple[float, ...] | None = SPANS_ONLY
     span_turns: int = 4
     no_repeat_ngram_size: int = 4
     repetition_penalty: float = 1.0

@@ -19,18 +19,27 @@ Formats of the document block (`FORMATS`):
           first P tokens a cartridge is initialised from.
   system  the passages as the template's system turn (the self-study teacher's view before
           this module existed).
-Passages are joined by a blank line.
+Passages are joined by a blank line; `titled` heads a passage with its document's title.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
+
+from cas_jax import tokenizer as tok_lib
 
 FORMATS = ("plain", "system")
 DEFAULT_FORMAT = "plain"
 _PLACEHOLDER = "-"
+
+
+def titled(title: str, text: str) -> str:
+    """A passage: `text`, headed by its document's `title` line unless it already starts with
+    it (Factbook documents do; RAG chunks and self-study chunks after the first do not)."""
+    return text if text.startswith(title) else f"{title}\n{text}"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -62,9 +71,9 @@ class Rendering:
         if any(m["role"] == "system" for m in messages):
             raise ValueError("conversation(): system turns are not part of a conversation; "
                              "the document block takes their place")
-        if not self._has_system_role():
+        head = self._system_head
+        if head is None:
             return self._template(list(messages), add_generation_prompt)
-        head = self._template([{"role": "system", "content": _PLACEHOLDER}], False)
         full = self._template([{"role": "system", "content": _PLACEHOLDER}, *messages],
                               add_generation_prompt)
         if full[:len(head)] != head:
@@ -100,18 +109,16 @@ class Rendering:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _template(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                 tokenize=True)
-        if isinstance(out, dict) or hasattr(out, "keys"):
-            out = out["input_ids"]
-        return list(out)
+        return tok_lib.encode_chat(self.tokenizer, messages, add_generation_prompt)
 
-    def _has_system_role(self) -> bool:
+    @functools.cached_property
+    def _system_head(self) -> list[int] | None:
+        """The tokens of a placeholder system turn, which `conversation` strips; None when the
+        template has no system role. Rendered once per Rendering, not per conversation."""
         try:
-            self._template([{"role": "system", "content": _PLACEHOLDER}], False)
+            return self._template([{"role": "system", "content": _PLACEHOLDER}], False)
         except Exception:  # templates without a system role raise (jinja exceptions vary)
-            return False
-        return True
+            return None
 
 
 def rendering_for(tokenizer, format: str = DEFAULT_FORMAT) -> Rendering:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cas_jax import losses, model as model_lib, sampling
+from cas_jax import dataset, losses, model as model_lib, rendering, sampling, spans
 from cas_jax.dataset import Conversation
 
 _WORD = re.compile(r"[0-9a-z]+")
@@ -59,7 +59,7 @@ def grounding(answer: str, chunk: str) -> float:
 
 def answers(conv: Conversation) -> list[str]:
     """The assistant turns' texts of a stored conversation."""
-    return [m["content"] for m in json.loads(conv.messages) if m["role"] == "assistant"]
+    return spans.answers(json.loads(conv.messages))
 
 
 def keep(answer_texts: Iterable[str]) -> bool:
@@ -153,8 +153,6 @@ def dataset_report(model, data_dir: str, documents, limit: int | None = None,
                    seed: int = 0) -> list[FamilyQuality]:
     """`report` over a synthesis folder (`limit`: a seeded sample of that many conversations);
     `documents` maps doc_id -> Document (the collection it was synthesised from)."""
-    from cas_jax import dataset, synthesis  # synthesis imports this module
-
     source = dataset.ConversationSource(data_dir)
     idx = np.arange(len(source))
     if limit is not None and limit < len(idx):
@@ -170,7 +168,7 @@ def dataset_report(model, data_dir: str, documents, limit: int | None = None,
     for c in convs:
         if c.doc_id not in cache:
             cache[c.doc_id] = tok(documents[c.doc_id].text, add_special_tokens=False)["input_ids"]
-        chunks.append(synthesis.chunk_passage(documents[c.doc_id].title,
+        chunks.append(rendering.titled(documents[c.doc_id].title,
                                               tok.decode(cache[c.doc_id][c.chunk_start:c.chunk_end])))
     dropped = dataset.dropped_counts(data_dir)
     if limit is not None and len(source):

@@ -42,19 +42,14 @@ def segments(text: str, *, title: str | None = None, min_words: int = 3,
     return out
 
 
-def _split_long(line: str, max_chars: int) -> list[str]:
-    """`line` cut into pieces of at most `max_chars`: at sentence ends, else after commas and
-    semicolons, else at spaces (a single longer word stays whole)."""
+def _split_long(line: str, max_chars: int, boundaries: tuple = ()) -> list[str]:
+    """`line` cut into pieces of at most `max_chars`: at sentence ends, a piece still too long
+    after commas and semicolons, then at spaces (a single longer word stays whole)."""
+    boundaries = boundaries or (_SENTENCE_END, _CLAUSE_END, _SPACE)
     if len(line) <= max_chars:
         return [line] if line else []
-    for boundary in (_SENTENCE_END, _CLAUSE_END, _SPACE):
-        parts = boundary.split(line)
-        if len(parts) > 1:
-            break
-    else:
-        return [line]
     pieces, current = [], ""
-    for part in parts:
+    for part in boundaries[0].split(line):
         if current and len(current) + 1 + len(part) > max_chars:
             pieces.append(current)
             current = part
@@ -62,8 +57,9 @@ def _split_long(line: str, max_chars: int) -> list[str]:
             current = f"{current} {part}".strip()
     if current:
         pieces.append(current)
-    return [q for p in pieces for q in (_split_long(p, max_chars) if len(p) > max_chars
-                                        and p != line else [p])]
+    if len(boundaries) == 1:
+        return pieces
+    return [q for p in pieces for q in _split_long(p, max_chars, boundaries[1:])]
 
 
 def cue(segment: str, *, max_key_chars: int = 100, cue_words: int = 6) -> str:

@@ -176,11 +176,10 @@ def train_with_curve(model: LoadedModel, docs: Collection, data_dir: str, heldou
     summary: dict = {}
     for step in marks:
         t0 = time.perf_counter()
-        stage_cfg = dataclasses.replace(p, steps=max(step, 1) if step else 0)
         if step:
             store, summary = pipeline.train_cartridges(model, docs, data_dir, store_dir,
-                                                       stage_cfg, distractors=0,
-                                                       on_report=on_report)
+                                                       dataclasses.replace(p, steps=step),
+                                                       distractors=0, on_report=on_report)
         else:
             store = pipeline.initial_store(model, docs, store_dir, p)
         if step in done:
@@ -194,7 +193,6 @@ def train_with_curve(model: LoadedModel, docs: Collection, data_dir: str, heldou
                  "seconds": time.perf_counter() - t0}
         with open(curve_path, "a") as f:
             f.write(json.dumps(point) + "\n")
-        points.append(point)
         if on_point is not None:
             on_point(point)
     return summary

@@ -4,7 +4,7 @@ For each work item (doc_id, conversation index, seed) a chunk of `chunk_min..chu
 is drawn from the document (`chunking.sample_chunk`, never across documents) and a seed prompt
 from one family (`SEED_PROMPTS`). Both agents read the chunk as the document block of
 `cas_jax.rendering` (the one layout of "document, then conversation"), headed by its
-document's title (`chunk_passage`):
+document's title (`rendering.titled`):
   A reads the seed prompt and writes the user message (temperature 0.6);
   B answers it (greedy).
 With `rounds > 1`, A sees the conversation with roles swapped (B's answers as user turns) and
@@ -109,12 +109,6 @@ SPANS = "spans"
 FAMILIES = tuple(SEED_PROMPTS) + (SPANS,)
 """Seed families, then `SPANS`: conversations built from the chunk's own text (`cas_jax.spans`),
 with no generation."""
-
-
-def chunk_passage(title: str, chunk: str) -> str:
-    """The text of the document block both agents and the teacher read: the chunk, headed by
-    its document's title line unless it starts with it (`evaluate.passage_text`)."""
-    return chunk if chunk.startswith(title) else f"{title}\n{chunk}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,7 +305,7 @@ class SelfStudy:
             family = SPANS if conversation else "generic"  # a chunk with no segment
         prompts = SEED_PROMPTS.get(family, ("",))
         seed_prompt = prompts[int(rng.integers(len(prompts)))]
-        return Plan(item, (start, end), family, seed_prompt, chunk_passage(doc.title, chunk),
+        return Plan(item, (start, end), family, seed_prompt, rendering.titled(doc.title, chunk),
                     conversation)
 
     def user_prompt(self, plan: Plan) -> list[int]:
@@ -402,8 +396,9 @@ class SelfStudy:
         """(teacher tokens [Tt], teacher target indices [M], student tokens [T], loss_mask [T])."""
         conv = plan.conversation
         student = self.render.conversation(conv, add_generation_prompt=False)
-        offset = len(self.system_tokens(plan))
-        teacher = self.system_tokens(plan) + student
+        block = self.system_tokens(plan)
+        offset = len(block)
+        teacher = block + student
         mask = np.zeros(len(student), bool)
         for start, end in self.render.assistant_spans(conv):
             if start == 0:

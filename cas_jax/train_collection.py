@@ -106,14 +106,14 @@ class PendingStore:
         return len(ids)
 
 
-def document_tokens(tokenizer, text: str, num_tokens: int,
+def document_tokens(tokenizer, text: str, num_tokens: int | None,
                     format: str = rendering.DEFAULT_FORMAT) -> np.ndarray:
     """The first num_tokens tokens of text's document block (`cas_jax.rendering`), where the
-    cartridge will stand; a shorter block is repeated to fill them."""
+    cartridge will stand; a shorter block is repeated to fill them (None: the whole block)."""
     if not text.strip():
         raise ValueError("cannot initialise a cartridge from an empty document")
     ids = np.asarray(rendering.rendering_for(tokenizer, format).document(text), np.int32)
-    return np.resize(ids, num_tokens)
+    return ids if num_tokens is None else np.resize(ids, num_tokens)
 
 
 def single_parts(c: Cartridge) -> dict:
@@ -145,14 +145,14 @@ def initialise_store(store: CartridgeStore, model: LoadedModel, texts: dict[str,
     for doc_id, text in texts.items():
         if store.exists(doc_id):
             continue
-        block = rendering.rendering_for(model.tokenizer).document(text) if text.strip() else []
         common = dict(fingerprint=model.fingerprint, doc_id=doc_id, num_frozen=num_frozen)
+        block = document_tokens(model.tokenizer, text, None)
         if init == "document_kv" and len(block) > tokens_per_doc:
             c = kv_compression.init_from_document_kv(model.config, model.params, block,
                                                      tokens_per_doc, **common)
         else:
-            ids = document_tokens(model.tokenizer, text, tokens_per_doc)
-            c = cart_lib.init_from_tokens(model.config, model.params, ids, **common)
+            c = cart_lib.init_from_tokens(model.config, model.params,
+                                          np.resize(block, tokens_per_doc), **common)
         c = jax.device_get(c)
         store.save(doc_id, c, jax.device_get(optimizer.init(single_parts(c))), step=0)
         made.append(doc_id)

@@ -24,7 +24,7 @@ import time
 import jax
 from absl import app, flags, logging
 
-from cas_jax import cartridge as cart_lib, corpus, dataset, loading, rendering, store, synthesis
+from cas_jax import cartridge as cart_lib, corpus, dataset, loading, rendering, store
 from cas_jax import train as train_lib
 
 FLAGS = flags.FLAGS
@@ -76,7 +76,7 @@ def _document() -> tuple[str, str, str]:
 def _initial_cartridge(model: loading.LoadedModel) -> cart_lib.Cartridge:
     doc_id, title, text = _document()
     framed = rendering.rendering_for(model.tokenizer).document(
-        synthesis.chunk_passage(title, text))
+        rendering.titled(title, text))
     common = dict(fingerprint=model.fingerprint, doc_id=doc_id)
     key = jax.random.PRNGKey(FLAGS.seed)
     if FLAGS.init == "first_tokens":

@@ -61,7 +61,7 @@ def _teacher_context(tiny, documents, conv):
     ids = tok(doc.text, add_special_tokens=False)["input_ids"]
     chunk = tok.decode(ids[conv.chunk_start:conv.chunk_end])
     r = rendering.rendering_for(tok)
-    return (r.document(synthesis.chunk_passage(doc.title, chunk))
+    return (r.document(rendering.titled(doc.title, chunk))
             + r.conversation(json.loads(conv.messages), add_generation_prompt=False), len(ids))
 
 
