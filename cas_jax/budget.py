@@ -374,8 +374,10 @@ class BudgetManager:
             e.pins -= 1
 
     def flush(self) -> None:
-        """Writes every dirty resident cartridge to the store and waits for all write-backs."""
+        """Writes every dirty resident cartridge to the store and waits for all write-backs and
+        for the prefetch reads in flight, so that the store may change under no reader."""
         t0 = time.perf_counter()
+        concurrent.futures.wait(list(self._staged.values()))
         for doc_id, e in self._resident.items():
             if e.dirty:
                 cartridge, opt_state = _host_copy((e.cartridge, e.opt_state))

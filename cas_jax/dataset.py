@@ -309,33 +309,74 @@ def pad_example(conv: Conversation, *, seq_len: int, doc_index: dict[str, int]) 
             "conversation_index": np.int32(conv.conversation_index), "length": np.int32(n)}
 
 
+class _ProcessRows(grain.MapDataset):
+    """Process `index` of `count`'s rows of every global batch of `parent`: a contiguous block
+    of `batch // count` rows per global batch of `batch`; a partial last batch is dropped."""
+
+    def __init__(self, parent: grain.MapDataset, batch: int, index: int, count: int):
+        super().__init__(parent)
+        self._batch, self._per, self._index = batch, batch // count, index
+        self._length = len(parent) // batch * self._per
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _global(self, j: int) -> int:
+        step, row = divmod(int(j), self._per)
+        return step * self._batch + self._index * self._per + row
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return grain.MapDataset.slice(self, index)
+        return self._parent[self._global(index)]
+
+    def __str__(self) -> str:
+        return f"_ProcessRows(batch={self._batch}, per={self._per}, index={self._index})"
+
+
 def make_train_iterator(data_dir: str, batch_size: int, seq_len: int, seed: int = 0, *,
                         shuffle: bool = True, num_epochs: int | None = 1,
                         shard_index: int | None = None, shard_count: int | None = None,
                         drop_remainder: bool = False, num_threads: int = 4
                         ) -> grain.DatasetIterator:
-    """A checkpointable iterator of training batches (module doc) over this host's records.
+    """A checkpointable iterator over this process's rows of every global training batch.
 
-    Host `shard_index` of `shard_count` (default: jax.process_index() of jax.process_count())
-    takes every shard_count-th record; each epoch is shuffled with a seed folded with the epoch.
-    num_epochs None repeats forever. The iterator has get_state()/set_state() for checkpoints.
-    Logs how many of this host's conversations are truncated to seq_len.
+    The global stream is every record, each epoch shuffled with a seed folded with the epoch
+    (num_epochs None repeats forever), cut into global batches of `batch_size`. Process
+    `shard_index` of `shard_count` (default: jax.process_index() of jax.process_count()) gets
+    the contiguous block of batch_size / shard_count rows of each global batch that its devices
+    hold on the global mesh, and reads only those records: stacked in process order, the
+    processes' batches are the single-process batch. With several processes batch_size must
+    divide evenly and a partial last global batch is dropped. The iterator has
+    get_state()/set_state() for checkpoints; its state is the same on every process.
+    Logs how many conversations are truncated to seq_len.
     """
     if shard_index is None or shard_count is None:
         shard_index, shard_count = jax.process_index(), jax.process_count()
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+    if batch_size % shard_count:
+        raise ValueError(f"global batch_size {batch_size} is not a multiple of "
+                         f"{shard_count} processes")
     source = ConversationSource(data_dir)
-    mine = np.arange(len(source))[shard_index::shard_count]
-    if len(mine) == 0:
-        raise ValueError(f"{data_dir}: no records for host shard {shard_index}/{shard_count}")
-    long = int((np.asarray(source.lengths, np.int64)[mine] > seq_len).sum())
+    if len(source) == 0:
+        raise ValueError(f"{data_dir}: the dataset holds no conversations")
+    long = int((np.asarray(source.lengths, np.int64) > seq_len).sum())
     if long:
         logging.warning("%s: %d of %d conversations are longer than seq_len=%d and truncated",
-                        data_dir, long, len(mine), seq_len)
-    ds = grain.MapDataset.source(source)[shard_index::shard_count]
+                        data_dir, long, len(source), seq_len)
+    ds = grain.MapDataset.source(source)
     if shuffle:
         ds = ds.shuffle(seed)
-    ds = ds.repeat(num_epochs).map(functools.partial(
+    ds = ds.repeat(num_epochs)
+    per = batch_size // shard_count
+    if shard_count > 1:
+        ds = _ProcessRows(ds, batch_size, shard_index, shard_count)
+        if len(ds) == 0:
+            raise ValueError(f"{data_dir}: {len(source)} conversations make no global batch "
+                             f"of {batch_size}")
+    ds = ds.map(functools.partial(
         pad_example, seq_len=seq_len, doc_index={d: i for i, d in enumerate(source.doc_ids)}))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                              prefetch_buffer_size=2 * batch_size))
-    return iter(ds.batch(batch_size, drop_remainder=drop_remainder))
+                                              prefetch_buffer_size=2 * per))
+    return iter(ds.batch(per, drop_remainder=drop_remainder))

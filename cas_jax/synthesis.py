@@ -25,7 +25,8 @@ student token t+1 from chunk + tokens[:t+1]. Rows are computed in batches by one
 over right-padded, bucketed lengths.
 
 Determinism: an item's chunk and seed prompt depend only on its seed; sampled text depends on the
-batch it is generated in, which `run_shard` fixes from (seed, batch_size, shard layout).
+batch it is generated in, which `run_shard` fixes from (items, batch_size) alone, whatever the
+number of shards.
 """
 
 from __future__ import annotations
@@ -472,14 +473,18 @@ def run_shard(study: SelfStudy, items: Sequence[WorkItem], data_dir: str, *, bat
     Conversations with a looping answer (`selfstudy_quality.keep`) are dropped, and counted
     per family in the manifest.
 
-    The shard takes items[shard_index::shard_count] in batches of `batch_size`; batch j is
+    `items` are cut into batches of `batch_size` and the shard takes every shard_count-th
+    batch from batch shard_index on. Batches, and so every sampled token, are the same for any
+    shard count: the union of the shards is the single-shard dataset. Batch j of the shard is
     written as one finalised file before the manifest records it, so a killed run restarts at
     the first unrecorded batch. The manifest records what decides the content (model
     fingerprint, document texts, work items with their seeds, settings); resuming with any of
     them changed raises.
     """
-    mine = list(items)[shard_index::shard_count]
-    batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    items = list(items)
+    batches = [items[i:i + batch_size]
+               for i in range(0, len(items), batch_size)][shard_index::shard_count]
+    mine = [it for b in batches for it in b]
     doc_ids = sorted({it.doc_id for it in items})
     run = {"model": study.model.fingerprint, "synthesis": dataclasses.asdict(study.config),
            "batch_size": batch_size, "items": _digest([dataclasses.astuple(it) for it in items]),

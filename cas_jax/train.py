@@ -28,7 +28,9 @@ argument. The optimizer gives the "frozen" leaves zero updates (`optax.set_to_ze
 
 Sharding: a 1-D `Mesh` with axis "data"; batch arrays are sharded on their leading (batch) axis,
 the cartridges, optimizer state and model params are replicated. The mean loss is over the global
-batch, so any device count computes the same loss.
+batch, so any device count computes the same loss. Across processes (`cas_jax.distributed`) the
+mesh spans every process's devices; each process feeds only its rows of the global batch
+(`device_batch`), so N processes compute what one process with all the devices would.
 
 Checkpoints (Orbax `CheckpointManager`, one step directory each): "state" (the TrainState) and
 "data" (the data iterator's `get_state()`, JSON). `train` resumes from the latest one.
@@ -224,11 +226,17 @@ def train_step(state: TrainState, params: Any, batch: dict, *, config: ModelConf
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
-    """A 1-D mesh over the first `num_devices` devices (default all) with axis "data"."""
+    """A 1-D mesh over the first `num_devices` devices (default all) with axis "data".
+
+    In a multi-process run (`cas_jax.distributed`) `jax.devices()` lists every process's
+    devices, process by process, so the mesh is global and must take all of them."""
     devices = jax.devices()
     num_devices = num_devices or len(devices)
     if num_devices > len(devices):
         raise ValueError(f"asked for {num_devices} devices, only {len(devices)} are available")
+    if jax.process_count() > 1 and num_devices != len(devices):
+        raise ValueError(f"a multi-process run uses all {len(devices)} devices of its "
+                         f"{jax.process_count()} processes, not {num_devices}")
     return Mesh(np.asarray(devices[:num_devices]), (DATA_AXIS,))
 
 

@@ -21,6 +21,17 @@ checkpoint flushes the manager, records the step and the data iterator state, th
 pending cartridges into the main store. A run killed between checkpoints discards the pending
 cartridges and resumes from the last checkpoint with the data iterator rewound to it, so every
 cartridge update is applied exactly once.
+
+Several processes (`cas_jax.distributed`): the step runs on the global mesh, each process
+feeding its rows of the global batch; the rows' documents are all-gathered so that every process
+draws the same distractor plan and holds the same step bank. Every process pages through its
+own BudgetManager and spills evictions to its own pending store (`pending-<process>`), so no
+process reads what another is writing. The shared main store has one writer per cartridge, its
+owner (`distributed.owner`, CRC-32 of the id modulo the process count): a checkpoint flushes
+every process, then each owner promotes its cartridges from its own pending store, then every
+process empties its pending store; process 0 alone creates the store, writes
+`collection_run.json` and initialises missing cartridges. Barriers separate the phases, and the
+run state's "committing" flag makes a crash at any point resume as in one process.
 """
 
 from __future__ import annotations
@@ -38,8 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cas_jax import cartridge as cart_lib, dataset, kv_compression, progress, rendering
-from cas_jax import train
+from cas_jax import cartridge as cart_lib, dataset, distributed, kv_compression, progress
+from cas_jax import rendering, train
 from cas_jax.budget import BudgetManager
 from cas_jax.cartridge import Cartridge
 from cas_jax.distractors import DistractorSchedule, StepPlan, plan_step
@@ -89,14 +100,14 @@ class PendingStore:
     def save(self, doc_id, cartridge, opt_state=None, step=0):
         self.pending.save(doc_id, cartridge, opt_state, step)
 
-    def commit(self, opt_template) -> int:
-        """Moves every pending cartridge into the main store (hard links, see
-        `CartridgeStore.adopt`); returns how many. Safe to repeat after a crash: a cartridge
-        still pending is adopted again, as a new identical version."""
-        ids = self.pending.list()
+    def commit(self, opt_template, owns: Callable[[str], bool] | None = None) -> int:
+        """Promotes the pending cartridges (those `owns` accepts; default all) into the main
+        store (hard links, see `CartridgeStore.adopt`) and returns how many; `discard` then
+        empties the pending store. Safe to repeat after a crash: a cartridge still pending is
+        adopted again, as a new identical version."""
+        ids = [d for d in self.pending.list() if owns is None or owns(d)]
         for doc_id in ids:
             self.main.adopt(doc_id, self.pending, opt_template)
-            self.pending.delete(doc_id)
         return len(ids)
 
     def discard(self) -> int:
@@ -238,10 +249,17 @@ def train_collection(model: LoadedModel, data_dir: str, store_dir: str, cfg: Col
     mesh = mesh or train.make_mesh()
     optimizer = train.make_optimizer(train_config)
     template = opt_template_fn(optimizer)
-    os.makedirs(store_dir, exist_ok=True)
+    me, n_proc = jax.process_index(), jax.process_count()
+    primary = me == 0
+    if primary:
+        os.makedirs(store_dir, exist_ok=True)
+        CartridgeStore(os.path.join(store_dir, "cartridges"), model.fingerprint)
+    distributed.barrier("cas-store-created")
     main = CartridgeStore(os.path.join(store_dir, "cartridges"), model.fingerprint)
-    pending = CartridgeStore(os.path.join(store_dir, "pending"), model.fingerprint)
+    pending = CartridgeStore(os.path.join(store_dir, "pending" if n_proc == 1
+                                          else f"pending-{me:05d}"), model.fingerprint)
     view = PendingStore(main, pending)
+    owns = None if n_proc == 1 else (lambda doc_id: distributed.owner(doc_id, n_proc) == me)
     data_ids = dataset.doc_ids(data_dir)
     if cartridge_of is None:
         cartridge_of = {d: d for d in data_ids}
@@ -251,25 +269,37 @@ def train_collection(model: LoadedModel, data_dir: str, store_dir: str, cfg: Col
                          "cartridge in cartridge_of")
     all_ids = tuple(sorted({cartridge_of[d] for d in data_ids}))
     missing = [d for d in all_ids if not main.exists(d)]
-    if missing:
-        if texts is None or any(d not in texts for d in missing):
-            raise ValueError(f"{store_dir}: no cartridge yet for {missing[:5]}... and no document "
-                             "text given to initialise them")
+    if missing and (texts is None or any(d not in texts for d in missing)):
+        raise ValueError(f"{store_dir}: no cartridge yet for {missing[:5]}... and no document "
+                         "text given to initialise them")
+    if missing and primary:
         initialise_store(main, model, {d: texts[d] for d in missing}, cfg.tokens_per_doc,
                          optimizer, init=cfg.init)
+    distributed.barrier("cas-store-initialised")
 
     run_path = os.path.join(store_dir, RUN_STATE)
     data = dataset.make_train_iterator(data_dir, cfg.batch_size, cfg.seq_len, cfg.seed,
                                        num_epochs=None, drop_remainder=True)
     step = 0
     last_loss = float("nan")
+    def promote(run: dict) -> None:
+        """Phase 2 of a checkpoint (or its redo after a crash): owners promote, all empty
+        their pending stores, then the run state drops its "committing" flag."""
+        view.commit(template, owns)
+        distributed.barrier(f"cas-promoted-{run['step']}")
+        view.discard()
+        distributed.barrier(f"cas-discarded-{run['step']}")
+        if primary:
+            _write_run_state(run_path, dict(run, committing=False))
+
+    run = None
     if os.path.exists(run_path):
         with open(run_path) as f:
             run = json.load(f)
+    distributed.barrier("cas-run-state-read")
+    if run is not None:
         if run.get("committing"):
-            view.commit(template)
-            run["committing"] = False
-            _write_run_state(run_path, run)
+            promote(run)
         else:
             view.discard()
         step = int(run["step"])
@@ -285,20 +315,25 @@ def train_collection(model: LoadedModel, data_dir: str, store_dir: str, cfg: Col
     manager = BudgetManager(view, cfg.budget_bytes, opt_template=template, sharding=rep,
                             io_threads=cfg.io_threads)
 
+    rows = distributed.local_rows(cfg.batch_size)
+
     def next_plan(at_step: int):
+        """(data state before, this process's batch rows, the global step plan)."""
         state = data.get_state()
         batch = next(data)
-        targets = [cartridge_of[data_ids[i]] for i in np.asarray(batch["doc_index"])]
+        doc_index = distributed.allgather_rows(np.asarray(batch["doc_index"]))
+        targets = [cartridge_of[data_ids[i]] for i in doc_index]
         return state, batch, plan_step(targets, all_ids, cfg.distractors, at_step, cfg.seed)
 
     def checkpoint(at_step: int, data_state: dict) -> None:
         manager.flush()
+        distributed.barrier(f"cas-flushed-{at_step}")
         loss = float(np.mean(losses)) if losses else last_loss
         run = {"step": at_step, "data": data_state, "committing": True, "loss": loss}
-        _write_run_state(run_path, run)
-        view.commit(template)
-        run["committing"] = False
-        _write_run_state(run_path, run)
+        if primary:
+            _write_run_state(run_path, run)
+        distributed.barrier(f"cas-committing-{at_step}")
+        promote(run)
 
     t_start = t_last = time.perf_counter()
     wait_last = 0.0
@@ -325,9 +360,11 @@ def train_collection(model: LoadedModel, data_dir: str, store_dir: str, cfg: Col
                 trainable[np.unique(plan.targets)] = True
             else:
                 trainable[:len(doc_ids)] = True
-            host_batch = dict(batch, selection=plan.selection, selected=plan.selected)
-            parts, opt_state, metrics = step_fn(parts, opt_state, jnp.asarray(trainable),
-                                                params, train.device_batch(host_batch, mesh))
+            host_batch = dict(batch, selection=plan.selection[rows],
+                              selected=plan.selected[rows])
+            parts, opt_state, metrics = step_fn(parts, opt_state,
+                                                jax.device_put(trainable, rep), params,
+                                                train.device_batch(host_batch, mesh))
             keys, values = train.merge_cartridges(parts)
             for slot, (doc_id, (c, _)) in enumerate(zip(doc_ids, pairs)):
                 if trainable[slot]:

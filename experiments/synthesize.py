@@ -5,11 +5,16 @@
 
 Rerunning the same command resumes a killed run. Every process of a multi-process run uses the
 same flags except --shard_index; `dataset.make_train_iterator(--output, ...)` reads the result.
+With the multi-process flags (--coordinator/--num_processes/--process_id, or --distributed;
+`cas_jax.distributed`) process I writes shard I of N, and the union of the shards is what one
+process writes with --shard_count=1.
 """
 
 from absl import app, flags
 
-from cas_jax import corpus, loading, synthesis
+import jax
+
+from cas_jax import corpus, distributed, loading, synthesis
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "", "HF folder or GGUF file; empty = embedded SmolLM2-135M-Instruct.")
@@ -31,6 +36,8 @@ flags.DEFINE_string("output", "runs/selfstudy", "Dataset folder (created; resume
 flags.DEFINE_integer("shard_index", 0, "This process's shard.")
 flags.DEFINE_integer("shard_count", 1, "Number of shards (processes).")
 flags.DEFINE_integer("seed", 0, "Seed of every chunk, seed prompt and sample.")
+
+distributed.define_flags()
 
 DEFAULT_FACTBOOK_DOCS = ("fr", "gm", "ja")
 
@@ -64,6 +71,15 @@ def _report(shard: str):
 
 def main(argv):
     del argv
+    shard_index, shard_count = FLAGS.shard_index, FLAGS.shard_count
+    if distributed.initialize_from_flags():
+        if (FLAGS["shard_index"].present or FLAGS["shard_count"].present) and (
+                (shard_index, shard_count) != (jax.process_index(), jax.process_count())):
+            raise app.UsageError(
+                f"--shard_index={shard_index} --shard_count={shard_count} contradict process "
+                f"{jax.process_index()} of {jax.process_count()}; leave them out in a "
+                "multi-process run")
+        shard_index, shard_count = jax.process_index(), jax.process_count()
     model = loading.load_model(FLAGS.model or None)
     docs = _collection()
     config = synthesis.SynthesisConfig(
@@ -72,11 +88,11 @@ def main(argv):
         rounds=FLAGS.rounds, topk=FLAGS.topk, family_weights=_family_weights())
     study = synthesis.SelfStudy(model, docs, config)
     items = synthesis.work_items(docs.ids, FLAGS.conversations_per_doc, FLAGS.seed)
-    shard = f"shard {FLAGS.shard_index}/{FLAGS.shard_count}"
+    shard = f"shard {shard_index}/{shard_count}"
     print(f"[{shard}] {len(docs)} documents, {len(items)} conversations in all -> "
           f"{FLAGS.output}", flush=True)
     writer = synthesis.run_shard(study, items, FLAGS.output, batch_size=FLAGS.batch_size,
-                                 shard_index=FLAGS.shard_index, shard_count=FLAGS.shard_count,
+                                 shard_index=shard_index, shard_count=shard_count,
                                  on_batch=_report(shard))
     print(f"[{shard}] done: {writer.conversations_done} conversations in "
           f"{writer.batches_done} files, manifest {writer.manifest_path}", flush=True)

@@ -11,6 +11,11 @@ KV cache of the first --tokens tokens of that document's block in the one render
 (`cas_jax.rendering`), exactly where the teacher saw its chunks; token 0 is the frozen attention
 sink.
 
+Several processes (`cas_jax.distributed`; README "Scaling out"): the same command with
+--coordinator=HOST:PORT --num_processes=N --process_id=I on each (or `experiments.launch_local`);
+--batch is the global batch, each process reads its share of every batch, and process 0 writes
+metrics.jsonl and cartridge/ while all of them write the Orbax checkpoints together.
+
 Writes to --output_dir: metrics.jsonl (one line per report), checkpoints/ (Orbax; rerunning the
 same command resumes a killed run), and cartridge/, the trained cartridge as a plain directory
 (`store.load_cartridge`) that `experiments.chat --cartridges` loads.
@@ -24,7 +29,8 @@ import time
 import jax
 from absl import app, flags, logging
 
-from cas_jax import cartridge as cart_lib, corpus, dataset, loading, rendering, store
+from cas_jax import cartridge as cart_lib, corpus, dataset, distributed, loading, rendering
+from cas_jax import store
 from cas_jax import train as train_lib
 
 FLAGS = flags.FLAGS
@@ -52,6 +58,7 @@ flags.DEFINE_integer("log_every", 10, "Report every this many steps.")
 flags.DEFINE_boolean("remat", False, "Recompute decoder layers in the backward pass.")
 flags.DEFINE_integer("seed", 0, "Data order and random initialisations.")
 flags.DEFINE_string("output_dir", "runs/cartridge", "Output folder (created; resumed if present).")
+distributed.define_flags()
 flags.mark_flags_as_required(["data", "document"])
 
 
@@ -100,6 +107,7 @@ def main(argv):
     del argv
     if not FLAGS["verbosity"].present:  # Orbax logs every checkpoint step at INFO.
         logging.set_verbosity(logging.WARNING)
+    distributed.initialize_from_flags()
     model = loading.load_model(FLAGS.model or None)
     _check_dataset(model)
     mesh = train_lib.make_mesh(FLAGS.num_devices or None)
@@ -111,7 +119,8 @@ def main(argv):
         loss=FLAGS.loss, topk_mass=FLAGS.topk_mass, remat=FLAGS.remat)
     initial = _initial_cartridge(model)
     print(f"cartridge {initial.meta.doc_id!r}: {initial.num_tokens} tokens ({FLAGS.init}), "
-          f"{initial.nbytes / 2**20:.1f} MiB; {mesh.size} device(s)", flush=True)
+          f"{initial.nbytes / 2**20:.1f} MiB; {mesh.size} device(s) in "
+          f"{jax.process_count()} process(es)", flush=True)
     data = dataset.make_train_iterator(FLAGS.data, FLAGS.batch, FLAGS.seq_len, FLAGS.seed,
                                        num_epochs=None, drop_remainder=True)
     os.makedirs(FLAGS.output_dir, exist_ok=True)
@@ -121,8 +130,9 @@ def main(argv):
         eta = time.strftime("%H:%M:%S", time.gmtime(r.eta_s))
         print(f"step {r.step}/{r.total_steps}  loss {r.loss:.4f}  grad_norm {r.grad_norm:.3g}  "
               f"lr {r.learning_rate:.2e}  {r.tokens_per_s:.0f} tok/s  ETA {eta}", flush=True)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(dict(dataclasses.asdict(r), time=time.time())) + "\n")
+        if distributed.is_primary():
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(dict(dataclasses.asdict(r), time=time.time())) + "\n")
 
     state = train_lib.train(
         train_lib.init_train_state([initial], cfg), model.params, data, config=model.config,
@@ -131,8 +141,10 @@ def main(argv):
         save_every=FLAGS.save_every, log_every=FLAGS.log_every, on_report=report)
     (trained,) = train_lib.cartridges_from_state(state, [initial.meta])
     out = os.path.join(FLAGS.output_dir, "cartridge")
-    store.save_cartridge(out, trained, step=int(state.step), overwrite=True)
-    print(f"saved {out}", flush=True)
+    if distributed.is_primary():
+        store.save_cartridge(out, trained, step=int(state.step), overwrite=True)
+        print(f"saved {out}", flush=True)
+    distributed.barrier("cartridge-saved")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@ cartridges live in --store (created with first-P-token initialisation on the fir
 resumes from the last checkpoint). --distractors 0 trains every cartridge in isolation (the
 naive-composition baseline); --monolithic trains one cartridge for all documents (the monolithic
 baseline, P = documents x --tokens_per_doc). Progress goes to stdout, metrics to <store>/metrics.jsonl.
+
+Several processes: the same command with --coordinator=HOST:PORT --num_processes=N
+--process_id=I on each (or `experiments.launch_local`); --batch is the global batch and every
+process pages through its own budget of --budget_bytes; each cartridge has one writer (see
+`cas_jax.train_collection`).
 """
 
 import dataclasses
@@ -17,7 +22,7 @@ import time
 
 from absl import app, flags
 
-from cas_jax import corpus, dataset, loading, pipeline, train
+from cas_jax import corpus, dataset, distributed, loading, pipeline, train
 from cas_jax.distractors import SCHEDULES, DistractorSchedule
 from cas_jax.train_collection import GRAD_SCOPES, CollectionConfig, train_collection
 
@@ -45,11 +50,13 @@ flags.DEFINE_bool("prefetch", True, "Prefetch the next step's cartridges in the 
 flags.DEFINE_bool("monolithic", False, "Baseline: train ONE cartridge (id 'monolithic') of "
                   "documents x tokens_per_doc tokens on every document's conversations, no "
                   "distractors.")
+distributed.define_flags()
 flags.mark_flags_as_required(["data", "store"])
 
 
 def main(argv):
     del argv
+    distributed.initialize_from_flags()
     model = loading.load_model(FLAGS.model or None)
     ids = list(dataset.doc_ids(FLAGS.data))
     docs = corpus.load_collection(FLAGS.collection, ids)
@@ -66,7 +73,8 @@ def main(argv):
         grad_scope=FLAGS.grad_scope, budget_bytes=FLAGS.budget_bytes,
         checkpoint_every=FLAGS.checkpoint_every, prefetch=FLAGS.prefetch, seed=FLAGS.seed)
     tcfg = train.TrainConfig(lr=FLAGS.lr, total_steps=FLAGS.steps)
-    os.makedirs(FLAGS.store, exist_ok=True)
+    if distributed.is_primary():
+        os.makedirs(FLAGS.store, exist_ok=True)
     metrics_path = os.path.join(FLAGS.store, "metrics.jsonl")
     print(f"{len(ids)} documents, P={cfg.tokens_per_doc}, k_max={cfg.distractors.k_max} "
           f"({cfg.distractors.kind}), budget {cfg.budget_bytes / 2**20:.0f} MiB", flush=True)
@@ -75,8 +83,9 @@ def main(argv):
         print(f"step {r.step}/{r.total_steps} loss {r.loss:.4f} {r.tokens_per_s:.0f} tok/s "
               f"io-wait {100 * r.io_wait_share:.1f}% resident {r.resident_mb:.0f} MiB "
               f"ETA {time.strftime('%H:%M:%S', time.gmtime(r.eta_s))}", flush=True)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(dataclasses.asdict(r)) + "\n")
+        if distributed.is_primary():
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(dataclasses.asdict(r)) + "\n")
 
     summary = train_collection(model, FLAGS.data, FLAGS.store, cfg, tcfg, texts=texts,
                                cartridge_of=cartridge_of, on_report=report)

@@ -105,14 +105,19 @@ def test_truncation_keeps_aligned_teacher_rows_and_is_reported(tmp_path, caplog)
                                           conv.teacher_ids[:mask.sum()])
 
 
-def test_host_shards_are_disjoint_and_cover_the_data(tmp_path):
+def test_processes_read_their_block_of_every_global_batch(tmp_path):
     convs = _write(tmp_path)
-    per_host = [[x for b in dataset.make_train_iterator(
-        str(tmp_path), batch_size=4, seq_len=32, seed=0, shard_index=h, shard_count=3)
-                 for x in _ids(b)] for h in range(3)]
-    flat = [x for host in per_host for x in host]
-    assert len(flat) == len(set(flat)) == len(convs)
-    assert all(abs(len(h) - len(convs) / 3) < 1 for h in per_host)
+    kw = dict(batch_size=6, seq_len=32, seed=0, num_epochs=2)
+    single = [_ids(b) for b in dataset.make_train_iterator(
+        str(tmp_path), shard_index=0, shard_count=1, drop_remainder=True, **kw)]
+    per_host = [[_ids(b) for b in dataset.make_train_iterator(
+        str(tmp_path), shard_index=h, shard_count=3, **kw)] for h in range(3)]
+    assert all(len(h) == len(single) == 2 * len(convs) // 6 for h in per_host)
+    for step, want in enumerate(single):  # stacked in process order = the global batch
+        assert [x for h in per_host for x in h[step]] == list(want)
+    assert all(len(b) == 2 for h in per_host for b in h)
+    with pytest.raises(ValueError, match="multiple of 4 processes"):
+        dataset.make_train_iterator(str(tmp_path), shard_index=0, shard_count=4, **kw)
 
 
 def test_iterator_state_restores_exactly(tmp_path):
