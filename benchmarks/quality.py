@@ -19,7 +19,8 @@ import time
 import numpy as np
 from absl import app, flags
 
-from cas_jax import corpus, evaluate, loading, pipeline, questions as questions_lib, splits
+from cas_jax import corpus, dataset, evaluate, loading, pipeline, questions as questions_lib
+from cas_jax import splits
 from cas_jax import selfstudy_quality, study, synthesis
 
 FLAGS = flags.FLAGS
@@ -56,6 +57,12 @@ flags.DEFINE_integer("eval_every", 140, "Learning-curve interval in steps (0 = s
 flags.DEFINE_integer("max_new_tokens", 24, "Greedy generation length (free-answer match).")
 flags.DEFINE_integer("rag_top_k", 2, "RAG chunks per question.")
 flags.DEFINE_integer("seed", 0, "Seed of questions, synthesis and training.")
+flags.DEFINE_string("reuse", "", "Another study folder (same questions) whose held-out data "
+                    "and baseline results this run reuses, and its self-study data too when "
+                    "the synthesis flags are the same (ablations).")
+SYNTHESIS_FLAGS = ("conversations_per_doc", "family_weights", "span_turns", "chunk_min",
+                   "chunk_max", "max_user_tokens", "max_answer_tokens", "no_repeat_ngram_size",
+                   "repetition_penalty", "synthesis_batch", "seed")
 
 
 def _weights() -> tuple[float, ...]:
@@ -86,6 +93,18 @@ def main(argv):
     qs = [q for q in qs if q.doc_id.split("-", 1)[1] in FLAGS.sections]
     docs = corpus.load_factbook_sections(documents=sorted({q.doc_id for q in qs}))
     questions_lib.write_questions(os.path.join(out, "questions.jsonl"), qs)
+    shared = FLAGS.reuse or out  # where held-out data and baselines live
+    selfstudy_dir = os.path.join(out, "selfstudy")
+    if FLAGS.reuse:
+        theirs = os.path.join(FLAGS.reuse, "questions.jsonl")
+        if not os.path.exists(theirs) or (open(theirs).read() !=
+                                          open(os.path.join(out, "questions.jsonl")).read()):
+            raise app.UsageError(f"--reuse={FLAGS.reuse}: its questions.jsonl is missing or "
+                                 "differs from this run's (same --split/--profiles/--sections/"
+                                 "--kinds/--seed needed)")
+        theirs = json.load(open(os.path.join(FLAGS.reuse, "config.json")))["flags"]
+        if all(theirs.get(f) == FLAGS[f].value for f in SYNTHESIS_FLAGS):
+            selfstudy_dir = os.path.join(FLAGS.reuse, "selfstudy")
     cfg = study.StudyConfig(pipeline.PipelineConfig(
         conversations_per_doc=FLAGS.conversations_per_doc, chunk_min=FLAGS.chunk_min,
         chunk_max=FLAGS.chunk_max, max_user_tokens=FLAGS.max_user_tokens,
@@ -110,12 +129,16 @@ def main(argv):
     progress = lambda p: print(  # noqa: E731
         f"  {p.conversations_done}/{p.conversations_total} conversations, ETA {p.eta_s:.0f}s",
         flush=True)
-    data_dir = pipeline.synthesize(model, docs, os.path.join(out, "selfstudy"), cfg.pipeline,
+    data_dir = pipeline.synthesize(model, docs, selfstudy_dir, cfg.pipeline,
                                    on_batch=progress)
-    heldout_dir = pipeline.synthesize(
-        model, docs, os.path.join(out, "heldout"),
-        dataclasses.replace(cfg.pipeline, conversations_per_doc=cfg.heldout_per_doc,
-                            seed=cfg.pipeline.seed + 1), on_batch=progress)
+    if FLAGS.reuse:  # the other run's held-out set, as it was synthesised
+        heldout_dir = os.path.join(FLAGS.reuse, "heldout")
+        dataset.read_manifests(heldout_dir)
+    else:
+        heldout_dir = pipeline.synthesize(
+            model, docs, os.path.join(out, "heldout"),
+            dataclasses.replace(cfg.pipeline, conversations_per_doc=cfg.heldout_per_doc,
+                                seed=cfg.pipeline.seed + 1), on_batch=progress)
     _stage("synthesis", times, t0)
     quality_path = os.path.join(data_dir, "quality.json")
     if not os.path.exists(quality_path):
@@ -128,9 +151,9 @@ def main(argv):
     t0 = time.perf_counter()
     print("== 2. baselines ==", flush=True)
     ev = evaluate.Evaluator(model, docs, evaluate.EvalConfig(max_new_tokens=cfg.max_new_tokens))
-    closed = study.cached_method(out, "closed_book", lambda: ev.closed_book(qs))
-    icl = study.cached_method(out, "icl", lambda: ev.icl(qs))
-    rag = study.cached_method(out, f"rag_bm25_k{cfg.rag_top_k}",
+    closed = study.cached_method(shared, "closed_book", lambda: ev.closed_book(qs))
+    icl = study.cached_method(shared, "icl", lambda: ev.icl(qs))
+    rag = study.cached_method(shared, f"rag_bm25_k{cfg.rag_top_k}",
                               lambda: ev.rag(qs, top_k=cfg.rag_top_k))
     _stage("baselines", times, t0)
 
