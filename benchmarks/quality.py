@@ -21,7 +21,7 @@ from absl import app, flags
 
 from cas_jax import corpus, dataset, evaluate, loading, pipeline, questions as questions_lib
 from cas_jax import splits
-from cas_jax import selfstudy_quality, study, synthesis
+from cas_jax import cas_study, selfstudy_quality, study, synthesis
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "runs/quality", "Output folder (resumed if present).")
@@ -60,6 +60,22 @@ flags.DEFINE_integer("seed", 0, "Seed of questions, synthesis and training.")
 flags.DEFINE_string("reuse", "", "Another study folder (same questions) whose held-out data "
                     "and baseline results this run reuses, and its self-study data too when "
                     "the synthesis flags are the same (ablations).")
+flags.DEFINE_bool("cas", False, "Also the collection methods (issue 12, `cas_jax.cas_study`): CAS "
+                  "oracle and composed, naive composed, monolithic, retrieval + CAS, RAG.")
+flags.DEFINE_integer("cas_distractors", 3, "k_max of CAS training.")
+flags.DEFINE_enum("cas_schedule", "uniform", ["fixed", "uniform", "ramp"],
+                  "How CAS training draws k per step.")
+flags.DEFINE_integer("cas_ramp_steps", 100, "Steps for the 'ramp' schedule to reach k_max.")
+flags.DEFINE_enum("cas_grad_scope", "target", ["target", "all"],
+                  "CAS training: which active cartridges get updates.")
+flags.DEFINE_list("compose_k", ["1", "3", "7"], "Other cartridges composed with the true one.")
+flags.DEFINE_list("positions", ["first", "last", "random"],
+                  "Where the true cartridge stands among --positions_k others.")
+flags.DEFINE_integer("positions_k", 3, "Composition size of the position comparison.")
+flags.DEFINE_list("retrieval_k", ["1", "2", "4"], "k of retrieval + CAS and of RAG.")
+flags.DEFINE_list("retrievers", ["bm25", "dense"], "Retrievers of retrieval + CAS and RAG.")
+flags.DEFINE_bool("monolithic", True, "With --cas: also train and evaluate the monolithic "
+                  "baseline (n_docs x P tokens; slow: its prefix is the whole budget).")
 SYNTHESIS_FLAGS = ("conversations_per_doc", "family_weights", "span_turns", "chunk_min",
                    "chunk_max", "max_user_tokens", "max_answer_tokens", "no_repeat_ngram_size",
                    "repetition_penalty", "synthesis_batch", "seed")
@@ -77,6 +93,35 @@ def _weights() -> tuple[float, ...]:
 def _stage(name, times, t0):
     times[name] = times.get(name, 0.0) + time.perf_counter() - t0
     print(f"  {name}: {times[name]:.0f}s", flush=True)
+
+
+def _collection_methods(model, docs, data_dir, naive_dir, ev, qs, cfg, times):
+    """Stage 5 (--cas): CAS and monolithic training, then every collection method."""
+    out = FLAGS.out
+    t0 = time.perf_counter()
+    print("== 5. collection methods (CAS) ==", flush=True)
+    report = lambda r: print(f"  step {r.step}/{r.total_steps} loss {r.loss:.4f} "  # noqa: E731
+                             f"ETA {r.eta_s:.0f}s", flush=True)
+    p = dataclasses.replace(cfg.pipeline, distractor_schedule=FLAGS.cas_schedule,
+                            ramp_steps=FLAGS.cas_ramp_steps, grad_scope=FLAGS.cas_grad_scope)
+    cas, _ = pipeline.train_cartridges(model, docs, data_dir, os.path.join(out, "cas"), p,
+                                       distractors=FLAGS.cas_distractors, on_report=report)
+    mono = None
+    if FLAGS.monolithic:
+        mono, _ = pipeline.train_monolithic(model, docs, data_dir, os.path.join(out, "monolithic"),
+                                            cfg.pipeline, on_report=report)
+        mono = pipeline.StoreSource(mono)
+    _stage("collection training", times, t0)
+    t0 = time.perf_counter()
+    naive = pipeline.StoreSource(pipeline.initial_store(model, docs, naive_dir, cfg.pipeline))
+    rows = cas_study.collection_methods(
+        ev, qs, out, cas=pipeline.StoreSource(cas), naive=naive, monolithic=mono,
+        tokens=FLAGS.tokens, n_docs=len(docs), compose_k=[int(k) for k in FLAGS.compose_k],
+        positions=FLAGS.positions, positions_k=FLAGS.positions_k,
+        retrieval_k=[int(k) for k in FLAGS.retrieval_k], retrievers=FLAGS.retrievers,
+        seed=FLAGS.seed)
+    _stage("collection evaluation", times, t0)
+    return rows
 
 
 def main(argv):
@@ -173,6 +218,9 @@ def main(argv):
     oracle = study.cached_method(out, f"oracle_cartridge_step{cfg.pipeline.steps}",
                                  lambda: ev.oracle_cartridge(qs, source))
     _stage("cartridge evaluation", times, t0)
+    cas_rows = []
+    if FLAGS.cas:
+        cas_rows = _collection_methods(model, docs, data_dir, store_dir, ev, qs, cfg, times)
     with open(times_path, "w") as f:
         json.dump(times, f)
 
@@ -180,6 +228,8 @@ def main(argv):
     rows = [study.method_row(n, o, closed, icl, median_doc, c) for n, o, c in (
         ("closed_book", closed, None), ("icl", icl, None), (f"rag_bm25_k{cfg.rag_top_k}", rag, None),
         ("oracle_cartridge", oracle, FLAGS.tokens))]
+    rows += [study.method_row(n, o, closed, icl, median_doc, c if n == "cas_oracle" else None)
+             for n, o, c in cas_rows]
     table = study.format_rows(rows)
     study.plot_curve(curve_path, os.path.join(out, "curve.png"), closed, icl)
     with open(os.path.join(out, "report.md"), "w") as f:
@@ -189,7 +239,7 @@ def main(argv):
         json.dump({"rows": rows, "quality": [dataclasses.asdict(r) for r in quality],
                    "times": times, "median_document_tokens": median_doc}, f, indent=1)
     print(table)
-    o = rows[-1]
+    o = rows[3]
     print(f"icl_gap={rows[1]['accuracy'] - rows[0]['accuracy']:.3f} "
           f"recovered_acc={o['recovered_acc']:.3f} recovered_nll={o['recovered_nll']:.3f} "
           f"compression={o['compression']:.1f}")

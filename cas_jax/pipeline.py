@@ -50,6 +50,9 @@ class PipelineConfig:
     no_repeat_ngram_size: int = 4
     repetition_penalty: float = 1.0
     init: str = "first_tokens"  # train_collection.INITS
+    distractor_schedule: str = "uniform"  # distractors.SCHEDULES
+    ramp_steps: int = 100
+    grad_scope: str = "target"  # train_collection.GRAD_SCOPES
 
 
 def synthesize(model: LoadedModel, docs: Collection, data_dir: str, cfg: PipelineConfig,
@@ -74,8 +77,9 @@ def _train(model: LoadedModel, data_dir: str, store_dir: str, cfg: PipelineConfi
     CAS and both baselines see the same data and token budget."""
     ccfg = CollectionConfig(
         tokens_per_doc=tokens_per_doc, init=cfg.init, batch_size=cfg.batch, seq_len=cfg.seq_len,
-        steps=cfg.steps, distractors=DistractorSchedule(distractors, "uniform"),
-        budget_bytes=cfg.budget_bytes, checkpoint_every=max(cfg.steps // 4, 1), seed=cfg.seed)
+        steps=cfg.steps, distractors=DistractorSchedule(distractors, cfg.distractor_schedule,
+                                                        cfg.ramp_steps),
+        grad_scope=cfg.grad_scope, budget_bytes=cfg.budget_bytes, checkpoint_every=max(cfg.steps // 4, 1), seed=cfg.seed)
     tcfg = train.TrainConfig(lr=cfg.lr, total_steps=cfg.steps)
     summary = train_collection(model, data_dir, store_dir, ccfg, tcfg, texts=texts,
                                cartridge_of=cartridge_of, on_report=on_report)

@@ -1,0 +1,112 @@
+"""The collection methods of the quality study (Cartridges at Scale), on the same questions.
+
+`benchmarks.quality --cas` adds, after the single-cartridge study (`cas_jax.study`):
+  CAS oracle           the question's cartridge, trained with distractor mixing (`cas/`)
+  CAS composed k       that cartridge plus k other documents' cartridges, composed in the
+                       order `position` gives (first, last, or random: the true one anywhere)
+  naive composed k     the same sets, from the cartridges trained in isolation (the study's own)
+  monolithic           one cartridge of n_docs x P tokens on the same conversations, steps,
+                       batch and learning rate (`monolithic/`)
+  retrieval + CAS      the top-k documents by BM25 or dense retrieval, their CAS cartridges
+                       composed, with retrieval recall
+  RAG                  the top-k chunks by the same retrievers
+The other documents of a composed set are drawn per question from a seed that depends on the
+question and k only, so CAS and naive composition read the same sets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from cas_jax import evaluate, pipeline, study
+from cas_jax.questions import Question
+
+POSITIONS = ("first", "last", "random")
+
+
+def composed_sets(questions: Sequence[Question], doc_ids: Sequence[str], k: int, seed: int,
+                  position: str = "random") -> list[list[str]]:
+    """Per question: its document and k others drawn without replacement, in `position` order
+    (the true cartridge first, last, or at a random place). The drawn others depend only on
+    (seed, question index, k), not on `position`."""
+    if position not in POSITIONS:
+        raise ValueError(f"position {position!r}: expected one of {POSITIONS}")
+    ids = sorted(doc_ids)
+    if k >= len(ids):
+        raise ValueError(f"composing {k} other cartridges needs more than {len(ids)} documents")
+    sets = []
+    for i, q in enumerate(questions):
+        rng = np.random.default_rng([seed, i, k])
+        others = [d for d in ids if d != q.doc_id]
+        drawn = [others[j] for j in rng.choice(len(others), k, replace=False)]
+        if position == "first":
+            sets.append([q.doc_id] + drawn)
+        elif position == "last":
+            sets.append(drawn + [q.doc_id])
+        else:
+            at = int(np.random.default_rng([seed, i, k, 1]).integers(k + 1))
+            sets.append(drawn[:at] + [q.doc_id] + drawn[at:])
+    return sets
+
+
+def _lookup(questions: Sequence[Question], sets: list[list[str]]
+            ) -> Callable[[Question], list[str]]:
+    table = {id(q): s for q, s in zip(questions, sets)}
+    return lambda q: table[id(q)]
+
+
+def recall(obj: dict) -> float | None:
+    """Share of questions whose retrieved set held their own document (None if not recorded)."""
+    hits = [r["retrieval_hit"] for r in obj["records"] if r.get("retrieval_hit") is not None]
+    return float(np.mean(hits)) if hits else None
+
+
+def collection_methods(ev: evaluate.Evaluator, questions: Sequence[Question], out: str, *,
+                       cas, naive, monolithic, tokens: int, n_docs: int,
+                       compose_k: Sequence[int] = (1, 3, 7),
+                       positions: Sequence[str] = POSITIONS, positions_k: int = 3,
+                       retrieval_k: Sequence[int] = (1, 2, 4),
+                       retrievers: Sequence[str] = ("bm25", "dense"), seed: int = 0,
+                       ) -> list[tuple[str, dict, int | None]]:
+    """Runs (or reads from `out/eval/`) every collection method; returns (name, result,
+    cartridge tokens per question) in report order. cas / naive / monolithic are cartridge
+    sources (`evaluate.CartridgeSource`)."""
+    ids = ev.collection.ids
+    rows: list[tuple[str, dict, int | None]] = []
+
+    def add(name: str, run: Callable[[], evaluate.EvalResult], cartridge_tokens: int | None):
+        obj = study.cached_method(out, name, run)
+        hit = recall(obj)
+        rows.append((name if hit is None else f"{name} (recall {hit:.2f})", obj,
+                     cartridge_tokens))
+
+    add("cas_oracle", lambda: ev.oracle_cartridge(questions, cas, name="cas_oracle"), tokens)
+    capacity = len(ids)
+    for k in compose_k:
+        sets = composed_sets(questions, ids, k, seed, "random")
+        for label, source in (("cas", cas), ("naive", naive)):
+            add(f"{label}_composed_k{k}", lambda s=sets, src=source, n=f"{label}_composed_k{k}":
+                ev.cartridges(questions, src, _lookup(questions, s), n, slots=k + 1,
+                              capacity=capacity), (k + 1) * tokens)
+    for position in positions:
+        if position == "random" and positions_k in compose_k:
+            continue  # the composed row above is that setting
+        sets = composed_sets(questions, ids, positions_k, seed, position)
+        name = f"cas_composed_k{positions_k}_true_{position}"
+        add(name, lambda s=sets, n=name: ev.cartridges(
+            questions, cas, _lookup(questions, s), n, slots=positions_k + 1,
+            capacity=capacity), (positions_k + 1) * tokens)
+    if monolithic is not None:
+        add("monolithic", lambda: pipeline.evaluate_monolithic(ev, questions, monolithic,
+                                                               name="monolithic"),
+            n_docs * tokens)
+    for r in retrievers:
+        for k in retrieval_k:
+            add(f"retrieval_cas_{r}_k{k}", lambda r=r, k=k: ev.retrieval_cartridges(
+                questions, cas, top_k=k, retriever=r, slots=max(retrieval_k),
+                name=f"retrieval_cas_{r}_k{k}"), k * tokens)
+        for k in retrieval_k:
+            add(f"rag_{r}_k{k}", lambda r=r, k=k: ev.rag(questions, top_k=k, retriever=r), None)
+    return rows
