@@ -26,6 +26,8 @@ flags.DEFINE_string("data", None, "Self-study dataset folder (read; written by s
 flags.DEFINE_string("out", None, "Output folder.")
 flags.DEFINE_integer("steps", 6, "Training steps.")
 flags.DEFINE_float("step_delay_s", 0.0, "Sleep after every reported step.")
+flags.DEFINE_integer("fail_process", -1, "This process exits with code 3 at once; the others "
+                     "wait at a barrier it never reaches.")
 distributed.define_flags()
 
 DOCS = ("a", "b", "c", "d", "e")
@@ -164,6 +166,11 @@ def run_synthesis() -> None:
 def main(argv):
     del argv
     distributed.initialize_from_flags()
+    if FLAGS.fail_process >= 0:
+        import jax
+        if jax.process_index() == FLAGS.fail_process:
+            sys.exit(3)
+        distributed.barrier("never-reached")
     if FLAGS.out:
         os.makedirs(FLAGS.out, exist_ok=True)
     {"train": run_train, "collection": run_collection, "synthesis": run_synthesis}[FLAGS.job]()
