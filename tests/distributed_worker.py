@@ -93,7 +93,9 @@ def init_store(root: str) -> None:
 
 
 def _pace(_report) -> None:
-    print(f"reported step {_report.step}", flush=True)
+    elapsed = getattr(_report, "elapsed_s", None)
+    print(f"reported step {_report.step}" + (f" elapsed {elapsed:.3f}" if elapsed else ""),
+          flush=True)
     time.sleep(FLAGS.step_delay_s)
 
 
