@@ -146,14 +146,18 @@ def main(argv):
     shared = FLAGS.reuse or out  # where held-out data and baselines live
     selfstudy_dir = os.path.join(out, "selfstudy")
     if FLAGS.reuse:
-        theirs = os.path.join(FLAGS.reuse, "questions.jsonl")
-        if not os.path.exists(theirs) or (open(theirs).read() !=
-                                          open(os.path.join(out, "questions.jsonl")).read()):
+        def read(path):
+            with open(path) as f:
+                return f.read()
+
+        their_questions = os.path.join(FLAGS.reuse, "questions.jsonl")
+        if not os.path.exists(their_questions) or (
+                read(their_questions) != read(os.path.join(out, "questions.jsonl"))):
             raise app.UsageError(f"--reuse={FLAGS.reuse}: its questions.jsonl is missing or "
                                  "differs from this run's (same --split/--profiles/--sections/"
                                  "--kinds/--seed needed)")
-        theirs = json.load(open(os.path.join(FLAGS.reuse, "config.json")))["flags"]
-        if all(theirs.get(f) == FLAGS[f].value for f in SYNTHESIS_FLAGS):
+        their_flags = json.loads(read(os.path.join(FLAGS.reuse, "config.json")))["flags"]
+        if all(their_flags.get(f) == FLAGS[f].value for f in SYNTHESIS_FLAGS):
             selfstudy_dir = os.path.join(FLAGS.reuse, "selfstudy")
     cfg = study.StudyConfig(pipeline.PipelineConfig(
         conversations_per_doc=FLAGS.conversations_per_doc, chunk_min=FLAGS.chunk_min,

@@ -41,6 +41,8 @@ import numpy as np
 from absl import logging
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
+from cas_jax import distributed
+
 FORMAT_VERSION = 1
 _MANIFEST = re.compile(r"shard-(\d{5})-of-(\d{5})\.json$")
 
@@ -310,12 +312,13 @@ def pad_example(conv: Conversation, *, seq_len: int, doc_index: dict[str, int]) 
 
 
 class _ProcessRows(grain.MapDataset):
-    """Process `index` of `count`'s rows of every global batch of `parent`: a contiguous block
-    of `batch // count` rows per global batch of `batch`; a partial last batch is dropped."""
+    """The `rows` (a slice, `distributed.local_rows`) of every global batch of `batch` records
+    of `parent`; a partial last batch is dropped."""
 
-    def __init__(self, parent: grain.MapDataset, batch: int, index: int, count: int):
+    def __init__(self, parent: grain.MapDataset, batch: int, rows: slice):
         super().__init__(parent)
-        self._batch, self._per, self._index = batch, batch // count, index
+        self._batch, self._start = batch, rows.start
+        self._per = rows.stop - rows.start
         self._length = len(parent) // batch * self._per
 
     def __len__(self) -> int:
@@ -323,7 +326,7 @@ class _ProcessRows(grain.MapDataset):
 
     def _global(self, j: int) -> int:
         step, row = divmod(int(j), self._per)
-        return step * self._batch + self._index * self._per + row
+        return step * self._batch + self._start + row
 
     def __getitem__(self, index):
         if isinstance(index, slice):
@@ -331,7 +334,7 @@ class _ProcessRows(grain.MapDataset):
         return self._parent[self._global(index)]
 
     def __str__(self) -> str:
-        return f"_ProcessRows(batch={self._batch}, per={self._per}, index={self._index})"
+        return f"_ProcessRows(batch={self._batch}, rows={self._start}:{self._start + self._per})"
 
 
 def make_train_iterator(data_dir: str, batch_size: int, seq_len: int, seed: int = 0, *,
@@ -355,9 +358,7 @@ def make_train_iterator(data_dir: str, batch_size: int, seq_len: int, seed: int 
         shard_index, shard_count = jax.process_index(), jax.process_count()
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
-    if batch_size % shard_count:
-        raise ValueError(f"global batch_size {batch_size} is not a multiple of "
-                         f"{shard_count} processes")
+    rows = distributed.local_rows(batch_size, shard_index, shard_count)
     source = ConversationSource(data_dir)
     if len(source) == 0:
         raise ValueError(f"{data_dir}: the dataset holds no conversations")
@@ -369,9 +370,9 @@ def make_train_iterator(data_dir: str, batch_size: int, seq_len: int, seed: int 
     if shuffle:
         ds = ds.shuffle(seed)
     ds = ds.repeat(num_epochs)
-    per = batch_size // shard_count
+    per = rows.stop - rows.start
     if shard_count > 1:
-        ds = _ProcessRows(ds, batch_size, shard_index, shard_count)
+        ds = _ProcessRows(ds, batch_size, rows)
         if len(ds) == 0:
             raise ValueError(f"{data_dir}: {len(source)} conversations make no global batch "
                              f"of {batch_size}")

@@ -37,9 +37,6 @@ import jax
 import numpy as np
 from absl import flags
 
-_INITIALIZED = False
-
-
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, *, auto: bool = False,
                timeout_s: int = 120) -> bool:
@@ -50,10 +47,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     them: `jax.distributed.initialize` fills the rest from the cluster environment. Must run
     before any device is used; calling it again is a no-op.
     """
-    global _INITIALIZED
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
-    if _INITIALIZED or not (auto or coordinator or num_processes or process_id is not None):
-        return _INITIALIZED
+    if jax.distributed.is_initialized() or not (
+            auto or coordinator or num_processes or process_id is not None):
+        return jax.distributed.is_initialized()
     if num_processes is not None and num_processes < 1:
         raise ValueError(f"--num_processes must be >= 1, got {num_processes}")
     if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
@@ -64,7 +61,6 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator, num_processes, process_id,
                                initialization_timeout=timeout_s)
-    _INITIALIZED = True
     return True
 
 
@@ -89,14 +85,6 @@ def initialize_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> bool:
                           flag_values.process_id, auto=flag_values.distributed)
     except ValueError as e:
         raise flags.ValidationError(str(e)) from e
-
-
-def process_index() -> int:
-    return jax.process_index()
-
-
-def process_count() -> int:
-    return jax.process_count()
 
 
 def is_primary() -> bool:
@@ -222,7 +210,7 @@ def wait_all(procs: Sequence[subprocess.Popen], timeout_s: float | None = None,
 
 
 def launch_local(argv: Sequence[str], num_processes: int, devices_per_process: int = 1, *,
-                 timeout_s: float | None = None, quiet: bool = False) -> int:
+                 timeout_s: float | None = None) -> int:
     """Runs `argv` as an N-process run on this host (`start_local`), printing each process's
     lines prefixed with "[i]"; returns 0 if every process succeeded, else the first failure's
     return code."""
@@ -230,10 +218,9 @@ def launch_local(argv: Sequence[str], num_processes: int, devices_per_process: i
     lock = threading.Lock()
 
     def echo(i, line):
-        if not quiet:
-            with lock:
-                sys.stdout.write(f"[{i}] {line}")
-                sys.stdout.flush()
+        with lock:
+            sys.stdout.write(f"[{i}] {line}")
+            sys.stdout.flush()
 
     try:
         codes, _ = wait_all(procs, timeout_s, echo)

@@ -79,7 +79,8 @@ def _train(model: LoadedModel, data_dir: str, store_dir: str, cfg: PipelineConfi
         tokens_per_doc=tokens_per_doc, init=cfg.init, batch_size=cfg.batch, seq_len=cfg.seq_len,
         steps=cfg.steps, distractors=DistractorSchedule(distractors, cfg.distractor_schedule,
                                                         cfg.ramp_steps),
-        grad_scope=cfg.grad_scope, budget_bytes=cfg.budget_bytes, checkpoint_every=max(cfg.steps // 4, 1), seed=cfg.seed)
+        grad_scope=cfg.grad_scope, budget_bytes=cfg.budget_bytes,
+        checkpoint_every=max(cfg.steps // 4, 1), seed=cfg.seed)
     tcfg = train.TrainConfig(lr=cfg.lr, total_steps=cfg.steps)
     summary = train_collection(model, data_dir, store_dir, ccfg, tcfg, texts=texts,
                                cartridge_of=cartridge_of, on_report=on_report)

@@ -282,6 +282,7 @@ def train_collection(model: LoadedModel, data_dir: str, store_dir: str, cfg: Col
                                        num_epochs=None, drop_remainder=True)
     step = 0
     last_loss = float("nan")
+
     def promote(run: dict) -> None:
         """Phase 2 of a checkpoint (or its redo after a crash): owners promote, all empty
         their pending stores, then the run state drops its "committing" flag."""
