@@ -15,8 +15,8 @@ run() {
   tail -1 runs/$name.log
 }
 run abl_base --conversations_per_doc=24
-run abl_init_document_kv --conversations_per_doc=24 --init=document_kv --reuse=runs/abl_base
 run abl_lr5e-2 --conversations_per_doc=24 --lr=5e-2 --reuse=runs/abl_base
+run abl_init_document_kv --conversations_per_doc=24 --init=document_kv --reuse=runs/abl_base
 run abl_mix_question --conversations_per_doc=24 --family_weights=spans=1,question=1 --reuse=runs/abl_base
 run abl_p128 --conversations_per_doc=24 --tokens=128 --reuse=runs/abl_base
 run abl_convs12 --conversations_per_doc=12 --reuse=runs/abl_base

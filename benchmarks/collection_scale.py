@@ -339,7 +339,6 @@ def run_training(model, data_dir: str, store_dir: str, prefetch: bool) -> dict:
 
 def main(_):
     import jax
-    import numpy as np
 
     from cas_jax import corpus, loading, train, train_collection as tc_lib
     from cas_jax.store import CartridgeStore
@@ -422,7 +421,7 @@ def main(_):
     print(f"| device budget | {budget / 2**20:.0f} MiB ({budget / total:.1%} of all cartridges, "
           f"{budget // per_cart} cartridges; a step pins up to "
           f"{FLAGS.batch * (1 + FLAGS.k_max)}) |")
-    print(f"| peak resident cartridge bytes | "
+    print("| peak resident cartridge bytes | "
           + ", ".join(f"{r['peak_resident'] / 2**20:.0f} MiB (prefetch "
                       f"{'on' if r['prefetch'] else 'off'})" for r in runs) + " |")
     print(f"| peak RSS (ru_maxrss) | {rss_before[1]:.0f} MiB before training; "

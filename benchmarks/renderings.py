@@ -26,8 +26,9 @@ import os
 import numpy as np
 from absl import app, flags
 
-from cas_jax import attention, corpus, evaluate, loading, questions as questions_lib, rendering
-from cas_jax import splits
+from cas_jax import attention, corpus, loading, questions as questions_lib, rendering
+from cas_jax import scoring, splits
+from cas_jax import tokenizer as tok_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("profiles", 20, "Dev profiles to draw questions from.")
@@ -46,7 +47,7 @@ def _layouts(tok, doc: str, question: str, name: str) -> tuple[list[int], list[i
     user = [{"role": "user", "content": question}]
     if name == "template_default":
         block = rendering.Rendering(tok, "system").document(doc)
-        return block, evaluate.tok_lib.encode_chat(tok, user), ""
+        return block, tok_lib.encode_chat(tok, user), ""
     if name in ("system", "plain"):
         r = rendering.Rendering(tok, name)
         return r.document(doc), r.conversation(user), ""
@@ -60,7 +61,7 @@ def _closed(tok, question: str, name: str) -> list[int]:
     enc = lambda s: list(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
     user = [{"role": "user", "content": question}]
     if name == "template_default":
-        return evaluate.tok_lib.encode_chat(tok, user)
+        return tok_lib.encode_chat(tok, user)
     if name in ("system", "plain"):
         return rendering.Rendering(tok, name).conversation(user)
     if name == "user":
@@ -77,7 +78,7 @@ def _score(model, qs, queries, reply_prefix, bank=None, slot_of=None):
             prompts.append(queries[qi])
             conts.append(list(tok(reply_prefix + o, add_special_tokens=False)["input_ids"]))
     sel = None if bank is None else [[slot_of[qs[i].doc_id]] for i in owner]
-    lps = evaluate.score_continuations(model, prompts, conts, bank=bank, selections=sel, slots=1)
+    lps = scoring.score_continuations(model, prompts, conts, bank=bank, selections=sel, slots=1)
     correct, nll, row = [], [], 0
     for q in qs:
         means = [float(lp.mean()) for lp in lps[row:row + len(q.options)]]
@@ -107,7 +108,7 @@ def main(argv):
         slots = -(-max(map(len, blocks.values())) // 256) * 256  # one bank shape: one compile
         for g in range(0, len(ids), 8):  # 8 documents' K/V resident at a time
             group = ids[g:g + 8]
-            kv = evaluate.prefill_contexts(model, [blocks[d] for d in group], group)
+            kv = scoring.prefill_contexts(model, [blocks[d] for d in group], group)
             bank = attention.bank_from_cartridges(kv, 8, slots)
             idx = [i for i, q in enumerate(qs) if q.doc_id in group]
             sub = [qs[i] for i in idx]

@@ -53,7 +53,7 @@ from cas_jax import cartridge as cart_lib, dataset, distributed, kv_compression,
 from cas_jax import rendering, train
 from cas_jax.budget import BudgetManager
 from cas_jax.cartridge import Cartridge
-from cas_jax.distractors import DistractorSchedule, StepPlan, plan_step
+from cas_jax.distractors import DistractorSchedule, plan_step
 from cas_jax.loading import LoadedModel
 from cas_jax.store import CartridgeStore, cached_opt_template
 

@@ -9,7 +9,6 @@ atol 1e-5 (f32 reduction order; measured differences were far below that).
 """
 
 import os
-import shutil
 import signal
 import subprocess
 import sys

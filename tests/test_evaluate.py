@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cas_jax import attention, evaluate as ev, loading, model as model_lib
+from cas_jax import attention, evaluate as ev, loading, model as model_lib, scoring
 from cas_jax import tokenizer as tok_lib
 from cas_jax.cartridge import Cartridge, CartridgeMeta
 from cas_jax.config import ModelConfig
@@ -196,12 +196,12 @@ def test_context_as_prefix_equals_context_tokens_in_the_sequence(tiny):
     prompts = [ev.build_prompt(tiny.tokenizer, q, [(DOCS[q.doc_id].title, DOCS[q.doc_id].text)])
                for q in (MC, FREE)]
     conts = [tiny.tokenizer.encode(a, add_special_tokens=False) for a in ("Quillton", "Mount Brel")]
-    inline = ev.score_continuations(tiny, [p.context + p.query for p in prompts], conts)
-    for cartridges in (ev.prefill_contexts(tiny, [p.context for p in prompts], ["a", "b"],
+    inline = scoring.score_continuations(tiny, [p.context + p.query for p in prompts], conts)
+    for cartridges in (scoring.prefill_contexts(tiny, [p.context for p in prompts], ["a", "b"],
                                            chunk_tokens=64),
                        [_kv_cartridge(tiny, p.context, n) for p, n in zip(prompts, "ab")]):
         bank = attention.bank_from_cartridges(cartridges)
-        prefixed = ev.score_continuations(tiny, [p.query for p in prompts], conts, bank=bank,
+        prefixed = scoring.score_continuations(tiny, [p.query for p in prompts], conts, bank=bank,
                                           selections=[[0], [1]])
         for x, y in zip(inline, prefixed):
             np.testing.assert_allclose(x, y, atol=1e-4, rtol=1e-4)

@@ -1,13 +1,10 @@
 """The one rendering of "document, then conversation", and that every path uses it."""
 
-import json
-
 import numpy as np
 import pytest
 
 from cas_jax import evaluate, loading, rendering, spans, synthesis, tokenizer as tok_lib
 from cas_jax import train_collection
-from cas_jax.cartridge import init_from_tokens
 from cas_jax.corpus import Collection, Document
 from cas_jax.questions import Question
 
