@@ -1,6 +1,7 @@
 #!/bin/bash
 # Issue 11's one-change-at-a-time ablations of the cartridge recipe on DEV profiles (16 Geography
-# sections, 64 multiple-choice questions), each against runs/abl_base. Resumable: rerun it.
+# sections, 64 multiple-choice questions), each against runs/abl_base. Resumable: rerun it
+# (replace this file with mv, not in place, while it runs: bash reads it as it goes).
 #   nohup benchmarks/ablations.sh > runs/ablations.log 2>&1 &
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -17,7 +18,13 @@ run() {
 run abl_base --conversations_per_doc=24
 run abl_lr5e-2 --conversations_per_doc=24 --lr=5e-2 --reuse=runs/abl_base
 run abl_init_document_kv --conversations_per_doc=24 --init=document_kv --reuse=runs/abl_base
-run abl_mix_question --conversations_per_doc=24 --family_weights=spans=1,question=1 --reuse=runs/abl_base
-run abl_p128 --conversations_per_doc=24 --tokens=128 --reuse=runs/abl_base
 run abl_convs12 --conversations_per_doc=12 --reuse=runs/abl_base
+run abl_mix_question --conversations_per_doc=24 --family_weights=spans=1,question=1 --reuse=runs/abl_base
+# P: the compression sweep around the base run (P=64), same data and steps.
+if [ ! -f runs/abl_sweep/sweep.json ]; then
+  echo "== abl_sweep $(date)"
+  $PY -m benchmarks.compression_sweep --tokens=32,64,128 --reuse=runs/abl_base \
+      --out=runs/abl_sweep -- $COMMON --conversations_per_doc=24 > runs/abl_sweep.log 2>&1
+  tail -1 runs/abl_sweep.log
+fi
 echo "== all done $(date)"

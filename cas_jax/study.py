@@ -277,3 +277,72 @@ def plot_curve(curve_path: str, png_path: str, closed: dict, icl: dict) -> None:
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- compression sweep
+
+
+def _is_flat(method: str) -> bool:
+    """Methods that do not depend on the cartridge size: closed book, ICL, RAG."""
+    return method in ("closed_book", "icl") or method.startswith("rag_")
+
+
+def sweep_rows(reports: dict[int, dict]) -> tuple[list[dict], list[dict]]:
+    """Report rows of one study per cartridge size P (`report.json` objects keyed by P): the
+    P-dependent rows, each with `tokens` = P and `compression` = median document tokens / P, and
+    the P-independent rows (closed book, ICL, RAG) of the first P."""
+    rows = []
+    for p, rep in sorted(reports.items()):
+        for r in rep["rows"]:
+            if not _is_flat(r["method"]):
+                rows.append({**r, "tokens": p, "compression": rep["median_document_tokens"] / p})
+    first = reports[min(reports)]
+    return rows, [r for r in first["rows"] if _is_flat(r["method"])]
+
+
+def format_sweep(rows: Sequence[dict], flat: Sequence[dict]) -> str:
+    lines = ["| method | P | compression | accuracy | 95% CI | gold NLL | recovered (acc) "
+             "| recovered (NLL) | KV MiB/q |", "|" + "---|" * 9]
+    for r in sorted(rows, key=lambda r: (r["method"], r["tokens"])):
+        lines.append(f"| {r['method']} | {r['tokens']} | {r['compression']:.1f}x "
+                     f"| {r['accuracy']:.3f} | [{r['accuracy_ci'][0]:.3f}, "
+                     f"{r['accuracy_ci'][1]:.3f}] | {r['gold_nll']:.3f} "
+                     f"| {r['recovered_acc']:.3f} | {r['recovered_nll']:.3f} "
+                     f"| {r['kv_bytes'] / 2**20:.2f} |")
+    for r in flat:
+        lines.append(f"| {r['method']} | - | - | {r['accuracy']:.3f} | [{r['accuracy_ci'][0]:.3f}"
+                     f", {r['accuracy_ci'][1]:.3f}] | {r['gold_nll']:.3f} "
+                     f"| {r['recovered_acc']:.3f} | {r['recovered_nll']:.3f} "
+                     f"| {r['kv_bytes'] / 2**20:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_sweep(rows: Sequence[dict], flat: Sequence[dict], png_path: str) -> None:
+    """Accuracy (with CI bars) and gold NLL against compression (log x), one line per
+    P-dependent method, the P-independent methods as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    methods = sorted({r["method"] for r in rows})
+    for i, m in enumerate(methods):
+        pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["compression"])
+        x = [r["compression"] for r in pts]
+        acc = [r["accuracy"] for r in pts]
+        err = [[a - r["accuracy_ci"][0] for a, r in zip(acc, pts)],
+               [r["accuracy_ci"][1] - a for a, r in zip(acc, pts)]]
+        axes[0].errorbar(x, acc, yerr=err, marker="o", capsize=3, label=m, color=f"C{i}")
+        axes[1].plot(x, [r["gold_nll"] for r in pts], marker="o", label=m, color=f"C{i}")
+    for j, r in enumerate(flat, start=len(methods)):
+        for ax, key in ((axes[0], "accuracy"), (axes[1], "gold_nll")):
+            ax.axhline(r[key], ls="--", lw=1, color=f"C{j % 10}", label=r["method"])
+    for ax, name in ((axes[0], "multiple-choice accuracy"), (axes[1], "gold NLL (nats/token)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("compression (median document tokens / P)")
+        ax.set_title(name)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)

@@ -22,3 +22,26 @@ def test_recovered_gain_and_its_paired_interval():
     method = np.asarray([0.0] * 25 + [1.0] * 75)  # half of the 50 closed-book misses recovered
     lo, hi = study.paired_recovered_ci(method, closed, icl)
     assert lo < 0.5 < hi and 0.2 < lo and hi < 0.8
+
+
+def _row(method, acc, nll, compression=None):
+    return {"method": method, "questions": 4, "accuracy": acc, "accuracy_ci": (acc - .1, acc + .1),
+            "gold_nll": nll, "recovered_acc": acc, "recovered_nll": 0.5,
+            "compression": compression, "kv_bytes": 2**20}
+
+
+def test_sweep_rows_tag_size_dependent_methods_and_keep_baselines_once(tmp_path):
+    def report(p, acc):
+        return {"median_document_tokens": 640.0,
+                "rows": [_row("closed_book", .3, 4.), _row("icl", .9, 2.), _row("rag_bm25_k2", .6, 3.),
+                         _row("oracle_cartridge", acc, 3.5, 640 / p), _row("cas_oracle", acc, 3.4)]}
+
+    rows, flat = study.sweep_rows({64: report(64, .6), 32: report(32, .5)})
+    assert [r["method"] for r in flat] == ["closed_book", "icl", "rag_bm25_k2"]
+    assert [(r["method"], r["tokens"], r["compression"]) for r in rows] == [
+        ("oracle_cartridge", 32, 20.0), ("cas_oracle", 32, 20.0),
+        ("oracle_cartridge", 64, 10.0), ("cas_oracle", 64, 10.0)]
+    table = study.format_sweep(rows, flat)
+    assert "| oracle_cartridge | 32 | 20.0x | 0.500 |" in table and "| icl | - |" in table
+    study.plot_sweep(rows, flat, str(tmp_path / "sweep.png"))
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
