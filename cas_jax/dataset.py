@@ -21,6 +21,9 @@ tokens, and the last position, whose target is cut off, is unmasked):
   doc_index [B] int32 (index in `doc_ids(data_dir)`)   conversation_index [B] int32
   length [B] int32 (valid tokens)
 Positions are not included: the trainer gives valid token t position offset + t and padding -1.
+The trainers cut each batch to its longest row rounded up to `length_bucket` tokens
+(`trim_batch`): self-study conversations are mostly far shorter than `seq_len`, and the padding
+columns cost as much compute as real tokens.
 """
 
 from __future__ import annotations
@@ -309,6 +312,24 @@ def pad_example(conv: Conversation, *, seq_len: int, doc_index: dict[str, int]) 
             "teacher_logprobs": teacher_logprobs,
             "doc_index": np.int32(doc_index[conv.doc_id]),
             "conversation_index": np.int32(conv.conversation_index), "length": np.int32(n)}
+
+
+SEQUENCE_FIELDS = ("tokens", "loss_mask", "teacher_ids", "teacher_logprobs")
+
+
+def trim_batch(batch: dict, length_bucket: int) -> dict:
+    """`batch` without its padding columns past the longest row, rounded up to a multiple of
+    `length_bucket` (0: unchanged). The longest row is taken over every process's rows, so all
+    processes cut to one width; the few distinct widths bound recompilation. Only padding is
+    removed (masked, position -1), so the loss is the same."""
+    if length_bucket <= 0:
+        return batch
+    width = batch["tokens"].shape[1]
+    longest = int(distributed.allgather_rows(np.asarray(batch["length"])).max())
+    cut = min(width, -(-max(longest, 1) // length_bucket) * length_bucket)
+    if cut == width:
+        return batch
+    return {k: (v[:, :cut] if k in SEQUENCE_FIELDS else v) for k, v in batch.items()}
 
 
 class _ProcessRows(grain.MapDataset):

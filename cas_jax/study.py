@@ -88,6 +88,7 @@ def heldout_loss(model: LoadedModel, data_dir: str, source, seq_len: int, batch_
     total, count = 0.0, 0.0
     cartridges: dict[str, Any] = {}
     for batch in it:
+        batch = dataset.trim_batch(batch, 64)
         rows = [ids[i] for i in np.asarray(batch["doc_index"])]
         b = len(batch["tokens"])
         for d in rows:

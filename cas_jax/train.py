@@ -51,7 +51,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cas_jax import losses, model as model_lib, progress
+from cas_jax import dataset, losses, model as model_lib, progress
 from cas_jax.attention import CartridgeBank, compose, num_prefix_tokens
 from cas_jax.cartridge import Cartridge
 from cas_jax.config import ModelConfig
@@ -336,12 +336,14 @@ class StepReport:
 def train(state: TrainState, params: Any, data: DataIterator, *, config: ModelConfig,
           train_config: TrainConfig, mesh: Mesh, num_steps: int,
           checkpoint_dir: str | None = None, save_every: int = 100, log_every: int = 10,
-          on_report: Callable[[StepReport], None] | None = None) -> TrainState:
+          on_report: Callable[[StepReport], None] | None = None, length_bucket: int = 64
+          ) -> TrainState:
     """Trains until `state.step == num_steps`, resuming from `checkpoint_dir` if it holds one.
 
     `state` is the step-0 state (used as the layout template when resuming); it is donated.
     Saves a checkpoint every `save_every` steps and at the end. Raises StopIteration if the
-    data ends first.
+    data ends first. Each batch is cut to its longest row rounded up to `length_bucket`
+    tokens (`dataset.trim_batch`; 0 keeps the iterator's width).
     """
     rep = replicated(mesh)
     params = jax.device_put(params, rep)
@@ -359,7 +361,7 @@ def train(state: TrainState, params: Any, data: DataIterator, *, config: ModelCo
     pbar = progress.bar(num_steps, "training", "step", initial=start)
     try:
         for step in range(start, num_steps):
-            batch = device_batch(next(data), mesh)
+            batch = device_batch(dataset.trim_batch(next(data), length_bucket), mesh)
             tokens += int(np.prod(batch["tokens"].shape))
             state, metrics = step_fn(state, params, batch)
             done = step + 1

@@ -64,14 +64,16 @@ RUN_STATE = "collection_run.json"
 @dataclasses.dataclass(frozen=True)
 class CollectionConfig:
     """tokens_per_doc: P of every document's cartridge. init: how missing cartridges start
-    (`initialise_store`). budget_bytes: device bytes for resident
-    cartridges + optimizer state. checkpoint_every: steps between checkpoints. io_threads:
+    (`initialise_store`). length_bucket: batches are cut to their longest row rounded up to
+    this many tokens (`dataset.trim_batch`; 0 pads to seq_len). budget_bytes: device bytes for
+    resident cartridges + optimizer state. checkpoint_every: steps between checkpoints. io_threads:
     the budget manager's reader threads."""
 
     tokens_per_doc: int = 128
     init: str = "first_tokens"
     batch_size: int = 4
     seq_len: int = 512
+    length_bucket: int = 64
     steps: int = 100
     distractors: DistractorSchedule = DistractorSchedule()
     grad_scope: str = "target"
@@ -321,7 +323,7 @@ def train_collection(model: LoadedModel, data_dir: str, store_dir: str, cfg: Col
     def next_plan(at_step: int):
         """(data state before, this process's batch rows, the global step plan)."""
         state = data.get_state()
-        batch = next(data)
+        batch = dataset.trim_batch(next(data), cfg.length_bucket)
         doc_index = distributed.allgather_rows(np.asarray(batch["doc_index"]))
         targets = [cartridge_of[data_ids[i]] for i in doc_index]
         return state, batch, plan_step(targets, all_ids, cfg.distractors, at_step, cfg.seed)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cas_jax import cartridge as cart_lib, losses, model as model_lib, train as train_lib
+from cas_jax import cartridge as cart_lib, dataset, losses, model as model_lib, train as train_lib
 from cas_jax.config import ModelConfig
 
 CONFIG = ModelConfig(model_type="llama", vocab_size=61, hidden_size=32, intermediate_size=48,
@@ -121,6 +121,26 @@ def test_loss_fn_equals_the_dense_loss_after_the_prefix(setup, kind):
         want = losses.next_token_loss(logits, batch["tokens"], batch["loss_mask"])
     assert int(count) == batch["loss_mask"].sum()
     np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["distillation", "next_token"])
+def test_trimmed_batch_gives_the_same_loss(setup, kind):
+    """Cutting the padding columns (dataset.trim_batch) changes the width, not the loss."""
+    params, examples = setup
+    _, state = _state(params)
+    batch = _stack([e for e in examples if e["length"] < SEQ - 2][:4])
+    longest = int(batch["length"].max())
+    trimmed = dataset.trim_batch(batch, 1)
+    assert trimmed["tokens"].shape == (4, longest) and trimmed["teacher_ids"].shape[1] == longest
+    assert dataset.trim_batch(batch, 0) is batch
+    assert dataset.trim_batch(batch, SEQ)["tokens"].shape[1] == SEQ  # bucket >= width: as is
+    np.testing.assert_array_equal(trimmed["length"], batch["length"])
+    cfg = train_lib.TrainConfig(loss=kind, logits_chunk=5)
+    loss = jax.jit(lambda cs, b: train_lib.loss_fn(cs, params, b, config=CONFIG,
+                                                   train_config=cfg))
+    (full, n_full), (cut, n_cut) = loss(state.cartridges, batch), loss(state.cartridges, trimmed)
+    assert float(n_full) == float(n_cut)
+    np.testing.assert_allclose(float(cut), float(full), rtol=1e-5)
 
 
 def test_learning_rate_schedules():
