@@ -1,5 +1,6 @@
-"""The end-to-end stages shared by `experiments.pipeline` and `benchmarks.compression_sweep`:
-self-study synthesis of a collection, CAS training of its cartridges, and evaluation.
+"""The end-to-end stages shared by `experiments.pipeline` and the quality study
+(`cas_jax.study`, `benchmarks.quality`): self-study synthesis of a collection, CAS training of
+its cartridges, and evaluation.
 
 Each stage resumes from what is already complete in its output folder.
 """
