@@ -18,13 +18,13 @@ run() {
 run abl_base --conversations_per_doc=24
 run abl_lr5e-2 --conversations_per_doc=24 --lr=5e-2 --reuse=runs/abl_base
 run abl_init_document_kv --conversations_per_doc=24 --init=document_kv --reuse=runs/abl_base
-run abl_convs12 --conversations_per_doc=12 --reuse=runs/abl_base
-run abl_mix_question --conversations_per_doc=24 --family_weights=spans=1,question=1 --reuse=runs/abl_base
 # P: the compression sweep around the base run (P=64), same data and steps.
 if [ ! -f runs/abl_sweep/sweep.json ]; then
   echo "== abl_sweep $(date)"
-  $PY -m benchmarks.compression_sweep --tokens=32,64,128 --reuse=runs/abl_base \
+  $PY -m benchmarks.compression_sweep --tokens=128,64,32 --reuse=runs/abl_base \
       --out=runs/abl_sweep -- $COMMON --conversations_per_doc=24 > runs/abl_sweep.log 2>&1
   tail -1 runs/abl_sweep.log
 fi
+run abl_convs12 --conversations_per_doc=12 --reuse=runs/abl_base
+run abl_mix_question --conversations_per_doc=24 --family_weights=spans=1,question=1 --reuse=runs/abl_base
 echo "== all done $(date)"
