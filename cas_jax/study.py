@@ -68,6 +68,20 @@ def paired_recovered_ci(method: np.ndarray, closed: np.ndarray, icl: np.ndarray,
     return float(np.percentile(r, 2.5)), float(np.percentile(r, 97.5))
 
 
+def paired_diff_ci(a: Sequence[float], b: Sequence[float], samples: int = CI_SAMPLES,
+                   seed: int = 0) -> tuple[float, float, float]:
+    """(mean of b - a, 95% bootstrap interval) over questions resampled jointly: two methods
+    scored on the same questions."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or len(a) == 0:
+        raise ValueError(f"paired scores need the same non-empty questions, got {a.shape} and "
+                         f"{b.shape}")
+    d = b - a
+    idx = np.random.default_rng(seed).integers(0, len(d), (samples, len(d)))
+    means = d[idx].mean(axis=1)
+    return float(d.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
 # ----------------------------------------------------------------------------- held-out loss
 
 

@@ -1,6 +1,7 @@
 """The quality study's statistics: bootstrap intervals and the share of ICL's gain recovered."""
 
 import numpy as np
+import pytest
 
 from cas_jax import study
 
@@ -45,3 +46,42 @@ def test_sweep_rows_tag_size_dependent_methods_and_keep_baselines_once(tmp_path)
     assert "| oracle_cartridge | 32 | 20.0x | 0.500 |" in table and "| icl | - |" in table
     study.plot_sweep(rows, flat, str(tmp_path / "sweep.png"))
     assert (tmp_path / "sweep.png").stat().st_size > 1000
+
+
+def test_paired_difference_interval():
+    rng = np.random.default_rng(1)
+    a = (rng.random(300) < 0.5).astype(float)
+    b = np.where(rng.random(300) < 0.2, 1.0, a)  # b fixes ~20% of the questions
+    mean, lo, hi = study.paired_diff_ci(a, b)
+    assert mean == b.mean() - a.mean() and 0 < lo < mean < hi
+    assert study.paired_diff_ci(a, a) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="same non-empty questions"):
+        study.paired_diff_ci(a, b[:10])
+
+
+def _fake_run(path, correct, nll):
+    import json
+    (path / "eval").mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"flags": {"steps": 8}}))
+    (path / "report.json").write_text("{}")
+    (path / "curve.jsonl").write_text(json.dumps(
+        {"step": 8, "heldout_loss": 1.0, "gold_nll": float(np.mean(nll)),
+         "accuracy": float(np.mean(correct))}) + "\n")
+    records = [{"doc_id": f"d{i % 3}", "question": f"q{i}", "correct_ll": bool(c), "gold_nll": n}
+               for i, (c, n) in enumerate(zip(correct, nll))]
+    (path / "eval" / "oracle_cartridge_step8.json").write_text(json.dumps({"records": records}))
+
+
+def test_ablation_report_compares_runs_on_the_same_questions(tmp_path):
+    import subprocess
+    import sys
+    _fake_run(tmp_path / "base", [0, 1, 0, 1], [3.0, 2.0, 3.0, 2.0])
+    _fake_run(tmp_path / "better", [1, 1, 1, 1], [2.0, 2.0, 2.0, 2.0])
+    (tmp_path / "unfinished").mkdir()
+    out = subprocess.run([sys.executable, "-m", "benchmarks.ablation_report",
+                          f"--base={tmp_path / 'base'}",
+                          f"--runs={tmp_path / 'better'},{tmp_path / 'unfinished'}"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "| better | 8: 1.000 / 2.000 / 1.000 | 1.000 [1.000, 1.000] | +0.500 [" in out
+    assert "| unfinished | not finished |" in out
+    assert out.strip().splitlines()[-1] == "runs=3 finished=2"
