@@ -59,7 +59,9 @@ flags.DEFINE_integer("batch", D.batch, "Conversations per step.")
 flags.DEFINE_integer("seq_len", D.seq_len, "Training sequence length.")
 flags.DEFINE_float("lr", D.lr, "Adam learning rate.")
 flags.DEFINE_integer("eval_every", 342, "Learning-curve interval in steps (0 = start and end).")
-flags.DEFINE_integer("max_new_tokens", 24, "Greedy generation length (free-answer match).")
+flags.DEFINE_integer("max_new_tokens", -1, "Greedy generation length (free-answer match, and "
+                     "multiple choice by generation). -1: 24 when --kinds has free answers, else "
+                     "0 (multiple choice is scored by option log-likelihood without it).")
 flags.DEFINE_integer("rag_top_k", 2, "RAG chunks per question.")
 flags.DEFINE_integer("seed", 0, "Seed of questions, synthesis and training.")
 flags.DEFINE_string("reuse", "", "Another study folder (same questions) whose held-out data "
@@ -129,6 +131,12 @@ def _collection_methods(model, docs, data_dir, naive_dir, ev, qs, cfg, times):
     return rows
 
 
+def _generation_tokens() -> int:
+    if FLAGS.max_new_tokens >= 0:
+        return FLAGS.max_new_tokens
+    return 24 if "free" in FLAGS.kinds else 0
+
+
 def main(argv):
     del argv
     out = FLAGS.out
@@ -168,7 +176,7 @@ def main(argv):
         span_turns=FLAGS.span_turns, no_repeat_ngram_size=FLAGS.no_repeat_ngram_size,
         repetition_penalty=FLAGS.repetition_penalty, init=FLAGS.init),
         heldout_per_doc=FLAGS.heldout_per_doc, eval_every=FLAGS.eval_every,
-        max_new_tokens=FLAGS.max_new_tokens, rag_top_k=FLAGS.rag_top_k)
+        max_new_tokens=_generation_tokens(), rag_top_k=FLAGS.rag_top_k)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump({"flags": FLAGS.flag_values_dict(), "profiles": profiles,
                    "config": dataclasses.asdict(cfg)}, f, indent=1, default=str)
