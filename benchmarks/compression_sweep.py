@@ -50,11 +50,11 @@ def main(argv):
         raise app.UsageError(f"--tokens={','.join(FLAGS.tokens)}: expected integers") from None
     if not sizes or min(sizes) < 1:
         raise app.UsageError(f"--tokens={','.join(FLAGS.tokens)}: expected positive sizes")
-    os.makedirs(FLAGS.out, exist_ok=True)
     base = FLAGS.reuse or os.path.join(FLAGS.out, f"p{sizes[0]}")
     if FLAGS.reuse and not os.path.exists(os.path.join(base, "report.json")):
         raise app.UsageError(f"--reuse={base}: no report.json there (a finished quality run "
                              "is needed)")
+    os.makedirs(FLAGS.out, exist_ok=True)
     reports = {}
     for p in sizes:
         run_dir = os.path.join(FLAGS.out, f"p{p}")
