@@ -25,8 +25,8 @@ flags.DEFINE_string("out", "", "Also write the table to this markdown file.")
 
 
 def _load(run_dir: str):
-    """(curve points, per-question (correct, gold NLL) of the final oracle cartridge, flags) or
-    None when the run has no report yet."""
+    """(curve points, per-question (correct, gold NLL) of the final oracle cartridge) or None
+    when the run has no report yet."""
     if not os.path.exists(os.path.join(run_dir, "report.json")):
         return None
     with open(os.path.join(run_dir, "config.json")) as f:
@@ -40,7 +40,7 @@ def _load(run_dir: str):
               for r in records}
     if len(scores) != len(records):
         raise ValueError(f"{path}: questions repeat (the same document and text twice)")
-    return curve, scores, run_flags
+    return curve, scores
 
 
 def main(argv):
@@ -58,7 +58,7 @@ def main(argv):
             lines.append(f"| {name} | not finished | | | |")
             continue
         finished += 1
-        curve, scores, _ = got
+        curve, scores = got
         if set(scores) != set(base[1]):
             raise app.UsageError(f"{run_dir}: its questions differ from --base={FLAGS.base}'s")
         ids = list(base[1])  # the base's question order, as its report resamples them

@@ -55,14 +55,13 @@ def main(argv):
         raise app.UsageError(f"--reuse={base}: no report.json there (a finished quality run "
                              "is needed)")
     os.makedirs(FLAGS.out, exist_ok=True)
+    reused_p = _tokens_of(base) if FLAGS.reuse else None
     reports = {}
     for p in sizes:
-        run_dir = os.path.join(FLAGS.out, f"p{p}")
-        if FLAGS.reuse and _tokens_of(base) == p:
-            run_dir = base
-        cmd = [sys.executable, "-m", "benchmarks.quality", *quality_flags, f"--tokens={p}",
-               f"--out={run_dir}"] + ([f"--reuse={base}"] if run_dir != base else [])
-        if run_dir != FLAGS.reuse:
+        run_dir = base if p == reused_p else os.path.join(FLAGS.out, f"p{p}")
+        if p != reused_p:
+            cmd = [sys.executable, "-m", "benchmarks.quality", *quality_flags, f"--tokens={p}",
+                   f"--out={run_dir}"] + ([f"--reuse={base}"] if run_dir != base else [])
             print(f"== P={p}: {' '.join(cmd[2:])}", flush=True)
             subprocess.run(cmd, check=True)
         with open(os.path.join(run_dir, "report.json")) as f:

@@ -315,6 +315,7 @@ def pad_example(conv: Conversation, *, seq_len: int, doc_index: dict[str, int]) 
 
 
 SEQUENCE_FIELDS = ("tokens", "loss_mask", "teacher_ids", "teacher_logprobs")
+LENGTH_BUCKET = 64  # the trainers' default `length_bucket`
 
 
 def trim_batch(batch: dict, length_bucket: int) -> dict:

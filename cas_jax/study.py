@@ -77,9 +77,7 @@ def paired_diff_ci(a: Sequence[float], b: Sequence[float], samples: int = CI_SAM
         raise ValueError(f"paired scores need the same non-empty questions, got {a.shape} and "
                          f"{b.shape}")
     d = b - a
-    idx = np.random.default_rng(seed).integers(0, len(d), (samples, len(d)))
-    means = d[idx].mean(axis=1)
-    return float(d.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+    return (float(d.mean()), *bootstrap_ci(d, samples, seed))
 
 
 # ----------------------------------------------------------------------------- held-out loss
@@ -102,7 +100,7 @@ def heldout_loss(model: LoadedModel, data_dir: str, source, seq_len: int, batch_
     total, count = 0.0, 0.0
     cartridges: dict[str, Any] = {}
     for batch in it:
-        batch = dataset.trim_batch(batch, 64)
+        batch = dataset.trim_batch(batch, dataset.LENGTH_BUCKET)
         rows = [ids[i] for i in np.asarray(batch["doc_index"])]
         b = len(batch["tokens"])
         for d in rows:
@@ -318,17 +316,15 @@ def sweep_rows(reports: dict[int, dict]) -> tuple[list[dict], list[dict]]:
 def format_sweep(rows: Sequence[dict], flat: Sequence[dict]) -> str:
     lines = ["| method | P | compression | accuracy | 95% CI | gold NLL | recovered (acc) "
              "| recovered (NLL) | KV MiB/q |", "|" + "---|" * 9]
-    for r in sorted(rows, key=lambda r: (r["method"], r["tokens"])):
-        lines.append(f"| {r['method']} | {r['tokens']} | {r['compression']:.1f}x "
-                     f"| {r['accuracy']:.3f} | [{r['accuracy_ci'][0]:.3f}, "
-                     f"{r['accuracy_ci'][1]:.3f}] | {r['gold_nll']:.3f} "
-                     f"| {r['recovered_acc']:.3f} | {r['recovered_nll']:.3f} "
-                     f"| {r['kv_bytes'] / 2**20:.2f} |")
-    for r in flat:
-        lines.append(f"| {r['method']} | - | - | {r['accuracy']:.3f} | [{r['accuracy_ci'][0]:.3f}"
-                     f", {r['accuracy_ci'][1]:.3f}] | {r['gold_nll']:.3f} "
-                     f"| {r['recovered_acc']:.3f} | {r['recovered_nll']:.3f} "
-                     f"| {r['kv_bytes'] / 2**20:.2f} |")
+    def line(r, size, compression):
+        return (f"| {r['method']} | {size} | {compression} | {r['accuracy']:.3f} "
+                f"| [{r['accuracy_ci'][0]:.3f}, {r['accuracy_ci'][1]:.3f}] | {r['gold_nll']:.3f} "
+                f"| {r['recovered_acc']:.3f} | {r['recovered_nll']:.3f} "
+                f"| {r['kv_bytes'] / 2**20:.2f} |")
+
+    lines += [line(r, r["tokens"], f"{r['compression']:.1f}x")
+              for r in sorted(rows, key=lambda r: (r["method"], r["tokens"]))]
+    lines += [line(r, "-", "-") for r in flat]
     return "\n".join(lines)
 
 

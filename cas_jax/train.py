@@ -336,7 +336,7 @@ class StepReport:
 def train(state: TrainState, params: Any, data: DataIterator, *, config: ModelConfig,
           train_config: TrainConfig, mesh: Mesh, num_steps: int,
           checkpoint_dir: str | None = None, save_every: int = 100, log_every: int = 10,
-          on_report: Callable[[StepReport], None] | None = None, length_bucket: int = 64
+          on_report: Callable[[StepReport], None] | None = None, length_bucket: int = dataset.LENGTH_BUCKET
           ) -> TrainState:
     """Trains until `state.step == num_steps`, resuming from `checkpoint_dir` if it holds one.
 

@@ -73,7 +73,7 @@ class CollectionConfig:
     init: str = "first_tokens"
     batch_size: int = 4
     seq_len: int = 512
-    length_bucket: int = 64
+    length_bucket: int = dataset.LENGTH_BUCKET
     steps: int = 100
     distractors: DistractorSchedule = DistractorSchedule()
     grad_scope: str = "target"
