@@ -144,6 +144,27 @@ FIELDS = (
               "What is the median age of the population of {name}?"),
     FactField("life_expectancy", (("People and Society", "Life expectancy at birth", "total population"),),
               "What is the life expectancy at birth in {name}?"),
+    # Geography fields beyond the first four (added in session 7): a Geography section then
+    # holds up to 13 question fields, spread over the whole section rather than its first lines.
+    FactField("geographic_coordinates", (("Geography", "Geographic coordinates"),),
+              "What are the geographic coordinates of {name}?",
+              pattern=r"\d+ \d+ [NS], \d+ \d+ [EW]"),
+    FactField("land_area", (("Geography", "Area", "land"),), "What is the land area of {name}?"),
+    FactField("water_area", (("Geography", "Area", "water"),), "What is the water area of {name}?"),
+    FactField("area_comparative", (("Geography", "Area - comparative"),),
+              "How does the area of {name} compare in size?"),
+    FactField("land_boundaries", (("Geography", "Land boundaries", "total"),
+                                  ("Geography", "Land boundaries")),
+              "What is the total length of the land boundaries of {name}?", pattern=r"[\d,.]+ km"),
+    FactField("agricultural_land", (("Geography", "Land use", "agricultural land"),),
+              "What share of the land of {name} is agricultural land?", pattern=r"[\d.]+%"),
+    FactField("forest", (("Geography", "Land use", "forest"),),
+              "What share of the land of {name} is forest?", pattern=r"[\d.]+%"),
+    FactField("irrigated_land", (("Geography", "Irrigated land"),),
+              "How much irrigated land does {name} have?", pattern=r".*\d.*"),
+    FactField("renewable_water", (("Geography", "Total renewable water resources"),),
+              "What are the total renewable water resources of {name}?",
+              pattern=r"[\d.,]+ cu km"),
 )
 FIELD_NAMES = tuple(f.name for f in FIELDS)
 _FIELDS_BY_NAME = {f.name: f for f in FIELDS}

@@ -3,8 +3,9 @@
 The profile ids are shuffled once with a fixed seed: the first `NUM_DEV` are DEV profiles
 (rendering choice, recipe search, ablations), the rest are TEST profiles, in that shuffled order
 (the quality study takes its documents from the start of the test list). Only profiles with at
-least `MIN_FIELDS` question fields (`questions.FIELDS`) are used, which drops the oceans and
-other sparse profiles.
+least `MIN_FIELDS` of the `SPLIT_FIELDS` question fields are used, which drops the oceans and
+other sparse profiles. `SPLIT_FIELDS` are the fields `questions.FIELDS` had when the split was
+drawn (session 4): fields added later do not move a profile between dev and test.
 """
 
 from __future__ import annotations
@@ -18,11 +19,15 @@ from cas_jax import questions
 SEED = 20261201
 NUM_DEV = 40
 MIN_FIELDS = 10
+SPLIT_FIELDS = ("capital", "total_area", "coastline", "highest_point", "lowest_point",
+                "national_holiday", "independence", "national_anthem", "internet_code", "airports",
+                "population", "population_growth_rate", "birth_rate", "median_age",
+                "life_expectancy")
 
 
 @functools.lru_cache(maxsize=1)
 def _shuffled() -> tuple[str, ...]:
-    values = {f.name: questions.field_values(f.name) for f in questions.FIELDS}
+    values = {f: questions.field_values(f) for f in SPLIT_FIELDS}
     ids = sorted({i for v in values.values() for i in v})
     ids = [i for i in ids if sum(i in v for v in values.values()) >= MIN_FIELDS]
     order = np.random.default_rng(SEED).permutation(len(ids))

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from cas_jax import corpus
+from cas_jax import corpus, splits
 from cas_jax.corpus import load_factbook
 from cas_jax.questions import (FIELD_NAMES, FIELDS, FactField, Question, clean_answer, field_values,
                                generate_factbook_questions, read_questions, to_section_questions,
@@ -44,16 +44,31 @@ def test_field_values_are_short_and_clean():
     assert fr["airports"] == "464"
     assert fr["population_growth_rate"] == "0.43%"
     assert fr["internet_code"] == ".fr"
+    gm = {field: field_values(field).get("gm") for field in FIELD_NAMES}
+    assert gm["geographic_coordinates"] == "51 00 N, 9 00 E"
+    assert gm["land_area"] == "348,672 sq km"
+    assert gm["land_boundaries"] == "3,714 km"
+    assert gm["agricultural_land"] == "48%"  # "48% ++ arable land 34.1%; ..." cut by its pattern
+    assert gm["renewable_water"] == "154 cu km"
+    assert field_values("renewable_water")["ri"] == "162.2 cu km"  # "(note - ...) (2011)" dropped
     with pytest.raises(ValueError, match="unknown field"):
         field_values("flag")
 
 
+def test_split_is_fixed_and_disjoint():
+    dev, test = splits.dev_profiles(), splits.test_profiles()
+    assert len(dev) == splits.NUM_DEV and not set(dev) & set(test)
+    # The profiles every recorded study used: adding question fields must not move them.
+    assert test[:8] == ["ws", "ti", "mj", "ly", "mo", "wa", "ja", "ne"]
+    assert set(splits.SPLIT_FIELDS) <= set(FIELD_NAMES) and len(FIELD_NAMES) > len(splits.SPLIT_FIELDS)
+
+
 def test_multiple_choice_distractors_come_from_other_countries():
-    qs = generate_factbook_questions(IDS, num_per_doc=5, seed=0)
-    for doc_id in IDS:  # 5 each, or all the fields a sparse profile (an ocean) has
+    qs = generate_factbook_questions(IDS, num_per_doc=6, seed=0)
+    for doc_id in IDS:  # 6 each, or all the fields a sparse profile (an ocean) has
         available = sum(doc_id in field_values(f) for f in FIELD_NAMES)
-        assert sum(q.doc_id == doc_id for q in qs) == min(5, available)
-    assert sum(q.doc_id == "oo" for q in qs) < 5
+        assert sum(q.doc_id == doc_id for q in qs) == min(6, available)
+    assert sum(q.doc_id == "oo" for q in qs) < 6
     titles = {i: load_factbook(documents=[i])[i].title for i in IDS}
     for q in qs:
         assert q.kind == "mc" and len(q.options) == 4
@@ -66,7 +81,7 @@ def test_multiple_choice_distractors_come_from_other_countries():
         for distractor in q.options[:q.answer] + q.options[q.answer + 1:]:
             assert distractor in others and distractor.casefold() != q.gold.casefold()
     assert len({q.answer for q in qs}) == 4  # the gold is not always in one position
-    assert len({q.field for q in qs if q.doc_id == "fr"}) == 5  # distinct fields per document
+    assert len({q.field for q in qs if q.doc_id == "fr"}) == 6  # distinct fields per document
 
 
 def test_generation_is_seeded_and_covers_many_fields():
