@@ -254,12 +254,20 @@ def main(argv):
     rows += [study.method_row(n, o, closed, icl, median_doc, c if n == "cas_oracle" else None)
              for n, o, c in cas_rows]
     table = study.format_rows(rows)
+    claims = []
+    if cas_rows:
+        results = {"oracle_cartridge": oracle, f"rag_bm25_k{cfg.rag_top_k}": rag,
+                   **{n.split(" (recall")[0]: o for n, o, _ in cas_rows}}
+        claims = cas_study.claims(results, k=FLAGS.positions_k)
+        table += "\n\nIssue 12's claims (paired accuracy differences):\n\n" + \
+            cas_study.format_claims(claims)
     study.plot_curve(curve_path, os.path.join(out, "curve.png"), closed, icl)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(table + "\n\n" + selfstudy_quality.format_report(quality) + "\n\nwall time (s): "
                 + json.dumps({k: round(v) for k, v in times.items()}) + "\n")
     with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump({"rows": rows, "quality": [dataclasses.asdict(r) for r in quality],
+        json.dump({"rows": rows, "claims": claims,
+                   "quality": [dataclasses.asdict(r) for r in quality],
                    "times": times, "median_document_tokens": median_doc}, f, indent=1)
     print(table)
     o = rows[3]

@@ -16,7 +16,7 @@ question and k only, so CAS and naive composition read the same sets.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -110,3 +110,70 @@ def collection_methods(ev: evaluate.Evaluator, questions: Sequence[Question], ou
         for k in retrieval_k:
             add(f"rag_{r}_k{k}", lambda r=r, k=k: ev.rag(questions, top_k=k, retriever=r), None)
     return rows
+
+
+# ----------------------------------------------------------------------------- the claims
+
+
+def _accuracy(obj: dict) -> np.ndarray:
+    return np.asarray([float(r["correct_ll"]) for r in obj["records"] if r["kind"] == "mc"])
+
+
+def _kv_tokens(obj: dict) -> float:
+    """Positions a question attends to: its prompt plus every cartridge token it reads."""
+    s = obj["summary"]
+    return float(s["prompt_tokens"]) + float(s["cartridge_tokens"])
+
+
+def _best(results: Mapping[str, dict], prefix: str) -> str | None:
+    names = [n for n in results if n.startswith(prefix)]
+    return max(names, key=lambda n: (_accuracy(results[n]).mean(), n)) if names else None
+
+
+def claims(results: Mapping[str, dict], k: int = 3) -> list[dict]:
+    """Issue 12's bars as paired accuracy differences (method - reference, 95% CI over the
+    same questions resampled jointly), from `results`: method name (without the recall
+    suffix) -> `eval/<name>.json` object. "oracle_cartridge" is the study's isolated cartridge
+    (the naive composition's own oracle). A claim whose methods are missing is left out.
+
+      naive collapse      naive_composed_k{k} vs oracle_cartridge: bar diff <= -0.10
+      CAS composes        cas_composed_k{k} vs cas_oracle:          bar diff >= -0.05
+      CAS vs monolithic   cas_oracle vs monolithic:                 bar diff >= +0.10
+      retrieval vs RAG    best retrieval_cas_* vs best rag_*:       bar diff >= 0 and
+                          >= 3x fewer attended positions (prompt + cartridge tokens)
+    """
+    specs = [("naive collapse", f"naive_composed_k{k}", "oracle_cartridge", "<=", -0.10),
+             ("CAS composes", f"cas_composed_k{k}", "cas_oracle", ">=", -0.05),
+             ("CAS vs monolithic", "cas_oracle", "monolithic", ">=", 0.10),
+             ("retrieval vs RAG", _best(results, "retrieval_cas_"), _best(results, "rag_"),
+              ">=", 0.0)]
+    rows = []
+    for claim, method, ref, op, bar in specs:
+        if method not in results or ref not in results:
+            continue
+        a, b = _accuracy(results[ref]), _accuracy(results[method])
+        diff, lo, hi = study.paired_diff_ci(a, b)
+        met = diff <= bar if op == "<=" else diff >= bar
+        row = {"claim": claim, "method": method, "reference": ref,
+               "method_accuracy": float(b.mean()), "reference_accuracy": float(a.mean()),
+               "diff": diff, "diff_ci": (lo, hi), "bar": f"diff {op} {bar:+.2f}"}
+        if claim == "retrieval vs RAG":
+            ratio = _kv_tokens(results[ref]) / max(_kv_tokens(results[method]), 1e-9)
+            row["token_ratio"] = ratio
+            row["bar"] += " and >= 3x fewer tokens"
+            met = met and ratio >= 3.0
+        row["met"] = bool(met)
+        rows.append(row)
+    return rows
+
+
+def format_claims(rows: Sequence[dict]) -> str:
+    lines = ["| claim | method | reference | accuracy | reference accuracy | diff [95% CI] "
+             "| tokens ratio | bar | met |", "|" + "---|" * 9]
+    for r in rows:
+        ratio = f"{r['token_ratio']:.1f}x" if "token_ratio" in r else "-"
+        lines.append(f"| {r['claim']} | {r['method']} | {r['reference']} "
+                     f"| {r['method_accuracy']:.3f} | {r['reference_accuracy']:.3f} "
+                     f"| {r['diff']:+.3f} [{r['diff_ci'][0]:+.3f}, {r['diff_ci'][1]:+.3f}] "
+                     f"| {ratio} | {r['bar']} | {'yes' if r['met'] else 'NO'} |")
+    return "\n".join(lines)

@@ -23,7 +23,7 @@ from cas_jax import corpus, evaluate, loading, pipeline, questions as questions_
 
 DEFAULTS = pipeline.PipelineConfig()
 # Geography sections of eight test profiles (cas_jax.splits): 414-771-token documents whose
-# fields (area, coastline, highest and lowest point) the generated questions ask about.
+# fields (area, coastline, elevation extremes, land use, ...) the generated questions ask about.
 DEMO_DOCUMENTS = tuple(f"{p}-geography" for p in ("ws", "ti", "mj", "ly", "mo", "wa", "ne", "tw"))
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "", "HF folder or GGUF file; empty = embedded SmolLM2-135M-Instruct.")
@@ -42,7 +42,7 @@ flags.DEFINE_float("lr", DEFAULTS.lr, "Adam learning rate.")
 flags.DEFINE_enum("init", DEFAULTS.init, ["first_tokens", "document_kv"],
                   "Cartridge initialisation (train_collection.initialise_store).")
 flags.DEFINE_integer("questions_per_doc", 6, "Multiple-choice questions per document (a "
-                     "geography section holds 4 question fields).")
+                     "geography section holds up to 13 question fields).")
 flags.DEFINE_integer("max_new_tokens", 24, "Greedy generation length of the evaluation "
                      "(acc (gen)); 0 = no generation.")
 flags.DEFINE_integer("top_k", DEFAULTS.top_k, "Documents / chunks retrieved per question.")

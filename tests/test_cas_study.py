@@ -40,3 +40,35 @@ def test_recall_reads_retrieval_hits_only():
     assert cas_study.recall({"records": [{"retrieval_hit": None}]}) is None
     assert cas_study.recall({"records": [{"retrieval_hit": True}, {"retrieval_hit": False},
                                          {"retrieval_hit": None}]}) == 0.5
+
+
+def _result(correct, prompt_tokens=20.0, cartridge_tokens=0.0):
+    return {"summary": {"prompt_tokens": prompt_tokens, "cartridge_tokens": cartridge_tokens},
+            "records": [{"kind": "mc", "correct_ll": c} for c in correct]}
+
+
+def test_claims_compare_on_the_same_questions_against_each_bar():
+    n = 40
+    ones, zeros = [1.0] * n, [0.0] * n
+    half = [1.0] * (n // 2) + [0.0] * (n // 2)
+    results = {
+        "oracle_cartridge": _result(ones), "naive_composed_k3": _result(half),
+        "cas_oracle": _result(ones), "cas_composed_k3": _result(ones[:-1] + [0.0]),
+        "monolithic": _result(ones, cartridge_tokens=640),
+        "retrieval_cas_bm25_k1": _result(half, cartridge_tokens=64),
+        "retrieval_cas_bm25_k2": _result(ones, cartridge_tokens=128),
+        "rag_bm25_k2": _result(half, prompt_tokens=500), "rag_dense_k1": _result(zeros),
+    }
+    rows = {r["claim"]: r for r in cas_study.claims(results, k=3)}
+    assert rows["naive collapse"]["diff"] == pytest.approx(-0.5) and rows["naive collapse"]["met"]
+    assert rows["CAS composes"]["diff"] == pytest.approx(-1 / n) and rows["CAS composes"]["met"]
+    lo, hi = rows["CAS composes"]["diff_ci"]
+    assert lo <= -1 / n <= hi
+    assert rows["CAS vs monolithic"]["diff"] == 0.0 and not rows["CAS vs monolithic"]["met"]
+    rvr = rows["retrieval vs RAG"]  # the best of each family, tokens = prompt + cartridge
+    assert (rvr["method"], rvr["reference"]) == ("retrieval_cas_bm25_k2", "rag_bm25_k2")
+    assert rvr["token_ratio"] == pytest.approx(500 / 148) and rvr["met"]
+    table = cas_study.format_claims(list(rows.values()))
+    assert "| CAS vs monolithic |" in table and "| NO |" in table
+    del results["monolithic"]
+    assert "CAS vs monolithic" not in {r["claim"] for r in cas_study.claims(results)}
