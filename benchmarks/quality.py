@@ -261,9 +261,13 @@ def main(argv):
         claims = cas_study.claims(results, k=FLAGS.positions_k)
         table += "\n\nIssue 12's claims (paired accuracy differences):\n\n" + \
             cas_study.format_claims(claims)
+    fields = study.accuracy_by_field(qs, {"closed_book": closed, "icl": icl,
+                                          f"rag_bm25_k{cfg.rag_top_k}": rag,
+                                          "oracle_cartridge": oracle})
     study.plot_curve(curve_path, os.path.join(out, "curve.png"), closed, icl)
     with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(table + "\n\n" + selfstudy_quality.format_report(quality) + "\n\nwall time (s): "
+        f.write(table + "\n\nAccuracy by question field:\n\n" + fields + "\n\n"
+                + selfstudy_quality.format_report(quality) + "\n\nwall time (s): "
                 + json.dumps({k: round(v) for k, v in times.items()}) + "\n")
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump({"rows": rows, "claims": claims,

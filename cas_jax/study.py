@@ -262,6 +262,26 @@ def format_rows(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def accuracy_by_field(questions: Sequence[Question], results: dict[str, dict]) -> str:
+    """Markdown table: multiple-choice accuracy per question field (rows) and method
+    (columns, `results`: name -> `eval/<name>.json` object), matched by (doc_id, question)."""
+    field = {(q.doc_id, q.question): q.field or "-" for q in questions if q.kind == "mc"}
+    names = sorted(set(field.values()))
+    cells: dict[str, dict[str, list[float]]] = {m: {f: [] for f in names} for m in results}
+    for m, obj in results.items():
+        for r in obj["records"]:
+            key = (r["doc_id"], r["question"])
+            if r["kind"] == "mc" and key in field:
+                cells[m][field[key]].append(float(r["correct_ll"]))
+    lines = ["| field | questions | " + " | ".join(results) + " |",
+             "|" + "---|" * (2 + len(results))]
+    for f in names:
+        n = max(len(cells[m][f]) for m in results)
+        lines.append(f"| {f} | {n} | " + " | ".join(
+            f"{np.mean(cells[m][f]):.2f}" if cells[m][f] else "-" for m in results) + " |")
+    return "\n".join(lines)
+
+
 def plot_curve(curve_path: str, png_path: str, closed: dict, icl: dict) -> None:
     """Held-out loss (with floor), gold NLL and accuracy against step, with the closed-book and
     ICL levels as lines."""

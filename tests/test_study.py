@@ -85,3 +85,18 @@ def test_ablation_report_compares_runs_on_the_same_questions(tmp_path):
     assert "| better | 8: 1.000 / 2.000 / 1.000 | 1.000 [1.000, 1.000] | +0.500 [" in out
     assert "| unfinished | not finished |" in out
     assert out.strip().splitlines()[-1] == "runs=3 finished=2"
+
+
+def test_accuracy_by_field_groups_records_by_their_question_field():
+    from cas_jax.questions import Question
+
+    qs = [Question("a", "q1", "x", "area", ("x", "y"), 0), Question("b", "q1", "x", "area", ("x", "y"), 0),
+          Question("a", "q2", "x", "coast", ("x", "y"), 0), Question("a", "q3", "x", "coast")]
+    rec = lambda d, q, c, kind="mc": {"doc_id": d, "question": q, "kind": kind, "correct_ll": c}  # noqa: E731
+    results = {"m1": {"records": [rec("a", "q1", True), rec("b", "q1", False), rec("a", "q2", True),
+                                  rec("a", "q3", False, "free")]},
+               "m2": {"records": [rec("a", "q2", False)]}}
+    table = study.accuracy_by_field(qs, results).splitlines()
+    assert table[0] == "| field | questions | m1 | m2 |"
+    assert table[2] == "| area | 2 | 0.50 | - |"
+    assert table[3] == "| coast | 1 | 1.00 | 0.00 |"
