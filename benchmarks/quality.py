@@ -254,16 +254,16 @@ def main(argv):
     rows += [study.method_row(n, o, closed, icl, median_doc, c if n == "cas_oracle" else None)
              for n, o, c in cas_rows]
     table = study.format_rows(rows)
+    study_results = {"closed_book": closed, "icl": icl, f"rag_bm25_k{cfg.rag_top_k}": rag,
+                     "oracle_cartridge": oracle}
     claims = []
     if cas_rows:
-        results = {"oracle_cartridge": oracle, f"rag_bm25_k{cfg.rag_top_k}": rag,
-                   **{n.split(" (recall")[0]: o for n, o, _ in cas_rows}}
-        claims = cas_study.claims(results, k=FLAGS.positions_k)
+        claims = cas_study.claims({**study_results,
+                                   **{n.split(" (recall")[0]: o for n, o, _ in cas_rows}},
+                                  k=FLAGS.positions_k)
         table += "\n\nIssue 12's claims (paired accuracy differences):\n\n" + \
             cas_study.format_claims(claims)
-    fields = study.accuracy_by_field(qs, {"closed_book": closed, "icl": icl,
-                                          f"rag_bm25_k{cfg.rag_top_k}": rag,
-                                          "oracle_cartridge": oracle})
+    fields = study.accuracy_by_field(qs, study_results)
     study.plot_curve(curve_path, os.path.join(out, "curve.png"), closed, icl)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(table + "\n\nAccuracy by question field:\n\n" + fields + "\n\n"

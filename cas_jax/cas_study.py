@@ -115,10 +115,6 @@ def collection_methods(ev: evaluate.Evaluator, questions: Sequence[Question], ou
 # ----------------------------------------------------------------------------- the claims
 
 
-def _accuracy(obj: dict) -> np.ndarray:
-    return np.asarray([float(r["correct_ll"]) for r in obj["records"] if r["kind"] == "mc"])
-
-
 def _kv_tokens(obj: dict) -> float:
     """Positions a question attends to: its prompt plus every cartridge token it reads."""
     s = obj["summary"]
@@ -127,7 +123,7 @@ def _kv_tokens(obj: dict) -> float:
 
 def _best(results: Mapping[str, dict], prefix: str) -> str | None:
     names = [n for n in results if n.startswith(prefix)]
-    return max(names, key=lambda n: (_accuracy(results[n]).mean(), n)) if names else None
+    return max(names, key=lambda n: (study.mc_accuracy(results[n]).mean(), n)) if names else None
 
 
 def claims(results: Mapping[str, dict], k: int = 3) -> list[dict]:
@@ -151,7 +147,7 @@ def claims(results: Mapping[str, dict], k: int = 3) -> list[dict]:
     for claim, method, ref, op, bar in specs:
         if method not in results or ref not in results:
             continue
-        a, b = _accuracy(results[ref]), _accuracy(results[method])
+        a, b = study.mc_accuracy(results[ref]), study.mc_accuracy(results[method])
         diff, lo, hi = study.paired_diff_ci(a, b)
         met = diff <= bar if op == "<=" else diff >= bar
         row = {"claim": claim, "method": method, "reference": ref,

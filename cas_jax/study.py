@@ -214,15 +214,21 @@ def train_with_curve(model: LoadedModel, docs: Collection, data_dir: str, heldou
 # ----------------------------------------------------------------------------- report
 
 
+def mc_accuracy(obj: dict) -> np.ndarray:
+    """Per-question correctness (0/1, by option log-likelihood) of a method's multiple-choice
+    records (`eval/<name>.json` object)."""
+    return np.asarray([float(r["correct_ll"]) for r in obj["records"] if r["kind"] == "mc"])
+
+
 def method_row(name: str, obj: dict, closed: dict, icl: dict, doc_tokens: float | None,
                cartridge_tokens: float | None) -> dict:
     """One report row: accuracy (mc by option log-likelihood) with CI, gold NLL with CI, gain
     recovered on accuracy and NLL (with paired CIs), compression, prompt tokens, KV bytes."""
     recs = obj["records"]
-    acc = np.asarray([float(r["correct_ll"]) for r in recs if r["kind"] == "mc"])
+    acc = mc_accuracy(obj)
     nll = np.asarray([r["gold_nll"] for r in recs])
-    acc_c = np.asarray([float(r["correct_ll"]) for r in closed["records"] if r["kind"] == "mc"])
-    acc_i = np.asarray([float(r["correct_ll"]) for r in icl["records"] if r["kind"] == "mc"])
+    acc_c = mc_accuracy(closed)
+    acc_i = mc_accuracy(icl)
     nll_c = np.asarray([r["gold_nll"] for r in closed["records"]])
     nll_i = np.asarray([r["gold_nll"] for r in icl["records"]])
     s = obj["summary"]
