@@ -105,7 +105,7 @@ def _stage(name, times, t0):
     print(f"  {name}: {times[name]:.0f}s", flush=True)
 
 
-def _collection_methods(model, docs, data_dir, naive_dir, ev, qs, cfg, times):
+def _collection_methods(model, docs, data_dir, naive, ev, qs, cfg, times):
     """Stage 5 (--cas): CAS and monolithic training, then every collection method."""
     out = FLAGS.out
     t0 = time.perf_counter()
@@ -123,7 +123,6 @@ def _collection_methods(model, docs, data_dir, naive_dir, ev, qs, cfg, times):
         mono = pipeline.StoreSource(mono)
     _stage("collection training", times, t0)
     t0 = time.perf_counter()
-    naive = pipeline.StoreSource(pipeline.initial_store(model, docs, naive_dir, cfg.pipeline))
     rows = cas_study.collection_methods(
         ev, qs, out, cas=pipeline.StoreSource(cas), naive=naive, monolithic=mono,
         tokens=FLAGS.tokens, n_docs=len(docs), compose_k=[int(k) for k in FLAGS.compose_k],
@@ -230,20 +229,31 @@ def main(argv):
     store_dir = os.path.join(out, "cartridges")
     curve_path = os.path.join(out, "curve.jsonl")
     mc = [q for q in qs if q.kind == "mc"]
-    study.train_with_curve(
-        model, docs, data_dir, heldout_dir, store_dir, ev, mc, cfg, curve_path,
-        on_report=lambda r: print(f"  step {r.step}/{r.total_steps} loss {r.loss:.4f} "
-                                  f"{r.tokens_per_s:.0f} tok/s ETA {r.eta_s:.0f}s", flush=True),
-        on_point=lambda p: print(f"  curve: {json.dumps(p)}", flush=True))
+    oracle_name = f"oracle_cartridge_step{cfg.pipeline.steps}"
+
+    def train_isolated():
+        study.train_with_curve(
+            model, docs, data_dir, heldout_dir, store_dir, ev, mc, cfg, curve_path,
+            on_report=lambda r: print(f"  step {r.step}/{r.total_steps} loss {r.loss:.4f} "
+                                      f"{r.tokens_per_s:.0f} tok/s ETA {r.eta_s:.0f}s", flush=True),
+            on_point=lambda p: print(f"  curve: {json.dumps(p)}", flush=True))
+        return pipeline.StoreSource(pipeline.initial_store(model, docs, store_dir, cfg.pipeline))
+
+    if study.curve_complete(curve_path, cfg) and os.path.exists(
+            os.path.join(out, "eval", f"{oracle_name}.json")):
+        # A resumed study (e.g. --cas after the copied eval/ and curve of an earlier run):
+        # the isolated cartridges are trained only if an uncached method reads them.
+        print("  curve and oracle evaluation cached: training deferred to first use", flush=True)
+        source = study.LazySource(train_isolated)
+    else:
+        source = train_isolated()
     _stage("training", times, t0)
     t0 = time.perf_counter()
-    source = pipeline.StoreSource(pipeline.initial_store(model, docs, store_dir, cfg.pipeline))
-    oracle = study.cached_method(out, f"oracle_cartridge_step{cfg.pipeline.steps}",
-                                 lambda: ev.oracle_cartridge(qs, source))
+    oracle = study.cached_method(out, oracle_name, lambda: ev.oracle_cartridge(qs, source))
     _stage("cartridge evaluation", times, t0)
     cas_rows = []
     if FLAGS.cas:
-        cas_rows = _collection_methods(model, docs, data_dir, store_dir, ev, qs, cfg, times)
+        cas_rows = _collection_methods(model, docs, data_dir, source, ev, qs, cfg, times)
     with open(times_path, "w") as f:
         json.dump(times, f)
 

@@ -138,13 +138,15 @@ def claims(results: Mapping[str, dict], k: int = 3) -> list[dict]:
       retrieval vs RAG    best retrieval_cas_* vs best rag_*:       bar diff >= 0 and
                           >= 3x fewer attended positions (prompt + cartridge tokens)
     """
-    specs = [("naive collapse", f"naive_composed_k{k}", "oracle_cartridge", "<=", -0.10),
-             ("CAS composes", f"cas_composed_k{k}", "cas_oracle", ">=", -0.05),
-             ("CAS vs monolithic", "cas_oracle", "monolithic", ">=", 0.10),
+    # (claim, method, reference, op, bar, min_token_ratio): the ratio is reference / method
+    # attended positions, checked only where it is given.
+    specs = [("naive collapse", f"naive_composed_k{k}", "oracle_cartridge", "<=", -0.10, None),
+             ("CAS composes", f"cas_composed_k{k}", "cas_oracle", ">=", -0.05, None),
+             ("CAS vs monolithic", "cas_oracle", "monolithic", ">=", 0.10, None),
              ("retrieval vs RAG", _best(results, "retrieval_cas_"), _best(results, "rag_"),
-              ">=", 0.0)]
+              ">=", 0.0, 3.0)]
     rows = []
-    for claim, method, ref, op, bar in specs:
+    for claim, method, ref, op, bar, min_ratio in specs:
         if method not in results or ref not in results:
             continue
         a, b = study.mc_accuracy(results[ref]), study.mc_accuracy(results[method])
@@ -153,11 +155,11 @@ def claims(results: Mapping[str, dict], k: int = 3) -> list[dict]:
         row = {"claim": claim, "method": method, "reference": ref,
                "method_accuracy": float(b.mean()), "reference_accuracy": float(a.mean()),
                "diff": diff, "diff_ci": (lo, hi), "bar": f"diff {op} {bar:+.2f}"}
-        if claim == "retrieval vs RAG":
+        if min_ratio is not None:
             ratio = _kv_tokens(results[ref]) / max(_kv_tokens(results[method]), 1e-9)
             row["token_ratio"] = ratio
-            row["bar"] += " and >= 3x fewer tokens"
-            met = met and ratio >= 3.0
+            row["bar"] += f" and >= {min_ratio:g}x fewer tokens"
+            met = met and ratio >= min_ratio
         row["met"] = bool(met)
         rows.append(row)
     return rows

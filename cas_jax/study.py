@@ -169,6 +169,38 @@ def _no_generation(ev: evaluate.Evaluator) -> evaluate.Evaluator:
                               dataclasses.replace(ev.config, max_new_tokens=0))
 
 
+def curve_marks(cfg: StudyConfig) -> list[int]:
+    """The steps at which `train_with_curve` records a curve point."""
+    every = cfg.eval_every or cfg.pipeline.steps
+    return sorted({0, *range(every, cfg.pipeline.steps, every), cfg.pipeline.steps})
+
+
+def _curve_points(curve_path: str) -> list[dict]:
+    if not os.path.exists(curve_path):
+        return []
+    with open(curve_path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def curve_complete(curve_path: str, cfg: StudyConfig) -> bool:
+    """Whether `curve_path` already holds every point `train_with_curve` would record."""
+    return set(curve_marks(cfg)) <= {pt["step"] for pt in _curve_points(curve_path)}
+
+
+class LazySource:
+    """A cartridge source made on first use (an `evaluate.CartridgeSource`): lets a resumed
+    study skip training cartridges whose every evaluation is already cached."""
+
+    def __init__(self, make: Callable[[], "evaluate.CartridgeSource"]):
+        self._make = make
+        self._source = None
+
+    def get(self, doc_id: str):
+        if self._source is None:
+            self._source = self._make()
+        return self._source.get(doc_id)
+
+
 def train_with_curve(model: LoadedModel, docs: Collection, data_dir: str, heldout_dir: str,
                      store_dir: str, ev: evaluate.Evaluator, questions: Sequence[Question],
                      cfg: StudyConfig, curve_path: str,
@@ -177,13 +209,9 @@ def train_with_curve(model: LoadedModel, docs: Collection, data_dir: str, heldou
     stopping every `cfg.eval_every` steps (and at step 0) to append a curve point: held-out
     loss, no-cartridge floor, oracle gold NLL and accuracy. Resumes from the curve and store."""
     p = cfg.pipeline
-    points = []
-    if os.path.exists(curve_path):
-        with open(curve_path) as f:
-            points = [json.loads(line) for line in f if line.strip()]
+    points = _curve_points(curve_path)
     done = {pt["step"] for pt in points}
-    every = cfg.eval_every or p.steps
-    marks = sorted({0, *range(every, p.steps, every), p.steps})
+    marks = curve_marks(cfg)
     floor = points[0]["heldout_floor"] if points else None
     quick = _no_generation(ev)
     summary: dict = {}

@@ -1,9 +1,11 @@
 """The quality study's statistics: bootstrap intervals and the share of ICL's gain recovered."""
 
+import json
+
 import numpy as np
 import pytest
 
-from cas_jax import study
+from cas_jax import pipeline, study
 
 
 def test_bootstrap_ci_brackets_the_mean_and_narrows_with_more_questions():
@@ -100,3 +102,27 @@ def test_accuracy_by_field_groups_records_by_their_question_field():
     assert table[0] == "| field | questions | m1 | m2 |"
     assert table[2] == "| area | 2 | 0.50 | - |"
     assert table[3] == "| coast | 1 | 1.00 | 0.00 |"
+
+
+def test_curve_completeness_and_lazy_source(tmp_path):
+    cfg = study.StudyConfig(pipeline.PipelineConfig(steps=10), eval_every=4)
+    assert study.curve_marks(cfg) == [0, 4, 8, 10]
+    path = str(tmp_path / "curve.jsonl")
+    assert not study.curve_complete(path, cfg)  # no file yet
+    with open(path, "w") as f:
+        f.write("".join(json.dumps({"step": s}) + "\n" for s in (0, 4, 8)))
+    assert not study.curve_complete(path, cfg)  # step 10 missing
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": 10}) + "\n")
+    assert study.curve_complete(path, cfg)
+
+    made = []
+
+    class Source:
+        def get(self, doc_id):
+            return f"kv-{doc_id}"
+
+    lazy = study.LazySource(lambda: made.append(1) or Source())
+    assert made == []  # nothing trained until a method reads a cartridge
+    assert lazy.get("a") == "kv-a" and lazy.get("b") == "kv-b"
+    assert made == [1]  # made once
