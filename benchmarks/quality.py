@@ -114,6 +114,9 @@ def _collection_methods(model, docs, data_dir, naive, ev, qs, cfg, times):
                              f"ETA {r.eta_s:.0f}s", flush=True)
     p = dataclasses.replace(cfg.pipeline, distractor_schedule=FLAGS.cas_schedule,
                             ramp_steps=FLAGS.cas_ramp_steps, grad_scope=FLAGS.cas_grad_scope)
+    isolated = dataclasses.asdict(cfg.pipeline)  # what cached results were read from
+    stamps = {"naive": isolated, "monolithic": isolated,
+              "cas": {**dataclasses.asdict(p), "distractors": FLAGS.cas_distractors}}
     cas, _ = pipeline.train_cartridges(model, docs, data_dir, os.path.join(out, "cas"), p,
                                        distractors=FLAGS.cas_distractors, on_report=report)
     mono = None
@@ -128,7 +131,7 @@ def _collection_methods(model, docs, data_dir, naive, ev, qs, cfg, times):
         tokens=FLAGS.tokens, n_docs=len(docs), compose_k=[int(k) for k in FLAGS.compose_k],
         positions=FLAGS.positions, positions_k=FLAGS.positions_k,
         retrieval_k=[int(k) for k in FLAGS.retrieval_k], retrievers=FLAGS.retrievers,
-        seed=FLAGS.seed)
+        seed=FLAGS.seed, stamps=stamps)
     _stage("collection evaluation", times, t0)
     return rows
 
@@ -249,7 +252,8 @@ def main(argv):
         source = train_isolated()
     _stage("training", times, t0)
     t0 = time.perf_counter()
-    oracle = study.cached_method(out, oracle_name, lambda: ev.oracle_cartridge(qs, source))
+    oracle = study.cached_method(out, oracle_name, lambda: ev.oracle_cartridge(qs, source),
+                                 stamp=dataclasses.asdict(cfg.pipeline))
     _stage("cartridge evaluation", times, t0)
     cas_rows = []
     if FLAGS.cas:

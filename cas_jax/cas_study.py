@@ -63,21 +63,32 @@ def recall(obj: dict) -> float | None:
     return float(np.mean(hits)) if hits else None
 
 
+def cartridges_read(method: str) -> str | None:
+    """Which cartridges a collection method reads: "cas", "naive", "monolithic" or None."""
+    if method.startswith(("cas_", "retrieval_cas_")):
+        return "cas"
+    return next((s for s in ("naive", "monolithic") if method.startswith(s)), None)
+
+
 def collection_methods(ev: evaluate.Evaluator, questions: Sequence[Question], out: str, *,
                        cas, naive, monolithic, tokens: int, n_docs: int,
                        compose_k: Sequence[int] = (1, 3, 7),
                        positions: Sequence[str] = POSITIONS, positions_k: int = 3,
                        retrieval_k: Sequence[int] = (1, 2, 4),
                        retrievers: Sequence[str] = ("bm25", "dense"), seed: int = 0,
+                       stamps: Mapping[str, dict] | None = None,
                        ) -> list[tuple[str, dict, int | None]]:
     """Runs (or reads from `out/eval/`) every collection method; returns (name, result,
     cartridge tokens per question) in report order. cas / naive / monolithic are cartridge
-    sources (`evaluate.CartridgeSource`)."""
+    sources (`evaluate.CartridgeSource`). `stamps` maps "cas" / "naive" / "monolithic" to the
+    training config of those cartridges: a cached result read from cartridges trained
+    otherwise is refused (`study.cached_method`)."""
     ids = ev.collection.ids
     rows: list[tuple[str, dict, int | None]] = []
+    stamps = dict(stamps or {})
 
     def add(name: str, run: Callable[[], evaluate.EvalResult], cartridge_tokens: int | None):
-        obj = study.cached_method(out, name, run)
+        obj = study.cached_method(out, name, run, stamp=stamps.get(cartridges_read(name)))
         hit = recall(obj)
         rows.append((name if hit is None else f"{name} (recall {hit:.2f})", obj,
                      cartridge_tokens))

@@ -152,14 +152,31 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def cached_method(out_dir: str, name: str, run: Callable[[], evaluate.EvalResult]) -> dict:
-    """The method's summary and records from `eval/<name>.json`, computed by `run` once."""
+def cached_method(out_dir: str, name: str, run: Callable[[], evaluate.EvalResult],
+                  stamp: dict | None = None) -> dict:
+    """The method's summary and records from `eval/<name>.json`, computed by `run` once.
+
+    `stamp` (JSON-able) names what the result depends on beyond the questions, e.g. the
+    training config of the cartridges it read. It is stored with the result, and a cached
+    result stamped differently is an error rather than a silent reuse (a result without a
+    stamp is accepted as it is)."""
     path = os.path.join(out_dir, "eval", f"{name}.json")
+    stamp = None if stamp is None else json.loads(json.dumps(stamp))
     if os.path.exists(path):
-        return _read_json(path)
+        obj = _read_json(path)
+        if stamp is not None and obj.get("stamp", stamp) != stamp:
+            changed = sorted(k for k in set(stamp) | set(obj["stamp"])
+                             if stamp.get(k) != obj["stamp"].get(k))
+            raise ValueError(f"{path}: cached for another configuration (differs in "
+                             f"{changed}: cached {[obj['stamp'].get(k) for k in changed]}, "
+                             f"this run {[stamp.get(k) for k in changed]}); move it away or "
+                             "use another output folder")
+        return obj
     os.makedirs(os.path.dirname(path), exist_ok=True)
     r = run()
     obj = {"summary": r.summary(), "records": list(r.records)}
+    if stamp is not None:
+        obj["stamp"] = stamp
     _write_json(path, obj)
     return obj
 

@@ -72,3 +72,12 @@ def test_claims_compare_on_the_same_questions_against_each_bar():
     assert "| CAS vs monolithic |" in table and "| NO |" in table
     del results["monolithic"]
     assert "CAS vs monolithic" not in {r["claim"] for r in cas_study.claims(results)}
+
+
+def test_each_collection_method_names_the_cartridges_it_reads():
+    assert cas_study.cartridges_read("cas_oracle") == "cas"
+    assert cas_study.cartridges_read("cas_composed_k3_true_first") == "cas"
+    assert cas_study.cartridges_read("retrieval_cas_dense_k2") == "cas"
+    assert cas_study.cartridges_read("naive_composed_k7") == "naive"
+    assert cas_study.cartridges_read("monolithic") == "monolithic"
+    assert cas_study.cartridges_read("rag_bm25_k4") is None

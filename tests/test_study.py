@@ -126,3 +126,23 @@ def test_curve_completeness_and_lazy_source(tmp_path):
     assert made == []  # nothing trained until a method reads a cartridge
     assert lazy.get("a") == "kv-a" and lazy.get("b") == "kv-b"
     assert made == [1]  # made once
+
+
+def test_cached_method_refuses_a_result_from_other_cartridges(tmp_path):
+    class Result:
+        records = [{"kind": "mc", "correct_ll": True, "gold_nll": 1.0}]
+
+        def summary(self):
+            return {"accuracy": 1.0}
+
+    runs = []
+    run = lambda: runs.append(1) or Result()  # noqa: E731
+    out = str(tmp_path)
+    first = study.cached_method(out, "naive_composed_k3", run, stamp={"steps": 468, "lr": 0.02})
+    assert first["stamp"] == {"steps": 468, "lr": 0.02} and runs == [1]
+    again = study.cached_method(out, "naive_composed_k3", run, stamp={"lr": 0.02, "steps": 468})
+    assert again == first and runs == [1]  # same stamp: read, not rerun
+    with pytest.raises(ValueError, match=r"naive_composed_k3\.json.*\['steps'\].*468.*936"):
+        study.cached_method(out, "naive_composed_k3", run, stamp={"steps": 936, "lr": 0.02})
+    assert study.cached_method(out, "naive_composed_k3", run)["stamp"]["steps"] == 468
+    assert runs == [1]
