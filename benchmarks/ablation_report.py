@@ -30,10 +30,10 @@ def _load(run_dir: str):
     if not os.path.exists(os.path.join(run_dir, "report.json")):
         return None
     with open(os.path.join(run_dir, "config.json")) as f:
-        run_flags = json.load(f)["flags"]
+        steps = json.load(f)["config"]["pipeline"]["steps"]  # as run (--steps=0 derives them)
     with open(os.path.join(run_dir, "curve.jsonl")) as f:
         curve = [json.loads(line) for line in f if line.strip()]
-    path = os.path.join(run_dir, "eval", f"oracle_cartridge_step{run_flags['steps']}.json")
+    path = os.path.join(run_dir, "eval", f"oracle_cartridge_step{steps}.json")
     with open(path) as f:
         records = json.load(f)["records"]
     scores = {(r["doc_id"], r["question"]): (float(r["correct_ll"]), float(r["gold_nll"]))

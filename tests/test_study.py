@@ -64,7 +64,9 @@ def test_paired_difference_interval():
 def _fake_run(path, correct, nll):
     import json
     (path / "eval").mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps({"flags": {"steps": 8}}))
+    # --steps=0: the steps were derived from --epochs; the run's config holds them.
+    (path / "config.json").write_text(json.dumps({"flags": {"steps": 0},
+                                                  "config": {"pipeline": {"steps": 8}}}))
     (path / "report.json").write_text("{}")
     (path / "curve.jsonl").write_text(json.dumps(
         {"step": 8, "heldout_loss": 1.0, "gold_nll": float(np.mean(nll)),
