@@ -105,8 +105,10 @@ def _stage(name, times, t0):
     print(f"  {name}: {times[name]:.0f}s", flush=True)
 
 
-def _collection_methods(model, docs, data_dir, naive, ev, qs, cfg, times):
-    """Stage 5 (--cas): CAS and monolithic training, then every collection method."""
+def _collection_methods(model, docs, data_dir, naive, isolated, ev, qs, cfg, times):
+    """Stage 5 (--cas): CAS and monolithic training, then every collection method. `naive`
+    is the isolated cartridges' source, `isolated` their training config (the stamp of the
+    results read from them, `study.cached_method`)."""
     out = FLAGS.out
     t0 = time.perf_counter()
     print("== 5. collection methods (CAS) ==", flush=True)
@@ -114,7 +116,6 @@ def _collection_methods(model, docs, data_dir, naive, ev, qs, cfg, times):
                              f"ETA {r.eta_s:.0f}s", flush=True)
     p = dataclasses.replace(cfg.pipeline, distractor_schedule=FLAGS.cas_schedule,
                             ramp_steps=FLAGS.cas_ramp_steps, grad_scope=FLAGS.cas_grad_scope)
-    isolated = dataclasses.asdict(cfg.pipeline)  # what cached results were read from
     stamps = {"naive": isolated, "monolithic": isolated,
               "cas": {**dataclasses.asdict(p), "distractors": FLAGS.cas_distractors}}
     cas, _ = pipeline.train_cartridges(model, docs, data_dir, os.path.join(out, "cas"), p,
@@ -233,6 +234,7 @@ def main(argv):
     curve_path = os.path.join(out, "curve.jsonl")
     mc = [q for q in qs if q.kind == "mc"]
     oracle_name = f"oracle_cartridge_step{cfg.pipeline.steps}"
+    isolated = dataclasses.asdict(cfg.pipeline)  # stamps the results read from these cartridges
 
     def train_isolated():
         study.train_with_curve(
@@ -253,11 +255,11 @@ def main(argv):
     _stage("training", times, t0)
     t0 = time.perf_counter()
     oracle = study.cached_method(out, oracle_name, lambda: ev.oracle_cartridge(qs, source),
-                                 stamp=dataclasses.asdict(cfg.pipeline))
+                                 stamp=isolated)
     _stage("cartridge evaluation", times, t0)
     cas_rows = []
     if FLAGS.cas:
-        cas_rows = _collection_methods(model, docs, data_dir, source, ev, qs, cfg, times)
+        cas_rows = _collection_methods(model, docs, data_dir, source, isolated, ev, qs, cfg, times)
     with open(times_path, "w") as f:
         json.dump(times, f)
 

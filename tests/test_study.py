@@ -62,7 +62,6 @@ def test_paired_difference_interval():
 
 
 def _fake_run(path, correct, nll):
-    import json
     (path / "eval").mkdir(parents=True)
     # --steps=0: the steps were derived from --epochs; the run's config holds them.
     (path / "config.json").write_text(json.dumps({"flags": {"steps": 0},
