@@ -106,7 +106,8 @@ def _stage(name, times, t0):
 
 
 def _collection_methods(model, docs, data_dir, naive, isolated, ev, qs, cfg, times):
-    """Stage 5 (--cas): CAS and monolithic training, then every collection method. `naive`
+    """Stage 5 (--cas): every collection method, with the CAS and monolithic cartridges
+    trained when a method first reads them (not at all when all are cached). `naive`
     is the isolated cartridges' source, `isolated` their training config (the stamp of the
     results read from them, `study.cached_method`)."""
     out = FLAGS.out
@@ -118,22 +119,28 @@ def _collection_methods(model, docs, data_dir, naive, isolated, ev, qs, cfg, tim
                             ramp_steps=FLAGS.cas_ramp_steps, grad_scope=FLAGS.cas_grad_scope)
     stamps = {"naive": isolated, "monolithic": isolated,
               "cas": {**dataclasses.asdict(p), "distractors": FLAGS.cas_distractors}}
-    cas, _ = pipeline.train_cartridges(model, docs, data_dir, os.path.join(out, "cas"), p,
-                                       distractors=FLAGS.cas_distractors, on_report=report)
-    mono = None
-    if FLAGS.monolithic:
+
+    def train_cas():
+        cas, _ = pipeline.train_cartridges(model, docs, data_dir, os.path.join(out, "cas"), p,
+                                           distractors=FLAGS.cas_distractors, on_report=report)
+        return pipeline.StoreSource(cas)
+
+    def train_mono():
         mono, _ = pipeline.train_monolithic(model, docs, data_dir, os.path.join(out, "monolithic"),
                                             cfg.pipeline, on_report=report)
-        mono = pipeline.StoreSource(mono)
-    _stage("collection training", times, t0)
-    t0 = time.perf_counter()
+        return pipeline.StoreSource(mono)
+
+    # Trained on first use: a method whose evaluation is cached (e.g. copied from an earlier
+    # session's eval/) does not retrain the cartridges it read.
+    cas = study.LazySource(train_cas)
+    mono = study.LazySource(train_mono) if FLAGS.monolithic else None
     rows = cas_study.collection_methods(
-        ev, qs, out, cas=pipeline.StoreSource(cas), naive=naive, monolithic=mono,
+        ev, qs, out, cas=cas, naive=naive, monolithic=mono,
         tokens=FLAGS.tokens, n_docs=len(docs), compose_k=[int(k) for k in FLAGS.compose_k],
         positions=FLAGS.positions, positions_k=FLAGS.positions_k,
         retrieval_k=[int(k) for k in FLAGS.retrieval_k], retrievers=FLAGS.retrievers,
         seed=FLAGS.seed, stamps=stamps)
-    _stage("collection evaluation", times, t0)
+    _stage("collection training and evaluation", times, t0)
     return rows
 
 

@@ -19,10 +19,15 @@ Flags (`define_flags`, used by the launchers): --coordinator=HOST:PORT --num_pro
 Open MPI, Kubernetes, Cloud TPU pods; JAX_COORDINATOR_ADDRESS is read too). On CPU the
 cross-process collectives are gloo's, so N processes on one machine are a real multi-process
 run. `launch_local` (and `experiments.launch_local`) starts N such processes on this host.
+
+A hung run (a collective one process never reaches) can be asked where it stands: every
+process that joined one prints all its threads' Python stacks on SIGUSR1 (`kill -USR1 PID`),
+and `wait_all` does that before it ends a run at its timeout.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import socket
@@ -36,6 +41,9 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from absl import flags
+
+STACKS_SIGNAL = signal.SIGUSR1  # a process in a multi-process run prints its stacks on it
+
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, *, auto: bool = False,
@@ -61,6 +69,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator, num_processes, process_id,
                                initialization_timeout=timeout_s)
+    faulthandler.register(STACKS_SIGNAL, all_threads=True)  # where a hung process stands
     return True
 
 
@@ -170,13 +179,25 @@ def stop(procs: Sequence[subprocess.Popen], sig: int = signal.SIGKILL) -> None:
                 pass
 
 
+def _ask_for_stacks(procs: Sequence[subprocess.Popen], grace_s: float = 3.0) -> None:
+    """Sends `STACKS_SIGNAL` to every running process and gives them `grace_s` to print."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.kill(p.pid, STACKS_SIGNAL)
+            except ProcessLookupError:
+                pass
+    time.sleep(grace_s)
+
+
 def wait_all(procs: Sequence[subprocess.Popen], timeout_s: float | None = None,
              echo=None) -> tuple[list[int], list[str]]:
     """Waits for every process; returns (return codes, outputs).
 
     A process that fails (non-zero exit) brings the others down after a 10 s grace, since
-    their collectives would wait for it forever; `timeout_s` ends them all (return code -9).
-    `echo(i, line)` sees every output line as it arrives.
+    their collectives would wait for it forever; `timeout_s` ends them all (return code -9),
+    after asking each for its stacks (`STACKS_SIGNAL`; they land in its output) so that a
+    hang says where it was. `echo(i, line)` sees every output line as it arrives.
     """
     outputs: list[list[str]] = [[] for _ in procs]
 
@@ -195,6 +216,7 @@ def wait_all(procs: Sequence[subprocess.Popen], timeout_s: float | None = None,
     while any(p.poll() is None for p in procs):
         now = time.monotonic()
         if deadline is not None and now > deadline:
+            _ask_for_stacks(procs)
             stop(procs)
             break
         if failed_at is None and any(p.poll() not in (None, 0) for p in procs):

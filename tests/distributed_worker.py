@@ -28,6 +28,8 @@ flags.DEFINE_integer("steps", 6, "Training steps.")
 flags.DEFINE_float("step_delay_s", 0.0, "Sleep after every reported step.")
 flags.DEFINE_integer("fail_process", -1, "This process exits with code 3 at once; the others "
                      "wait at a barrier it never reaches.")
+flags.DEFINE_integer("hang_process", -1, "This process sleeps for an hour at once; the others "
+                     "wait at a barrier it does not reach.")
 distributed.define_flags()
 
 DOCS = ("a", "b", "c", "d", "e")
@@ -173,6 +175,11 @@ def main(argv):
         if jax.process_index() == FLAGS.fail_process:
             sys.exit(3)
         distributed.barrier("never-reached")
+    if FLAGS.hang_process >= 0:
+        import jax
+        if jax.process_index() == FLAGS.hang_process:
+            time.sleep(3600)
+        distributed.barrier("not-reached-in-time")
     if FLAGS.out:
         os.makedirs(FLAGS.out, exist_ok=True)
     {"train": run_train, "collection": run_collection, "synthesis": run_synthesis}[FLAGS.job]()

@@ -146,6 +146,16 @@ def test_a_failing_process_brings_the_run_down(tmp_path):
     assert time.monotonic() - t0 < 60
 
 
+def test_a_hung_run_is_ended_at_its_timeout_with_every_process_stack(tmp_path):
+    procs = distributed.start_local(WORKER + ["--job=train", "--hang_process=1"], 2, 1)
+    codes, outputs = distributed.wait_all(procs, 25)
+    assert codes == [-signal.SIGKILL] * 2, outputs
+    # Each process printed where it stood when the run was ended: process 1 in its sleep,
+    # process 0 in the barrier that waits for it.
+    assert "most recent call first" in outputs[1] and "in main" in outputs[1], outputs[1][-3000:]
+    assert "in barrier" in outputs[0], outputs[0][-3000:]
+
+
 def test_launcher_flags_are_checked():
     with pytest.raises(ValueError, match="process_id must be in"):
         distributed.initialize("127.0.0.1:1", 2, 5)
