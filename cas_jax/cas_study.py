@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from cas_jax import evaluate, pipeline, study
+from cas_jax.results import EvalResult
 from cas_jax.questions import Question
 
 POSITIONS = ("first", "last", "random")
@@ -87,7 +88,7 @@ def collection_methods(ev: evaluate.Evaluator, questions: Sequence[Question], ou
     rows: list[tuple[str, dict, int | None]] = []
     stamps = dict(stamps or {})
 
-    def add(name: str, run: Callable[[], evaluate.EvalResult], cartridge_tokens: int | None):
+    def add(name: str, run: Callable[[], EvalResult], cartridge_tokens: int | None):
         obj = study.cached_method(out, name, run, stamp=stamps.get(cartridges_read(name)))
         hit = recall(obj)
         rows.append((name if hit is None else f"{name} (recall {hit:.2f})", obj,

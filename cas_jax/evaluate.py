@@ -1,6 +1,6 @@
 """Evaluation of a question file under context methods: closed book, ICL, RAG and cartridges.
 
-Every method answers the same questions with the same query tokens (`build_prompt`); methods
+Every method answers the same questions with the same query tokens (`cas_jax.prompts.build_prompt`); methods
 differ only in what comes before the query:
 
   closed_book           nothing
@@ -19,7 +19,7 @@ tokens, as with cartridges. Its prefill time counts in the method's time.
 
 Multiple choice on a small model: by default the question is asked alone and each option is
 scored as the assistant's reply (cloze). `EvalConfig.list_options` instead lists the options
-("A. Paris" lines, then `MC_INSTRUCTION`). SmolLM2-135M-Instruct answers listed options mostly
+("A. Paris" lines, then `prompts.MC_INSTRUCTION`). SmolLM2-135M-Instruct answers listed options mostly
 by position ("A. ..."): on 16 Factbook questions (ICL cut to 2,048 tokens) listed scored 0.25
 (closed book) and 0.19 (ICL), chance level, against 0.56 and 0.50 cloze; on 5 facts found only
 in a short made-up document, ICL vs closed book was 3/5 vs 2/5 listed and 5/5 vs 0/5 cloze.
@@ -30,7 +30,7 @@ mean.
 Metrics (per method, over its questions):
   accuracy_ll     multiple choice: the option with the highest score (`option_score`: "mean"
                   log-prob per option token, the default, or "sum") as the reply
-  accuracy_gen    multiple choice: greedy generation parsed by `parse_choice` (a letter, or
+  accuracy_gen    multiple choice: greedy generation parsed by `prompts.parse_choice` (a letter, or
                   the option text appearing in the reply)
   free_match      free answer: the normalised gold text appears in the greedy generation
   gold_nll        mean over questions of the per-token NLL (nats) of the gold answer text
@@ -44,16 +44,13 @@ Metrics (per method, over its questions):
                   spent tracing and compiling (reported as compile_s / compilations); index
                   building (BM25, dense embeddings of the collection) is not counted
 
-The batched forwards (scoring, generation, context prefill) are in `cas_jax.scoring`.
+The batched forwards (scoring, generation, context prefill) are in `cas_jax.scoring`; prompts and
+answer parsing in `cas_jax.prompts`; `EvalResult` and its tables in `cas_jax.results`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import re
-import string
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -61,16 +58,15 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
-from cas_jax import attention, chunking, rendering, retrieval, sampling
+from cas_jax import attention, chunking, prompts, rendering, results, retrieval, sampling
 from cas_jax.cartridge import Cartridge, check_compatible
 from cas_jax.corpus import Collection
 from cas_jax.loading import LoadedModel
 from cas_jax.questions import Question
+from cas_jax.results import EvalResult
 from cas_jax.scoring import generate_answers, prefill_contexts, score_continuations
 
 OPTION_SCORES = ("mean", "sum")
-LETTERS = string.ascii_uppercase
-MC_INSTRUCTION = "Answer with the correct option."
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                    "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
@@ -80,107 +76,6 @@ class CartridgeSource(Protocol):
     """Where cartridges come from: a dict, or an adapter over a CartridgeStore."""
 
     def get(self, doc_id: str) -> Cartridge | None: ...
-
-
-# ----------------------------------------------------------------------------- prompts
-
-
-@dataclasses.dataclass(frozen=True)
-class Prompt:
-    """Token ids of one question's prompt: `context` (the document block, [] without context),
-    then `query` (the question turn, ending with the assistant header); see `cas_jax.rendering`."""
-
-    context: list[int]
-    query: list[int]
-
-
-def question_text(question: Question, list_options: bool = False) -> str:
-    """The user message: the question; for multiple choice with `list_options`, then "A. ...",
-    "B. ..." lines and `MC_INSTRUCTION`."""
-    if question.options is None or not list_options:
-        return question.question
-    if len(question.options) > len(LETTERS):
-        raise ValueError(f"{len(question.options)} options exceed the {len(LETTERS)} letters")
-    lines = [f"{LETTERS[i]}. {o}" for i, o in enumerate(question.options)]
-    return f"{question.question}\n\n" + "\n".join(lines) + f"\n\n{MC_INSTRUCTION}"
-
-
-def build_prompt(tokenizer, question: Question, passages: Sequence[tuple[str, str]] | None = None,
-                 list_options: bool = False, format: str = rendering.DEFAULT_FORMAT) -> Prompt:
-    """The prompt of every method: `cas_jax.rendering`'s document block for the (title, text)
-    `passages` (None: closed book), then the question turn. The query is identical whatever
-    the context, and is exactly the student's view in training, so a cartridge made from the
-    context's K/V sees the same sequence as ICL."""
-    r = rendering.rendering_for(tokenizer, format)
-    query = r.conversation([{"role": "user", "content": question_text(question, list_options)}])
-    if passages is None:
-        return Prompt([], query)
-    return Prompt(r.document([rendering.titled(t, x) for t, x in passages]), query)
-
-
-def fit_context(tokenizer, passages: Sequence[tuple[str, str]], budget: int,
-                format: str = rendering.DEFAULT_FORMAT) -> tuple[list[int], int]:
-    """The document block for (title, text) `passages` in at most `budget` tokens:
-    (tokens, text tokens dropped).
-
-    Trailing passages are dropped first, then the last kept one is cut at a token boundary.
-    """
-    r = rendering.rendering_for(tokenizer, format)
-    block_of = lambda ps: r.document([rendering.titled(t, x) for t, x in ps])  # noqa: E731
-    passages = list(passages)
-    block = block_of(passages)
-    dropped = 0
-    while len(block) > budget and len(passages) > 1:
-        dropped += len(tokenizer.encode(passages.pop()[1], add_special_tokens=False))
-        block = block_of(passages)
-    if len(block) <= budget:
-        return block, dropped
-    title, text = passages[-1]
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = enc["offset_mapping"]
-    keep = len(offsets) - (len(block) - budget)
-    while True:
-        if keep < 1:
-            raise ValueError(f"a context budget of {budget} tokens has no room for any text")
-        block = block_of(passages[:-1] + [(title, text[:offsets[keep - 1][1]])])
-        if len(block) <= budget:
-            return block, dropped + len(offsets) - keep
-        keep -= len(block) - budget
-
-
-# ----------------------------------------------------------------------------- answers
-
-
-def _normalise(text: str) -> str:
-    return " " + " ".join(re.sub(r"[^0-9a-z]+", " ", text.casefold()).split()) + " "
-
-
-def parse_choice(text: str, options: Sequence[str]) -> int | None:
-    """The option a generated answer picks, or None.
-
-    In order: a leading letter followed by punctuation or the end ("B", "(B)", "B. Paris");
-    else the longest option whose normalised text appears in the answer; else "answer is B".
-    """
-    letters = LETTERS[:len(options)]
-    m = re.match(r"\s*\(?([A-Z])\s*(?:[.):]|$)", text)
-    if m and m.group(1) in letters:
-        return letters.index(m.group(1))
-    norm = _normalise(text)
-    found = [i for i, o in enumerate(options) if _normalise(o).strip() and _normalise(o) in norm]
-    if found:
-        return max(found, key=lambda i: len(_normalise(options[i])))
-    m = re.search(r"answer is:?\s*\(?([A-Z])\b", text)
-    if m and m.group(1) in letters:
-        return letters.index(m.group(1))
-    return None
-
-
-def answer_matches(text: str, gold: str) -> bool:
-    """True iff the normalised gold text (casefolded, punctuation as spaces) is in `text`."""
-    return _normalise(gold) in _normalise(text)
-
-
-# ----------------------------------------------------------------------------- results
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,91 +111,6 @@ class EvalConfig:
         if self.option_score not in OPTION_SCORES:
             raise ValueError(f"option_score must be one of {OPTION_SCORES}, "
                              f"got {self.option_score!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalResult:
-    """One method's metrics (see module doc; None where no question of that kind was asked)
-    and a record per question."""
-
-    method: str
-    num_questions: int
-    num_mc: int
-    accuracy_ll: float | None
-    accuracy_gen: float | None
-    free_match: float | None
-    gold_nll: float
-    prompt_tokens: float
-    context_tokens: float
-    cartridge_tokens: float
-    kv_bytes: float
-    truncated: int  # questions whose context was cut to the budget
-    truncated_tokens: float  # mean text tokens cut, over those questions
-    retrieval_recall: float | None  # share of questions whose own document was retrieved
-    seconds: float
-    compile_s: float
-    compilations: int
-    records: tuple[dict[str, Any], ...] = dataclasses.field(repr=False, default=())
-
-    @property
-    def latency_s(self) -> float:
-        """Seconds per question (batched: wall time over questions)."""
-        return self.seconds / max(self.num_questions, 1)
-
-    @property
-    def throughput(self) -> float:
-        """Questions per second."""
-        return self.num_questions / self.seconds if self.seconds > 0 else float("inf")
-
-    @property
-    def accuracy(self) -> float:
-        """The headline accuracy: accuracy_ll if there are multiple-choice questions, else
-        free_match (nan without generation)."""
-        if self.accuracy_ll is not None:
-            return self.accuracy_ll
-        return float("nan") if self.free_match is None else self.free_match
-
-    def summary(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "records"}
-        d.update(latency_s=self.latency_s, throughput=self.throughput, accuracy=self.accuracy)
-        return d
-
-
-_COLUMNS = (
-    ("method", "method", "{}"), ("questions", "num_questions", "{}"),
-    ("acc (LL)", "accuracy_ll", "{:.3f}"), ("acc (gen)", "accuracy_gen", "{:.3f}"),
-    ("free match", "free_match", "{:.3f}"), ("gold NLL", "gold_nll", "{:.3f}"),
-    ("prompt tok/q", "prompt_tokens", "{:.0f}"), ("context tok/q", "context_tokens", "{:.0f}"),
-    ("cartridge tok/q", "cartridge_tokens", "{:.0f}"), ("KV MiB/q", "kv_mib", "{:.2f}"),
-    ("truncated", "truncated", "{}"), ("recall", "retrieval_recall", "{:.3f}"),
-    ("s/q", "latency_s", "{:.3f}"), ("q/s", "throughput", "{:.2f}"),
-)
-
-
-def format_table(results: Sequence[EvalResult]) -> str:
-    """A markdown table, one row per method ("-" where a metric does not apply)."""
-    lines = ["| " + " | ".join(c[0] for c in _COLUMNS) + " |",
-             "|" + "|".join("---" for _ in _COLUMNS) + "|"]
-    for r in results:
-        values = dict(r.summary(), kv_mib=r.kv_bytes / 2 ** 20)
-        cells = ["-" if values[key] is None else fmt.format(values[key])
-                 for _, key, fmt in _COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def write_report(results: Sequence[EvalResult], out_dir: str) -> tuple[str, str]:
-    """Writes `report.md` (the table) and `results.json` (summaries and per-question records)
-    under `out_dir`; returns both paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    md, js = os.path.join(out_dir, "report.md"), os.path.join(out_dir, "results.json")
-    with open(md, "w", encoding="utf-8") as f:
-        f.write(format_table(results) + "\n")
-    with open(js, "w", encoding="utf-8") as f:
-        json.dump({"methods": [r.summary() for r in results],
-                   "records": {r.method: list(r.records) for r in results}},
-                  f, indent=1, ensure_ascii=False)
-    return md, js
 
 
 class _CompileClock:
@@ -380,7 +190,7 @@ class Evaluator:
             fitted = {}
             for doc_id in dict.fromkeys(q.doc_id for q in questions):
                 doc = self.collection[doc_id]
-                fitted[doc_id] = fit_context(self.model.tokenizer, [(doc.title, doc.text)],
+                fitted[doc_id] = prompts.fit_context(self.model.tokenizer, [(doc.title, doc.text)],
                                              budget, self.config.format)
             contexts = [_Context(q.doc_id, *fitted[q.doc_id]) for q in questions]
             records = self._context_records(questions, contexts, budget)
@@ -398,7 +208,7 @@ class Evaluator:
             contexts = []
             for q in questions:
                 ids = [i for i, _ in index.search(q.question, top_k)]
-                block, dropped = fit_context(self.model.tokenizer, [chunks[i] for i in ids],
+                block, dropped = prompts.fit_context(self.model.tokenizer, [chunks[i] for i in ids],
                                              budget, self.config.format)
                 hit = any(i.rsplit("#", 1)[0] == q.doc_id for i in ids)
                 contexts.append(_Context("|".join(ids), block, dropped, ids, hit))
@@ -475,7 +285,7 @@ class Evaluator:
         return budget
 
     def _query(self, q: Question) -> list[int]:
-        return build_prompt(self.model.tokenizer, q, list_options=self.config.list_options,
+        return prompts.build_prompt(self.model.tokenizer, q, list_options=self.config.list_options,
                             format=self.config.format).query
 
     def _result(self, method: str, records: list[dict[str, Any]], clock: _CompileClock
@@ -485,7 +295,7 @@ class Evaluator:
             r.setdefault("retrieved", None)
             r.setdefault("retrieval_hit", None)
         return dataclasses.replace(
-            _summarise(method, records, self.model.config.kv_bytes_per_token),
+            results.summarise(method, records, self.model.config.kv_bytes_per_token),
             seconds=clock.seconds, compile_s=clock.compile_s, compilations=clock.compilations)
 
     def _retriever(self, kind: str, over: str, texts: Callable[[], dict[str, str]]):
@@ -625,35 +435,9 @@ class Evaluator:
                            prediction_ll=int(np.argmax(scores)))
                 rec["correct_ll"] = rec["prediction_ll"] == q.answer
                 if generated[qi] is not None:
-                    rec["prediction_gen"] = parse_choice(generated[qi], q.options)
+                    rec["prediction_gen"] = prompts.parse_choice(generated[qi], q.options)
                     rec["correct_gen"] = rec["prediction_gen"] == q.answer
             elif generated[qi] is not None:
-                rec["correct_gen"] = answer_matches(generated[qi], q.gold)
+                rec["correct_gen"] = prompts.answer_matches(generated[qi], q.gold)
             records.append(rec)
         return records
-
-
-def _mean(values) -> float | None:
-    values = list(values)
-    return float(np.mean(values)) if values else None
-
-
-def _summarise(method: str, records: list[dict[str, Any]], kv_bytes_per_token: int) -> EvalResult:
-    mc = [r for r in records if r["kind"] == "mc"]
-    free = [r for r in records if r["kind"] == "free"]
-    cut = [r["truncated_tokens"] for r in records if r["truncated_tokens"] > 0]
-    hits = [r["retrieval_hit"] for r in records if r["retrieval_hit"] is not None]
-    return EvalResult(
-        method=method, num_questions=len(records), num_mc=len(mc),
-        accuracy_ll=_mean(r["correct_ll"] for r in mc),
-        accuracy_gen=_mean(r["correct_gen"] for r in mc if "correct_gen" in r),
-        free_match=_mean(r["correct_gen"] for r in free if "correct_gen" in r),
-        gold_nll=_mean(r["gold_nll"] for r in records),
-        prompt_tokens=_mean(r["prompt_tokens"] for r in records),
-        context_tokens=_mean(r["context_tokens"] for r in records),
-        cartridge_tokens=_mean(r["cartridge_tokens"] for r in records),
-        kv_bytes=_mean((r["prompt_tokens"] + r["cartridge_tokens"]) * kv_bytes_per_token
-                       for r in records),
-        truncated=len(cut), truncated_tokens=_mean(cut) or 0.0,
-        retrieval_recall=_mean(hits), seconds=0.0, compile_s=0.0, compilations=0,
-        records=tuple(records))

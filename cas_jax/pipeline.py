@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable, Sequence
 
 from cas_jax import evaluate, synthesis, train
+from cas_jax.results import EvalResult
 from cas_jax.corpus import Collection
 from cas_jax.distractors import DistractorSchedule
 from cas_jax.loading import LoadedModel
@@ -145,7 +146,7 @@ def train_monolithic(model: LoadedModel, docs: Collection, data_dir: str, store_
 
 
 def evaluate_monolithic(ev: evaluate.Evaluator, questions: Sequence[Question], source,
-                        name: str = "monolithic_cartridge") -> evaluate.EvalResult:
+                        name: str = "monolithic_cartridge") -> EvalResult:
     """Every question reads the one monolithic cartridge."""
     return ev.cartridges(questions, source, lambda q: [MONOLITHIC_ID], name, slots=1)
 
@@ -160,8 +161,8 @@ class StoreSource:
         return self.store.load_cartridge(doc_id) if self.store.exists(doc_id) else None
 
 
-def _each(runs: Sequence[Callable[[], evaluate.EvalResult]],
-          on_result: Callable[[evaluate.EvalResult], None] | None) -> list[evaluate.EvalResult]:
+def _each(runs: Sequence[Callable[[], EvalResult]],
+          on_result: Callable[[EvalResult], None] | None) -> list[EvalResult]:
     results = []
     for run in runs:
         results.append(run())
@@ -171,8 +172,8 @@ def _each(runs: Sequence[Callable[[], evaluate.EvalResult]],
 
 
 def evaluate_baselines(ev: evaluate.Evaluator, questions: Sequence[Question], top_k: int,
-                       on_result: Callable[[evaluate.EvalResult], None] | None = None
-                       ) -> list[evaluate.EvalResult]:
+                       on_result: Callable[[EvalResult], None] | None = None
+                       ) -> list[EvalResult]:
     """The methods that need no cartridge: closed book, ICL, RAG (BM25); `on_result` is
     called after each."""
     return _each([lambda: ev.closed_book(questions), lambda: ev.icl(questions),
@@ -181,8 +182,8 @@ def evaluate_baselines(ev: evaluate.Evaluator, questions: Sequence[Question], to
 
 def evaluate_cartridges(ev: evaluate.Evaluator, questions: Sequence[Question], source,
                         label: str, top_k: int,
-                        on_result: Callable[[evaluate.EvalResult], None] | None = None
-                        ) -> list[evaluate.EvalResult]:
+                        on_result: Callable[[EvalResult], None] | None = None
+                        ) -> list[EvalResult]:
     """Oracle and BM25-retrieved cartridges of one cartridge source, named after `label`."""
     return _each([lambda: ev.oracle_cartridge(questions, source,
                                               name=f"oracle_cartridge_{label}"),

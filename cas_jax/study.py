@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cas_jax import dataset, evaluate, pipeline, train
+from cas_jax.results import EvalResult
 from cas_jax.corpus import Collection
 from cas_jax.loading import LoadedModel
 from cas_jax.questions import Question
@@ -152,7 +153,7 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def cached_method(out_dir: str, name: str, run: Callable[[], evaluate.EvalResult],
+def cached_method(out_dir: str, name: str, run: Callable[[], EvalResult],
                   stamp: dict | None = None) -> dict:
     """The method's summary and records from `eval/<name>.json`, computed by `run` once.
 

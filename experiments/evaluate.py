@@ -18,6 +18,7 @@ import os
 from absl import app, flags
 
 from cas_jax import corpus, evaluate, loading, questions as questions_lib, store
+from cas_jax.results import EvalResult, format_table, write_report
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("questions", None, "JSONL question file (written first with --make_questions).")
@@ -74,7 +75,7 @@ def _collection(asked: list[str]) -> corpus.Collection:
     return corpus.load_collection(FLAGS.collection, FLAGS.documents or None)
 
 
-def _run(evaluator: evaluate.Evaluator, method: str, qs, source) -> evaluate.EvalResult:
+def _run(evaluator: evaluate.Evaluator, method: str, qs, source) -> EvalResult:
     label = f"[{FLAGS.cartridge_name}]" if FLAGS.cartridge_name else ""
     if method == "closed_book":
         return evaluator.closed_book(qs)
@@ -129,8 +130,8 @@ def main(argv):
         results.append(result)
         print(f"{result.method}: accuracy={result.accuracy:.3f} in {result.seconds:.1f}s "
               f"(+{result.compile_s:.1f}s compiling)", flush=True)
-    md, js = evaluate.write_report(results, FLAGS.out_dir)
-    print(evaluate.format_table(results))
+    md, js = write_report(results, FLAGS.out_dir)
+    print(format_table(results))
     print(f"report: {md} {js}")
     last = results[-1]
     print(f"accuracy={last.accuracy:.4f} prompt_tokens={last.prompt_tokens:.1f}")

@@ -20,6 +20,7 @@ import time
 from absl import app, flags
 
 from cas_jax import corpus, evaluate, loading, pipeline, questions as questions_lib
+from cas_jax.results import format_table, write_report
 
 DEFAULTS = pipeline.PipelineConfig()
 # Geography sections of eight test profiles (cas_jax.splits): 414-771-token documents whose
@@ -118,9 +119,9 @@ def main(argv):
     if FLAGS.baselines:
         results.append(pipeline.evaluate_monolithic(ev, qs, pipeline.StoreSource(mono)))
         _eval_report(results[-1])
-    md, js = evaluate.write_report(results, os.path.join(out, "report"))
+    md, js = write_report(results, os.path.join(out, "report"))
     print(f"  done in {time.perf_counter() - t:.0f}s; report {md}, {js}\n", flush=True)
-    print(evaluate.format_table(results))
+    print(format_table(results))
     print(f"\n{len(qs)} questions on {len(docs)} documents; total "
           f"{time.perf_counter() - t_all:.0f}s")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cas_jax import attention, evaluate as ev, loading, model as model_lib, scoring
-from cas_jax import tokenizer as tok_lib
+from cas_jax import prompts, results as results_lib, tokenizer as tok_lib
 from cas_jax.cartridge import Cartridge, CartridgeMeta
 from cas_jax.config import ModelConfig
 from cas_jax.corpus import Collection, Document
@@ -59,11 +59,11 @@ def _first_tokens(model, doc_id, n=24) -> Cartridge:
 
 
 def test_prompt_lists_options_and_keeps_the_query_whatever_the_context(tokenizer):
-    text = ev.question_text(MC, list_options=True)
-    assert "A. Paris\nB. Quillton\nC. Tokyo\nD. Rome" in text and ev.MC_INSTRUCTION in text
-    assert ev.question_text(MC) == MC.question and ev.question_text(FREE) == FREE.question
-    bare = ev.build_prompt(tokenizer, MC, list_options=True)
-    with_doc = ev.build_prompt(tokenizer, MC, [("Zorbania", "Some text.")], list_options=True)
+    text = prompts.question_text(MC, list_options=True)
+    assert "A. Paris\nB. Quillton\nC. Tokyo\nD. Rome" in text and prompts.MC_INSTRUCTION in text
+    assert prompts.question_text(MC) == MC.question and prompts.question_text(FREE) == FREE.question
+    bare = prompts.build_prompt(tokenizer, MC, list_options=True)
+    with_doc = prompts.build_prompt(tokenizer, MC, [("Zorbania", "Some text.")], list_options=True)
     assert bare.context == [] and with_doc.query == bare.query
     # The one rendering: the document block, then the question turn with no system turn
     # (SmolLM2's template would insert its default one) in between.
@@ -74,24 +74,24 @@ def test_prompt_lists_options_and_keeps_the_query_whatever_the_context(tokenizer
 
 def test_parse_choice_and_answer_match():
     options = ("Paris", "New Paris", "Tokyo", "Rome")
-    assert ev.parse_choice("C", options) == 2
-    assert ev.parse_choice("(B) New Paris", options) == 1
-    assert ev.parse_choice("D. Rome", options) == 3
-    assert ev.parse_choice("The capital is new paris.", options) == 1  # longest match wins
-    assert ev.parse_choice("A country far away", options) is None  # "A" is not a letter choice
-    assert ev.parse_choice("I think the answer is C", options) == 2
-    assert ev.answer_matches("It is Mount Brel, 2,100 m.", "mount brel")
-    assert not ev.answer_matches("Mount Brelton", "Mount Brel")
+    assert prompts.parse_choice("C", options) == 2
+    assert prompts.parse_choice("(B) New Paris", options) == 1
+    assert prompts.parse_choice("D. Rome", options) == 3
+    assert prompts.parse_choice("The capital is new paris.", options) == 1  # longest match wins
+    assert prompts.parse_choice("A country far away", options) is None  # "A" is not a letter choice
+    assert prompts.parse_choice("I think the answer is C", options) == 2
+    assert prompts.answer_matches("It is Mount Brel, 2,100 m.", "mount brel")
+    assert not prompts.answer_matches("Mount Brelton", "Mount Brel")
 
 
 def test_fit_context_cuts_to_the_budget(tokenizer):
     text = " ".join(f"word{i}" for i in range(400))
-    block, dropped = ev.fit_context(tokenizer, [("T", text)], 200)
+    block, dropped = prompts.fit_context(tokenizer, [("T", text)], 200)
     assert len(block) <= 200 and len(block) > 190 and dropped > 0
-    whole, none = ev.fit_context(tokenizer, [("T", "short")], 200)
-    short = ev.build_prompt(tokenizer, MC, [("T", "short")])
+    whole, none = prompts.fit_context(tokenizer, [("T", "short")], 200)
+    short = prompts.build_prompt(tokenizer, MC, [("T", "short")])
     assert none == 0 and whole == short.context
-    two, dropped2 = ev.fit_context(tokenizer, [("T", "short"), ("U", text)], 100)
+    two, dropped2 = prompts.fit_context(tokenizer, [("T", "short"), ("U", text)], 100)
     assert len(two) <= 100 and dropped2 == len(tokenizer.encode(text, add_special_tokens=False))
 
 
@@ -139,9 +139,9 @@ def test_handwritten_question_file_with_free_answers(tiny, tmp_path):
         assert np.isfinite(r.gold_nll) and r.gold_nll > 0
         assert all(isinstance(rec["generation"], str) for rec in r.records)
         assert r.accuracy == r.accuracy_ll
-    md, js = ev.write_report(results, str(tmp_path / "out"))
+    md, js = results_lib.write_report(results, str(tmp_path / "out"))
     table = open(md).read()
-    assert table == ev.format_table(results) + "\n" and "| icl | 3 |" in table
+    assert table == results_lib.format_table(results) + "\n" and "| icl | 3 |" in table
     saved = json.load(open(js))
     assert [m["method"] for m in saved["methods"]] == ["closed_book", "icl"]
     assert saved["records"]["icl"][0]["gold"] == "Mount Brel"
@@ -157,7 +157,7 @@ def test_prompt_tokens_and_kv_bytes(tiny):
     oracle = evaluator.oracle_cartridge(questions, source)
     both = evaluator.cartridges(questions, source, lambda q: ["zo", "ve"], name="two")
     bpt = tiny.config.kv_bytes_per_token
-    queries = [len(ev.build_prompt(tiny.tokenizer, q).query) for q in questions]
+    queries = [len(prompts.build_prompt(tiny.tokenizer, q).query) for q in questions]
     assert closed.prompt_tokens == np.mean(queries) and closed.context_tokens == 0
     assert closed.kv_bytes == closed.prompt_tokens * bpt
     assert icl.prompt_tokens > closed.prompt_tokens and icl.context_tokens > 0
@@ -193,15 +193,15 @@ def test_retrieval_cartridges_do_not_recompile_when_k_changes(tiny):
 
 def test_context_as_prefix_equals_context_tokens_in_the_sequence(tiny):
     """Forward level: a context's K/V as the prefix gives the log-probs of its tokens inline."""
-    prompts = [ev.build_prompt(tiny.tokenizer, q, [(DOCS[q.doc_id].title, DOCS[q.doc_id].text)])
-               for q in (MC, FREE)]
+    built = [prompts.build_prompt(tiny.tokenizer, q, [(DOCS[q.doc_id].title, DOCS[q.doc_id].text)])
+             for q in (MC, FREE)]
     conts = [tiny.tokenizer.encode(a, add_special_tokens=False) for a in ("Quillton", "Mount Brel")]
-    inline = scoring.score_continuations(tiny, [p.context + p.query for p in prompts], conts)
-    for cartridges in (scoring.prefill_contexts(tiny, [p.context for p in prompts], ["a", "b"],
+    inline = scoring.score_continuations(tiny, [p.context + p.query for p in built], conts)
+    for cartridges in (scoring.prefill_contexts(tiny, [p.context for p in built], ["a", "b"],
                                            chunk_tokens=64),
-                       [_kv_cartridge(tiny, p.context, n) for p, n in zip(prompts, "ab")]):
+                       [_kv_cartridge(tiny, p.context, n) for p, n in zip(built, "ab")]):
         bank = attention.bank_from_cartridges(cartridges)
-        prefixed = scoring.score_continuations(tiny, [p.query for p in prompts], conts, bank=bank,
+        prefixed = scoring.score_continuations(tiny, [p.query for p in built], conts, bank=bank,
                                           selections=[[0], [1]])
         for x, y in zip(inline, prefixed):
             np.testing.assert_allclose(x, y, atol=1e-4, rtol=1e-4)
@@ -213,7 +213,7 @@ def test_oracle_cartridge_of_the_document_kv_equals_icl(tiny):
     questions = [MC, FREE]
     evaluator = ev.Evaluator(tiny, DOCS, ev.EvalConfig(max_new_tokens=0))
     icl = evaluator.icl(questions)
-    source = {d: _kv_cartridge(tiny, ev.build_prompt(
+    source = {d: _kv_cartridge(tiny, prompts.build_prompt(
         tiny.tokenizer, MC, [(DOCS[d].title, DOCS[d].text)]).context, d) for d in DOCS}
     oracle = evaluator.oracle_cartridge(questions, source)
     np.testing.assert_allclose(oracle.records[0]["option_logprobs"],

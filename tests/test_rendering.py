@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cas_jax import evaluate, loading, rendering, spans, synthesis, tokenizer as tok_lib
+from cas_jax import loading, prompts, rendering, spans, synthesis, tokenizer as tok_lib
 from cas_jax import train_collection
 from cas_jax.corpus import Collection, Document
 from cas_jax.questions import Question
@@ -54,10 +54,10 @@ def test_every_path_renders_the_same_way(tok):
     q = Question("zo", "What is the capital of Zorbania?", "Quillton")
     user = [{"role": "user", "content": q.question}]
     # evaluation
-    icl = evaluate.build_prompt(tok, q, [(doc.title, doc.text)])
+    icl = prompts.build_prompt(tok, q, [(doc.title, doc.text)])
     assert icl.context == r.document(doc.text) and icl.query == r.conversation(user)
-    assert evaluate.build_prompt(tok, q).query == r.conversation(user)
-    block, _ = evaluate.fit_context(tok, [(doc.title, doc.text)], 10_000)
+    assert prompts.build_prompt(tok, q).query == r.conversation(user)
+    block, _ = prompts.fit_context(tok, [(doc.title, doc.text)], 10_000)
     assert block == icl.context
     # cartridge initialisation: the block's own first P tokens
     first = train_collection.document_tokens(tok, doc.text, 8)
