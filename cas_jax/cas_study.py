@@ -21,8 +21,8 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from cas_jax import evaluate, pipeline, study
-from cas_jax.results import EvalResult
 from cas_jax.questions import Question
+from cas_jax.results import EvalResult
 
 POSITIONS = ("first", "last", "random")
 
@@ -186,4 +186,44 @@ def format_claims(rows: Sequence[dict]) -> str:
                      f"| {r['method_accuracy']:.3f} | {r['reference_accuracy']:.3f} "
                      f"| {r['diff']:+.3f} [{r['diff_ci'][0]:+.3f}, {r['diff_ci'][1]:+.3f}] "
                      f"| {ratio} | {r['bar']} | {'yes' if r['met'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- ablations
+
+
+def composition_rows(runs: Sequence[tuple[str, dict, dict]]) -> list[dict]:
+    """Distractor schedules (or anything else that changes how cartridges are trained) side by
+    side: per (label, oracle result, composed result), on the same questions, the oracle's and
+    the composition's accuracy with 95% CIs, gold NLL, the composition's paired loss against
+    its own oracle, and its paired difference to the first run's composition."""
+    rows = []
+    first = study.mc_accuracy(runs[0][2]) if runs else None
+    for label, oracle, composed in runs:
+        a, b = study.mc_accuracy(oracle), study.mc_accuracy(composed)
+        diff, lo, hi = study.paired_diff_ci(a, b)
+        vs, vlo, vhi = study.paired_diff_ci(first, b)
+        rows.append({"run": label, "oracle": float(a.mean()), "oracle_ci": study.bootstrap_ci(a),
+                     "composed": float(b.mean()), "composed_ci": study.bootstrap_ci(b),
+                     "oracle_nll": float(oracle["summary"]["gold_nll"]),
+                     "composed_nll": float(composed["summary"]["gold_nll"]),
+                     "composed_minus_oracle": (diff, lo, hi),
+                     "composed_vs_first": (vs, vlo, vhi)})
+    return rows
+
+
+def format_composition_rows(rows: Sequence[dict], k: int) -> str:
+    def ci(m, lo_hi):
+        return f"{m:.3f} [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]"
+
+    def diff(d):
+        return f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"
+
+    lines = [f"| run | oracle accuracy | composed k={k} accuracy | gold NLL oracle / composed "
+             "| composed - own oracle | composed - first row's composed |", "|" + "---|" * 6]
+    for r in rows:
+        lines.append(f"| {r['run']} | {ci(r['oracle'], r['oracle_ci'])} "
+                     f"| {ci(r['composed'], r['composed_ci'])} "
+                     f"| {r['oracle_nll']:.3f} / {r['composed_nll']:.3f} "
+                     f"| {diff(r['composed_minus_oracle'])} | {diff(r['composed_vs_first'])} |")
     return "\n".join(lines)

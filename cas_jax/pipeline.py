@@ -12,11 +12,11 @@ import os
 from collections.abc import Callable, Sequence
 
 from cas_jax import evaluate, synthesis, train
-from cas_jax.results import EvalResult
 from cas_jax.corpus import Collection
 from cas_jax.distractors import DistractorSchedule
 from cas_jax.loading import LoadedModel
 from cas_jax.questions import Question
+from cas_jax.results import EvalResult
 from cas_jax.store import CartridgeStore
 from cas_jax.train_collection import (CollectionConfig, CollectionReport, document_tokens,
                                      initialise_store, train_collection)

@@ -28,10 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from cas_jax import dataset, evaluate, pipeline, train
-from cas_jax.results import EvalResult
 from cas_jax.corpus import Collection
 from cas_jax.loading import LoadedModel
 from cas_jax.questions import Question
+from cas_jax.results import EvalResult
 
 CI_SAMPLES = 1000
 

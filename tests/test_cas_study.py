@@ -42,8 +42,9 @@ def test_recall_reads_retrieval_hits_only():
                                          {"retrieval_hit": None}]}) == 0.5
 
 
-def _result(correct, prompt_tokens=20.0, cartridge_tokens=0.0):
-    return {"summary": {"prompt_tokens": prompt_tokens, "cartridge_tokens": cartridge_tokens},
+def _result(correct, prompt_tokens=20.0, cartridge_tokens=0.0, gold_nll=1.0):
+    return {"summary": {"prompt_tokens": prompt_tokens, "cartridge_tokens": cartridge_tokens,
+                        "gold_nll": gold_nll},
             "records": [{"kind": "mc", "correct_ll": c} for c in correct]}
 
 
@@ -81,3 +82,23 @@ def test_each_collection_method_names_the_cartridges_it_reads():
     assert cas_study.cartridges_read("naive_composed_k7") == "naive"
     assert cas_study.cartridges_read("monolithic") == "monolithic"
     assert cas_study.cartridges_read("rag_bm25_k4") is None
+
+
+def test_composition_rows_pair_each_run_with_its_own_oracle_and_the_first_run():
+    n = 40
+    ones, half = [1.0] * n, [1.0] * (n // 2) + [0.0] * (n // 2)
+    quarter = [1.0] * (n // 4) + [0.0] * (n - n // 4)
+    rows = cas_study.composition_rows([
+        ("uniform", _result(ones), _result(ones[:-2] + [0.0, 0.0], gold_nll=1.5)),
+        ("none", _result(ones), _result(quarter))])
+    assert [r["run"] for r in rows] == ["uniform", "none"]
+    assert rows[0]["composed_minus_oracle"][0] == pytest.approx(-2 / n)
+    assert rows[0]["composed_vs_first"] == (0.0, 0.0, 0.0)
+    assert rows[1]["composed_minus_oracle"][0] == pytest.approx(-0.75)
+    assert rows[1]["composed_vs_first"][0] == pytest.approx(0.25 - (n - 2) / n)
+    lo, hi = rows[1]["composed_ci"]
+    assert lo <= 0.25 <= hi and rows[0]["composed_nll"] == 1.5
+    table = cas_study.format_composition_rows(rows, k=3)
+    assert "composed k=3 accuracy" in table and "| none | 1.000 [1.000, 1.000] | 0.250" in table
+    with pytest.raises(ValueError, match="same non-empty questions"):
+        cas_study.composition_rows([("a", _result(ones), _result(half[:-1]))])
