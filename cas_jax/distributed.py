@@ -169,24 +169,20 @@ def start_local(argv: Sequence[str], num_processes: int, devices_per_process: in
     return procs
 
 
-def stop(procs: Sequence[subprocess.Popen], sig: int = signal.SIGKILL) -> None:
-    """Sends `sig` to every still-running process (and its process group)."""
+def stop(procs: Sequence[subprocess.Popen], sig: int = signal.SIGKILL, group: bool = True
+         ) -> None:
+    """Sends `sig` to every still-running process (and, with `group`, its process group)."""
     for p in procs:
         if p.poll() is None:
             try:
-                os.killpg(p.pid, sig)
+                (os.killpg if group else os.kill)(p.pid, sig)
             except ProcessLookupError:
                 pass
 
 
 def _ask_for_stacks(procs: Sequence[subprocess.Popen], grace_s: float = 3.0) -> None:
     """Sends `STACKS_SIGNAL` to every running process and gives them `grace_s` to print."""
-    for p in procs:
-        if p.poll() is None:
-            try:
-                os.kill(p.pid, STACKS_SIGNAL)
-            except ProcessLookupError:
-                pass
+    stop(procs, STACKS_SIGNAL, group=False)
     time.sleep(grace_s)
 
 
