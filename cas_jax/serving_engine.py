@@ -40,7 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cas_jax import attention, budget as budget_lib, rendering, sampling, store as store_lib
+from cas_jax import attention, budget as budget_lib, cartridge_files, rendering, sampling
+from cas_jax import store as store_lib
 from cas_jax import tokenizer as tok_lib
 from cas_jax.cartridge import Cartridge, CartridgeMismatchError
 from cas_jax.loading import LoadedModel
@@ -202,11 +203,11 @@ class Engine:
         try:
             # The store's own CRC-checked manifest reader; versions are immutable, so a
             # manifest is read once per version.
-            version = store_lib._read_current(directory, label)
+            version = cartridge_files.read_current(directory, label)
             cached = self._manifests.get(doc_id)
             if cached is not None and cached[0] == version:
                 return cached[1]
-            manifest = store_lib._read_manifest(os.path.join(directory, version + ".json"), label)
+            manifest = cartridge_files.read_manifest(os.path.join(directory, version + ".json"), label)
             keys = next(a for a in manifest["arrays"] if a["name"] == "keys")
             info = CartridgeInfo(doc_id, int(keys["shape"][1]), 2 * int(keys["nbytes"]),
                                  manifest["meta"]["model_fingerprint"], tuple(keys["shape"]))

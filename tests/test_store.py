@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from cas_jax import store as store_lib
+from cas_jax import cartridge_files, store as store_lib
 from cas_jax.cartridge import Cartridge, CartridgeMeta, CartridgeMismatchError
 from cas_jax.store import (CartridgeNotFoundError, CartridgeStore, CorruptCartridgeError,
                            OptStateMismatchError, load_cartridge, save_cartridge)
@@ -137,7 +137,7 @@ def test_crash_before_switch_keeps_previous_version(store, monkeypatch):
     def crash(*args):
         raise KeyboardInterrupt("simulated crash after the data is written, before the switch")
 
-    monkeypatch.setattr(store_lib, "_point_current", crash)
+    monkeypatch.setattr(cartridge_files, "_point_current", crash)
     with pytest.raises(KeyboardInterrupt):
         store.save("doc", make_cartridge("doc", 1), step=2)
     monkeypatch.undo()
@@ -154,7 +154,7 @@ def test_crash_before_switch_keeps_previous_version(store, monkeypatch):
 
 def test_crash_while_writing_data_keeps_previous_version(store, monkeypatch):
     store.save("doc", make_cartridge("doc", 0), step=1)
-    write_data = store_lib._write_data
+    write_data = cartridge_files._write_data
 
     def write_then_crash(path, arrays):
         write_data(path, arrays)
@@ -162,7 +162,7 @@ def test_crash_while_writing_data_keeps_previous_version(store, monkeypatch):
             f.truncate(100)
         raise OSError("disk full")
 
-    monkeypatch.setattr(store_lib, "_write_data", write_then_crash)
+    monkeypatch.setattr(cartridge_files, "_write_data", write_then_crash)
     with pytest.raises(OSError, match="disk full"):
         store.save("doc", make_cartridge("doc", 1), step=2)
     assert store.load("doc")[2] == 1
