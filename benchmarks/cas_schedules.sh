@@ -10,8 +10,8 @@ cd "$(dirname "$0")/.."
 for variant in "scope_all --cas_grad_scope=all" "ramp --cas_schedule=ramp"; do
   set -- $variant
   name=$1; shift
-  OUT=runs/cas_$name CAS_REC=benchmarks/results/cas_$name benchmarks/cas_claims.sh --compose_k=3 --positions= \
-      --retrievers= "$@" || exit 1
+  OUT=runs/cas_$name CAS_REC=benchmarks/results/cas_$name benchmarks/cas_claims.sh \
+      --compose_k=3 --positions= --retrievers= "$@" || exit 1
 done
 exec .venv/bin/python -m benchmarks.cas_schedules \
     --runs=runs/quality_cas,runs/cas_scope_all,runs/cas_ramp --out=runs/cas_schedules.md

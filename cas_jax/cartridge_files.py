@@ -227,8 +227,8 @@ def _next_version(directory: str, label: str) -> tuple[str, str | None]:
 
 
 def link_version(source_dir: str, directory: str, label: str,
-                  expected_fingerprint: str | None, doc_id: str
-                  ) -> tuple[str, dict[str, Any]] | None:
+                 expected_fingerprint: str | None, doc_id: str
+                 ) -> tuple[str, dict[str, Any]] | None:
     """Makes the live version of `source_dir` the live version of `directory` by hard-linking
     its two files under the next version name (no bytes copied; the manifest names no file, so
     it is valid under any name). Checks the manifest first. Returns (version, manifest), or
@@ -253,7 +253,7 @@ def link_version(source_dir: str, directory: str, label: str,
 
 
 def write_version(directory: str, cartridge: Cartridge, opt_state: Any, step: int,
-                   doc_id: str) -> tuple[str, dict[str, Any]]:
+                  doc_id: str) -> tuple[str, dict[str, Any]]:
     """Saves a new version into cartridge directory `directory` and makes it live; returns
     (version, manifest)."""
     keys, values = np.asarray(cartridge.keys), np.asarray(cartridge.values)
@@ -327,10 +327,10 @@ def _restore_opt_state(leaves: dict[str, np.ndarray], template: OptTemplate,
 
 
 def read_version(directory: str, label: str, expected_fingerprint: str | None,
-                  read_opt_state: bool, opt_template: OptTemplate = None,
-                  doc_id: str | None = None,
-                  known: dict[str, tuple[str, dict]] | None = None
-                  ) -> tuple[Cartridge, Any, int]:
+                 read_opt_state: bool, opt_template: OptTemplate = None,
+                 doc_id: str | None = None,
+                 known: dict[str, tuple[str, dict]] | None = None
+                 ) -> tuple[Cartridge, Any, int]:
     """Loads (Cartridge of host numpy arrays, optimizer state or None, step): the live version.
 
     known: manifests this process wrote or checked, {directory: (version, manifest)}; when

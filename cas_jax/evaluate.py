@@ -1,7 +1,7 @@
 """Evaluation of a question file under context methods: closed book, ICL, RAG and cartridges.
 
-Every method answers the same questions with the same query tokens (`cas_jax.prompts.build_prompt`); methods
-differ only in what comes before the query:
+Every method answers the same questions with the same query tokens
+(`cas_jax.prompts.build_prompt`); methods differ only in what comes before the query:
 
   closed_book           nothing
   icl                   the question's document as the document block (`cas_jax.rendering`) at
@@ -19,8 +19,8 @@ tokens, as with cartridges. Its prefill time counts in the method's time.
 
 Multiple choice on a small model: by default the question is asked alone and each option is
 scored as the assistant's reply (cloze). `EvalConfig.list_options` instead lists the options
-("A. Paris" lines, then `prompts.MC_INSTRUCTION`). SmolLM2-135M-Instruct answers listed options mostly
-by position ("A. ..."): on 16 Factbook questions (ICL cut to 2,048 tokens) listed scored 0.25
+("A. Paris" lines, then `prompts.MC_INSTRUCTION`). SmolLM2-135M-Instruct answers listed options
+mostly by position ("A. ..."): on 16 Factbook questions (ICL cut to 2,048 tokens) listed scored 0.25
 (closed book) and 0.19 (ICL), chance level, against 0.56 and 0.50 cloze; on 5 facts found only
 in a short made-up document, ICL vs closed book was 3/5 vs 2/5 listed and 5/5 vs 0/5 cloze.
 The option score is the mean log-probability per option token: summing favours short options

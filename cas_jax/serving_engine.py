@@ -207,7 +207,8 @@ class Engine:
             cached = self._manifests.get(doc_id)
             if cached is not None and cached[0] == version:
                 return cached[1]
-            manifest = cartridge_files.read_manifest(os.path.join(directory, version + ".json"), label)
+            manifest = cartridge_files.read_manifest(
+                os.path.join(directory, version + ".json"), label)
             keys = next(a for a in manifest["arrays"] if a["name"] == "keys")
             info = CartridgeInfo(doc_id, int(keys["shape"][1]), 2 * int(keys["nbytes"]),
                                  manifest["meta"]["model_fingerprint"], tuple(keys["shape"]))

@@ -119,7 +119,7 @@ class CartridgeStore:
         with self._lock(doc_id):
             directory = self.cartridge_dir(doc_id)
             self._known[directory] = write_version(directory, cartridge, opt_state, step,
-                                                    doc_id)
+                                                   doc_id)
 
     def adopt(self, doc_id: str, source: "CartridgeStore", opt_template: OptTemplate = None
               ) -> None:
@@ -130,7 +130,7 @@ class CartridgeStore:
         with self._lock(doc_id), source._lock(doc_id):
             directory = self.cartridge_dir(doc_id)
             linked = link_version(source.cartridge_dir(doc_id), directory, label,
-                                   self.model_fingerprint, doc_id)
+                                  self.model_fingerprint, doc_id)
             if linked is not None:
                 self._known[directory] = linked
                 return
@@ -157,8 +157,8 @@ class CartridgeStore:
             expected_fingerprint = self.model_fingerprint
         with self._lock(doc_id):
             return read_version(self.cartridge_dir(doc_id), f"cartridge {doc_id!r}",
-                                 expected_fingerprint, read_opt_state, opt_template, doc_id,
-                                 known)
+                                expected_fingerprint, read_opt_state, opt_template, doc_id,
+                                known)
 
     def load_cartridge(self, doc_id: str, expected_fingerprint: str | None = None) -> Cartridge:
         """The Cartridge alone of `doc_id` (its optimizer state is not read); see `load`."""
