@@ -46,7 +46,8 @@ def _label(run_dir: str) -> str:
     schedule = flags_["cas_schedule"]
     if schedule == "ramp":
         schedule += f" over {flags_['cas_ramp_steps']} steps"
-    return f"{schedule}, gradients to {flags_['cas_grad_scope']} ({run_dir})"
+    epochs = flags_.get("cas_epochs") or flags_["epochs"]
+    return f"{schedule}, gradients to {flags_['cas_grad_scope']}, {epochs:g} epochs ({run_dir})"
 
 
 def main(argv):

@@ -72,6 +72,10 @@ flags.DEFINE_string("reuse", "", "Another study folder (same questions) whose he
                     "the synthesis flags are the same (ablations).")
 flags.DEFINE_bool("cas", False, "Also the collection methods (issue 12, `cas_jax.cas_study`): CAS "
                   "oracle and composed, naive composed, monolithic, retrieval + CAS, RAG.")
+flags.DEFINE_float("cas_epochs", 0.0, "CAS training length in epochs of the self-study data "
+                   "(0: --epochs, the isolated cartridges' length).")
+flags.DEFINE_bool("cas_naive", True, "With --cas: also the naive composition rows (they read "
+                  "the isolated cartridges, trained first if they are not).")
 flags.DEFINE_integer("cas_distractors", 3, "k_max of CAS training.")
 flags.DEFINE_enum("cas_schedule", "uniform", ["fixed", "uniform", "ramp"],
                   "How CAS training draws k per step.")
@@ -115,7 +119,11 @@ def _collection_methods(model, docs, data_dir, naive, isolated, ev, qs, cfg, tim
     print("== 5. collection methods (CAS) ==", flush=True)
     report = lambda r: print(f"  step {r.step}/{r.total_steps} loss {r.loss:.4f} "  # noqa: E731
                              f"ETA {r.eta_s:.0f}s", flush=True)
-    p = dataclasses.replace(cfg.pipeline, distractor_schedule=FLAGS.cas_schedule,
+    steps = cfg.pipeline.steps
+    if FLAGS.cas_epochs:
+        steps = max(1, round(FLAGS.cas_epochs * -(-len(docs) * FLAGS.conversations_per_doc
+                                                   // FLAGS.batch)))
+    p = dataclasses.replace(cfg.pipeline, steps=steps, distractor_schedule=FLAGS.cas_schedule,
                             ramp_steps=FLAGS.cas_ramp_steps, grad_scope=FLAGS.cas_grad_scope)
     stamps = {"naive": isolated, "monolithic": isolated,
               "cas": {**dataclasses.asdict(p), "distractors": FLAGS.cas_distractors}}
@@ -135,7 +143,7 @@ def _collection_methods(model, docs, data_dir, naive, isolated, ev, qs, cfg, tim
     cas = study.LazySource(train_cas)
     mono = study.LazySource(train_mono) if FLAGS.monolithic else None
     rows = cas_study.collection_methods(
-        ev, qs, out, cas=cas, naive=naive, monolithic=mono,
+        ev, qs, out, cas=cas, naive=naive if FLAGS.cas_naive else None, monolithic=mono,
         tokens=FLAGS.tokens, n_docs=len(docs), compose_k=[int(k) for k in FLAGS.compose_k],
         positions=FLAGS.positions, positions_k=FLAGS.positions_k,
         retrieval_k=[int(k) for k in FLAGS.retrieval_k], retrievers=FLAGS.retrievers,

@@ -81,7 +81,7 @@ def collection_methods(ev: evaluate.Evaluator, questions: Sequence[Question], ou
                        ) -> list[tuple[str, dict, int | None]]:
     """Runs (or reads from `out/eval/`) every collection method; returns (name, result,
     cartridge tokens per question) in report order. cas / naive / monolithic are cartridge
-    sources (`evaluate.CartridgeSource`). `stamps` maps "cas" / "naive" / "monolithic" to the
+    sources (`evaluate.CartridgeSource`); naive or monolithic None leaves its rows out. `stamps` maps "cas" / "naive" / "monolithic" to the
     training config of those cartridges: a cached result read from cartridges trained
     otherwise is refused (`study.cached_method`)."""
     ids = ev.collection.ids
@@ -99,6 +99,8 @@ def collection_methods(ev: evaluate.Evaluator, questions: Sequence[Question], ou
     for k in compose_k:
         sets = composed_sets(questions, ids, k, seed, "random")
         for label, source in (("cas", cas), ("naive", naive)):
+            if source is None:
+                continue
             add(f"{label}_composed_k{k}", lambda s=sets, src=source, n=f"{label}_composed_k{k}":
                 ev.cartridges(questions, src, _lookup(questions, s), n, slots=k + 1,
                               capacity=capacity), (k + 1) * tokens)

@@ -102,3 +102,36 @@ def test_composition_rows_pair_each_run_with_its_own_oracle_and_the_first_run():
     assert "composed k=3 accuracy" in table and "| none | 1.000 [1.000, 1.000] | 0.250" in table
     with pytest.raises(ValueError, match="same non-empty questions"):
         cas_study.composition_rows([("a", _result(ones), _result(half[:-1]))])
+
+
+class _FakeEvaluator:
+    """Stands in for `evaluate.Evaluator`: records which cartridge source each method read."""
+
+    def __init__(self):
+        self.collection = type("C", (), {"ids": IDS})()
+        self.read = {}
+
+    def _result(self, name, source):
+        self.read[name] = source
+        return type("R", (), {"summary": lambda s: {"n": 1}, "records": []})()
+
+    def oracle_cartridge(self, qs, source, name):
+        return self._result(name, source)
+
+    def cartridges(self, qs, source, lookup, name, slots, capacity):
+        return self._result(name, source)
+
+
+def test_collection_methods_leave_out_the_rows_of_a_missing_source(tmp_path):
+    ev = _FakeEvaluator()
+    rows = cas_study.collection_methods(ev, QS, str(tmp_path / "a"), cas="CAS", naive=None,
+                                        monolithic=None, tokens=8, n_docs=10, compose_k=[3],
+                                        positions=[], retrievers=[])
+    assert [name for name, _, _ in rows] == ["cas_oracle", "cas_composed_k3"]
+    assert set(ev.read.values()) == {"CAS"}
+    ev = _FakeEvaluator()
+    rows = cas_study.collection_methods(ev, QS, str(tmp_path / "b"), cas="CAS", naive="NAIVE",
+                                        monolithic=None, tokens=8, n_docs=10, compose_k=[3],
+                                        positions=[], retrievers=[])
+    assert [name for name, _, _ in rows] == ["cas_oracle", "cas_composed_k3", "naive_composed_k3"]
+    assert ev.read["naive_composed_k3"] == "NAIVE" and rows[2][2] == 4 * 8
