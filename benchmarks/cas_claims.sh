@@ -6,10 +6,11 @@
 # of the default CAS training; set CAS_REC= for a CAS variant), so no cartridges
 # are retrained for a cached row: benchmarks.quality trains the isolated, CAS (468 steps, 3
 # distractors, uniform) and monolithic cartridges only when an uncached method reads them.
-# Resumable: rerun it. Extra flags go to benchmarks.quality, e.g. --monolithic.
+# Resumable: rerun it. Extra flags go to benchmarks.quality (a later flag wins), e.g.
+# --monolithic; REC= names another recorded study (benchmarks/cas_dev.sh: dev_epochs).
 #   nohup benchmarks/cas_claims.sh > runs/cas_claims.log 2>&1 &
 cd "$(dirname "$0")/.."
-REC=benchmarks/results/quality
+REC=${REC:-benchmarks/results/quality}
 OUT=${OUT:-runs/quality_cas}
 CAS_REC=${CAS_REC-benchmarks/results/quality_cas}
 mkdir -p "$OUT/eval"

@@ -18,22 +18,16 @@ declare -A FLAGS_OF=(
   [all3]="--cas_epochs=3 --cas_grad_scope=all"
   [all6]="--cas_epochs=6 --cas_grad_scope=all"
   [target6]="--cas_epochs=6")
-variants=("${@:-base3}")
+variants=("$@")
 [ $# -eq 0 ] && variants=(base3 all3 all6 target6)
 runs=()
 for name in "${variants[@]}"; do
   [ -n "${FLAGS_OF[$name]}" ] || { echo "unknown variant $name: expected ${!FLAGS_OF[*]}"; exit 2; }
-  out=runs/cas_dev_$name
-  mkdir -p "$out/eval"
-  [ -f "$out/curve.jsonl" ] || cp "$REC/curve.jsonl" "$out/"
-  for f in "$REC"/eval/*.json benchmarks/results/cas_dev_$name/eval/*.json; do
-    [ -f "$f" ] && { [ -f "$out/eval/$(basename "$f")" ] || cp "$f" "$out/eval/"; }
-  done
   # shellcheck disable=SC2086
-  .venv/bin/python -m benchmarks.quality --split=dev --profiles=8 --epochs=6 --reuse="$REC" \
-      --out="$out" --cas --nocas_naive --nomonolithic --compose_k=3 --positions= \
-      --retrievers= ${FLAGS_OF[$name]} || exit 1
-  runs+=("$out")
+  REC=$REC OUT=runs/cas_dev_$name CAS_REC=benchmarks/results/cas_dev_$name \
+      benchmarks/cas_claims.sh --split=dev --profiles=8 --epochs=6 --nocas_naive \
+      --compose_k=3 --positions= --retrievers= ${FLAGS_OF[$name]} || exit 1
+  runs+=("runs/cas_dev_$name")
 done
 IFS=,
 exec .venv/bin/python -m benchmarks.cas_schedules --runs="${runs[*]}" --isolated="$REC" \

@@ -109,21 +109,17 @@ def _stage(name, times, t0):
     print(f"  {name}: {times[name]:.0f}s", flush=True)
 
 
-def _collection_methods(model, docs, data_dir, naive, isolated, ev, qs, cfg, times):
+def _collection_methods(model, docs, data_dir, naive, isolated, ev, qs, cfg, cas_steps, times):
     """Stage 5 (--cas): every collection method, with the CAS and monolithic cartridges
     trained when a method first reads them (not at all when all are cached). `naive`
     is the isolated cartridges' source, `isolated` their training config (the stamp of the
-    results read from them, `study.cached_method`)."""
+    results read from them, `study.cached_method`); `cas_steps` the CAS training length."""
     out = FLAGS.out
     t0 = time.perf_counter()
     print("== 5. collection methods (CAS) ==", flush=True)
     report = lambda r: print(f"  step {r.step}/{r.total_steps} loss {r.loss:.4f} "  # noqa: E731
                              f"ETA {r.eta_s:.0f}s", flush=True)
-    steps = cfg.pipeline.steps
-    if FLAGS.cas_epochs:
-        steps = max(1, round(FLAGS.cas_epochs * -(-len(docs) * FLAGS.conversations_per_doc
-                                                   // FLAGS.batch)))
-    p = dataclasses.replace(cfg.pipeline, steps=steps, distractor_schedule=FLAGS.cas_schedule,
+    p = dataclasses.replace(cfg.pipeline, steps=cas_steps, distractor_schedule=FLAGS.cas_schedule,
                             ramp_steps=FLAGS.cas_ramp_steps, grad_scope=FLAGS.cas_grad_scope)
     stamps = {"naive": isolated, "monolithic": isolated,
               "cas": {**dataclasses.asdict(p), "distractors": FLAGS.cas_distractors}}
@@ -190,6 +186,7 @@ def main(argv):
             selfstudy_dir = os.path.join(FLAGS.reuse, "selfstudy")
     epoch_steps = -(-len(docs) * FLAGS.conversations_per_doc // FLAGS.batch)
     steps = FLAGS.steps or max(1, round(FLAGS.epochs * epoch_steps))
+    cas_steps = max(1, round(FLAGS.cas_epochs * epoch_steps)) if FLAGS.cas_epochs else steps
     eval_every = epoch_steps if FLAGS.eval_every < 0 else FLAGS.eval_every
     cfg = study.StudyConfig(pipeline.PipelineConfig(
         conversations_per_doc=FLAGS.conversations_per_doc, chunk_min=FLAGS.chunk_min,
@@ -274,7 +271,8 @@ def main(argv):
     _stage("cartridge evaluation", times, t0)
     cas_rows = []
     if FLAGS.cas:
-        cas_rows = _collection_methods(model, docs, data_dir, source, isolated, ev, qs, cfg, times)
+        cas_rows = _collection_methods(model, docs, data_dir, source, isolated, ev, qs, cfg,
+                                       cas_steps, times)
     with open(times_path, "w") as f:
         json.dump(times, f)
 

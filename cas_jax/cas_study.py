@@ -81,9 +81,9 @@ def collection_methods(ev: evaluate.Evaluator, questions: Sequence[Question], ou
                        ) -> list[tuple[str, dict, int | None]]:
     """Runs (or reads from `out/eval/`) every collection method; returns (name, result,
     cartridge tokens per question) in report order. cas / naive / monolithic are cartridge
-    sources (`evaluate.CartridgeSource`); naive or monolithic None leaves its rows out. `stamps` maps "cas" / "naive" / "monolithic" to the
-    training config of those cartridges: a cached result read from cartridges trained
-    otherwise is refused (`study.cached_method`)."""
+    sources (`evaluate.CartridgeSource`); naive or monolithic None leaves its rows out.
+    `stamps` maps "cas" / "naive" / "monolithic" to the training config of those cartridges:
+    a cached result read from cartridges trained otherwise is refused (`study.cached_method`)."""
     ids = ev.collection.ids
     rows: list[tuple[str, dict, int | None]] = []
     stamps = dict(stamps or {})
