@@ -1,0 +1,223 @@
+"""Issue 12, item 3: CAS quality on a fixed question sample as the collection grows.
+
+    python -m benchmarks.cas_scale --sizes=40,400 [--retrievers=bm25] [--synthesis_batch=16]
+
+The question sample is the default study's (319 multiple-choice questions on the Geography
+sections of 26 test profiles, `benchmarks.quality`'s defaults), so its closed-book and ICL rows
+are read from `--rec` (benchmarks/results/quality). A collection of size n is those 26 question
+documents plus the first n - 26 other Factbook section documents in a fixed seeded order
+(sections of any profile, no questions on them), so the collections are nested. For each n, in
+`<out>/n<n>/`, resumably: self-study for every document (the test recipe: 24 span
+conversations, P=64), CAS training of every document's cartridge (3 distractors, uniform
+schedule, `--epochs` passes, batch 4, lr 2e-2) through the budget manager with a device budget
+of `--budget_frac` of all cartridge bytes (raised to one step's bank of batch x (1 + k) if that
+is more), then on the same questions: CAS oracle, CAS composed with k=3 others of the
+collection, retrieval + CAS and RAG over the whole collection (k = 1, 2, 4). Recorded per n:
+documents, document tokens, seconds per stage, peak RSS, the trainer's I/O-wait share and
+paging bandwidth (`scale.json`), the method table and claims (`report.md`). `<out>/report.md`
+puts the sizes side by side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import time
+
+import numpy as np
+from absl import app, flags
+
+from cas_jax import cas_study, corpus, evaluate, loading, pipeline, questions as questions_lib
+from cas_jax import splits, study
+
+FLAGS = flags.FLAGS
+D = pipeline.PipelineConfig()
+flags.DEFINE_string("out", "runs/cas_scale", "Output folder (resumed if present).")
+flags.DEFINE_string("model", "", "HF folder or GGUF file; empty = embedded SmolLM2-135M-Instruct.")
+flags.DEFINE_string("rec", "benchmarks/results/quality", "Recorded study of the same questions "
+                    "(its eval/closed_book.json and eval/icl.json are the baselines).")
+flags.DEFINE_list("sizes", ["40", "400"], "Collection sizes (documents), each >= the question "
+                  "documents.")
+flags.DEFINE_integer("profiles", 26, "Test profiles whose Geography sections carry questions.")
+flags.DEFINE_integer("conversations_per_doc", D.conversations_per_doc, "Conversations per document.")
+flags.DEFINE_integer("synthesis_batch", D.synthesis_batch, "Conversations generated together.")
+flags.DEFINE_float("epochs", 3.0, "CAS passes over the conversations.")
+flags.DEFINE_integer("distractors", 3, "k_max of CAS training.")
+flags.DEFINE_enum("grad_scope", "target", ["target", "all"], "CAS gradient scope.")
+flags.DEFINE_float("budget_frac", 0.1, "Device budget as a share of all cartridge bytes.")
+flags.DEFINE_list("retrieval_k", ["1", "2", "4"], "k of retrieval + CAS and of RAG.")
+flags.DEFINE_list("retrievers", ["bm25"], "Retrievers (dense reads the MiniLM wheel's model).")
+flags.DEFINE_integer("seed", 0, "Seed of questions, extra documents, synthesis and training.")
+
+
+def cartridge_bytes(model: loading.LoadedModel, tokens: int) -> int:
+    """K/V plus Adam moments (mu, nu of the P - 1 trainable positions) of one float32
+    cartridge: what the budget manager holds resident per cartridge during training."""
+    c = model.config
+    kv = c.num_layers * tokens * c.num_kv_heads * c.head_dim * 2 * 4
+    return kv + 2 * kv * (tokens - 1) // tokens
+
+
+def collection_ids(question_docs: list[str], size: int, seed: int) -> list[str]:
+    """The question documents, then other section documents in a seeded order, `size` in all."""
+    if size < len(question_docs):
+        raise app.UsageError(f"--sizes: {size} is fewer than the {len(question_docs)} question "
+                             "documents")
+    others = sorted(set(corpus.load_factbook_sections().ids) - set(question_docs))
+    if size - len(question_docs) > len(others):
+        raise app.UsageError(f"--sizes: {size} is more than the "
+                             f"{len(others) + len(question_docs)} section documents")
+    order = np.random.default_rng([seed, 12]).permutation(len(others))
+    return list(question_docs) + [others[i] for i in order[:size - len(question_docs)]]
+
+
+def run_size(model, qs, ids, out, closed, icl, times) -> dict:
+    """Self-study, CAS training and evaluation of one collection; returns its scale record."""
+    docs = corpus.load_factbook_sections(documents=ids)
+    epoch_steps = -(-len(docs) * FLAGS.conversations_per_doc // D.batch)
+    per_cartridge = cartridge_bytes(model, D.tokens_per_doc)
+    total = len(docs) * per_cartridge
+    bank = D.batch * (1 + FLAGS.distractors) * per_cartridge
+    budget = max(int(FLAGS.budget_frac * total), bank)
+    cfg = dataclasses.replace(
+        D, conversations_per_doc=FLAGS.conversations_per_doc,
+        synthesis_batch=FLAGS.synthesis_batch, steps=max(1, round(FLAGS.epochs * epoch_steps)),
+        grad_scope=FLAGS.grad_scope, budget_bytes=budget, seed=FLAGS.seed)
+    doc_tokens = sum(len(model.tokenizer(docs[d].text, add_special_tokens=False)["input_ids"])
+                     for d in docs.ids)
+    print(f"== {len(docs)} documents, {doc_tokens} tokens; {cfg.steps} CAS steps; budget "
+          f"{budget / 2**20:.0f} MiB = {budget / total:.1%} of {total / 2**20:.0f} MiB ==",
+          flush=True)
+
+    def stage(name, t0):
+        times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+        print(f"  {name}: {times[name]:.0f}s", flush=True)
+        with open(os.path.join(out, "times.json"), "w") as f:
+            json.dump(times, f)
+
+    t0 = time.perf_counter()
+    data_dir = pipeline.synthesize(model, docs, os.path.join(out, "selfstudy"), cfg, on_batch=(
+        lambda p: print(f"  {p.conversations_done}/{p.conversations_total} conversations, "
+                        f"ETA {p.eta_s:.0f}s", flush=True)))
+    stage("synthesis", t0)
+    summary_path = os.path.join(out, "train_summary.json")
+
+    def train():
+        t0 = time.perf_counter()
+        store, summary = pipeline.train_cartridges(
+            model, docs, data_dir, os.path.join(out, "cas"), cfg, distractors=FLAGS.distractors,
+            on_report=lambda r: print(f"  step {r.step}/{r.total_steps} loss {r.loss:.4f} "
+                                      f"ETA {r.eta_s:.0f}s", flush=True))
+        with open(summary_path, "w") as f:
+            json.dump(summary, f, indent=1, default=str)
+        stage("training", t0)
+        return pipeline.StoreSource(store)
+
+    t0, trained_s = time.perf_counter(), times.get("training", 0.0)
+    ev = evaluate.Evaluator(model, docs, evaluate.EvalConfig(max_new_tokens=0))
+    stamp = {**dataclasses.asdict(cfg), "distractors": FLAGS.distractors, "documents": len(docs)}
+    rows = cas_study.collection_methods(
+        ev, qs, out, cas=study.LazySource(train), naive=None, monolithic=None,
+        tokens=cfg.tokens_per_doc, n_docs=len(docs), compose_k=[3], positions=[],
+        retrieval_k=[int(k) for k in FLAGS.retrieval_k], retrievers=FLAGS.retrievers,
+        seed=FLAGS.seed, stamps={"cas": stamp})
+    stage("evaluation", t0 + times.get("training", 0.0) - trained_s)  # training not counted
+
+    median_doc = float(np.median([len(model.tokenizer(docs[q.doc_id].text,
+                                                      add_special_tokens=False)["input_ids"])
+                                  for q in qs]))
+    table = [study.method_row(n, o, closed, icl, median_doc, None) for n, o in
+             (("closed_book", closed), ("icl", icl))]
+    table += [study.method_row(n, o, closed, icl, median_doc, c if n == "cas_oracle" else None)
+              for n, o, c in rows]
+    results = {n.split(" (recall")[0]: o for n, o, _ in rows}
+    claims = cas_study.claims(results, k=3)
+    summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+    read_s = summary.get("read_s") or 0.0
+    record = {
+        "documents": len(docs), "document_tokens": doc_tokens, "questions": len(qs),
+        "cartridge_bytes_total": total, "budget_bytes": budget, "budget_share": budget / total,
+        "cas_steps": cfg.steps, "seconds": dict(times),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "train_peak_rss_mb": summary.get("peak_rss_mb"),
+        "io_wait_share": summary.get("io_wait_share"),
+        "paging_read_mb_s": (summary["bytes_read"] / read_s / 2**20) if read_s else None,
+        "bytes_paged_in": summary.get("bytes_paged_in"), "evictions": summary.get("evictions"),
+        "accuracy": {r["method"]: r["accuracy"] for r in table},
+        "accuracy_ci": {r["method"]: r["accuracy_ci"] for r in table}}
+    with open(os.path.join(out, "scale.json"), "w") as f:
+        json.dump(record, f, indent=1, default=float)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(f"{len(docs)} documents ({doc_tokens} tokens), {len(qs)} questions\n\n"
+                + study.format_rows(table) + "\n\n" + cas_study.format_claims(claims)
+                + "\n\n" + json.dumps({k: v for k, v in record.items()
+                                       if k not in ("accuracy", "accuracy_ci")}, default=float)
+                + "\n")
+    return record
+
+
+def format_sizes(records: list[dict]) -> str:
+    """Accuracy [95% CI] per method (rows) and collection size (columns)."""
+    methods = [m for m in records[0]["accuracy"]] if records else []
+    lines = ["| method | " + " | ".join(f"{r['documents']} docs ({r['document_tokens']} tok)"
+                                       for r in records) + " |", "|---" * (len(records) + 1) + "|"]
+    for m in methods:
+        cells = []
+        for r in records:
+            a, ci = r["accuracy"].get(m), r["accuracy_ci"].get(m)
+            cells.append("-" if a is None else f"{a:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    for key, fmt in (("cas_steps", "{}"), ("budget_share", "{:.1%}"), ("peak_rss_mb", "{:.0f}"),
+                     ("io_wait_share", "{:.1%}"), ("paging_read_mb_s", "{:.0f}")):
+        lines.append(f"| {key} | " + " | ".join(
+            "-" if r.get(key) is None else fmt.format(r[key]) for r in records) + " |")
+    return "\n".join(lines)
+
+
+def read_baseline(name: str, qs) -> dict:
+    """`--rec`'s eval/<name>.json, its records in the order of `qs` (matched on document and
+    question; an error names the file if a question is missing). The summary is the recorded
+    one, i.e. of the whole recorded set."""
+    path = os.path.join(FLAGS.rec, "eval", f"{name}.json")
+    if not os.path.exists(path):
+        raise app.UsageError(f"--rec={FLAGS.rec}: {path} is missing")
+    obj = json.load(open(path))
+    by_key = {(r["doc_id"], r["question"]): r for r in obj["records"]}
+    missing = [q.question for q in qs if (q.doc_id, q.question) not in by_key]
+    if missing:
+        raise app.UsageError(f"{path}: {len(missing)} of {len(qs)} questions are not recorded "
+                             f"there (e.g. {missing[0]!r}): --rec is another question set")
+    return {"summary": obj["summary"], "records": [by_key[(q.doc_id, q.question)] for q in qs]}
+
+
+def main(argv):
+    del argv
+    os.makedirs(FLAGS.out, exist_ok=True)
+    model = loading.load_model(FLAGS.model or None)
+    profiles = splits.test_profiles()[:FLAGS.profiles]
+    qs = questions_lib.to_section_questions(questions_lib.generate_factbook_questions(
+        profiles, len(questions_lib.FIELDS), FLAGS.seed, kinds=["mc"]))
+    qs = [q for q in qs if q.doc_id.endswith("-geography")]
+    path = os.path.join(FLAGS.out, "questions.jsonl")
+    questions_lib.write_questions(path, qs)
+    baselines = {name: read_baseline(name, qs) for name in ("closed_book", "icl")}
+    question_docs = sorted({q.doc_id for q in qs})
+    records = []
+    for size in sorted(int(s) for s in FLAGS.sizes):
+        out = os.path.join(FLAGS.out, f"n{size}")
+        os.makedirs(out, exist_ok=True)
+        times_path = os.path.join(out, "times.json")
+        times = json.load(open(times_path)) if os.path.exists(times_path) else {}
+        ids = collection_ids(question_docs, size, FLAGS.seed)
+        records.append(run_size(model, qs, ids, out, baselines["closed_book"],
+                                baselines["icl"], times))
+        table = format_sizes(records)
+        with open(os.path.join(FLAGS.out, "report.md"), "w") as f:
+            f.write(f"CAS quality by collection size, {len(qs)} questions\n\n{table}\n")
+        print(table, flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
