@@ -26,11 +26,13 @@ import os
 import resource
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 from cas_jax import cas_study, corpus, evaluate, loading, pipeline, questions as questions_lib
-from cas_jax import splits, study
+from cas_jax import splits, study, train
 
 FLAGS = flags.FLAGS
 D = pipeline.PipelineConfig()
@@ -52,23 +54,25 @@ flags.DEFINE_list("retrievers", ["bm25"], "Retrievers (dense reads the MiniLM wh
 flags.DEFINE_integer("seed", 0, "Seed of questions, extra documents, synthesis and training.")
 
 
-def cartridge_bytes(model: loading.LoadedModel, tokens: int) -> int:
-    """K/V plus Adam moments (mu, nu of the P - 1 trainable positions) of one float32
-    cartridge: what the budget manager holds resident per cartridge during training."""
+def cartridge_bytes(model: loading.LoadedModel, tokens: int, lr: float) -> int:
+    """Bytes of one float32 cartridge of `tokens` positions plus its Adam state, as the budget
+    manager holds it resident during training (shapes only: nothing is allocated)."""
     c = model.config
-    kv = c.num_layers * tokens * c.num_kv_heads * c.head_dim * 2 * 4
-    return kv + 2 * kv * (tokens - 1) // tokens
+    kv = jax.ShapeDtypeStruct((1, c.num_layers, tokens, c.num_kv_heads, c.head_dim), jnp.float32)
+    carts = jax.eval_shape(lambda k, v: train.split_cartridges(k, v, 1), kv, kv)
+    opt = jax.eval_shape(train.make_optimizer(train.TrainConfig(lr=lr, total_steps=1)).init, carts)
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((carts, opt)))
 
 
-def collection_ids(question_docs: list[str], size: int, seed: int) -> list[str]:
-    """The question documents, then other section documents in a seeded order, `size` in all."""
-    if size < len(question_docs):
-        raise app.UsageError(f"--sizes: {size} is fewer than the {len(question_docs)} question "
-                             "documents")
-    others = sorted(set(corpus.load_factbook_sections().ids) - set(question_docs))
-    if size - len(question_docs) > len(others):
-        raise app.UsageError(f"--sizes: {size} is more than the "
-                             f"{len(others) + len(question_docs)} section documents")
+def collection_ids(question_docs: list[str], all_ids: list[str], size: int, seed: int
+                   ) -> list[str]:
+    """The question documents, then the other ids of `all_ids` in a seeded order, `size` in
+    all; a larger size extends a smaller one's list."""
+    others = sorted(set(all_ids) - set(question_docs))
+    if not len(question_docs) <= size <= len(question_docs) + len(others):
+        raise app.UsageError(f"--sizes: {size} documents; expected between the "
+                             f"{len(question_docs)} question documents and all "
+                             f"{len(question_docs) + len(others)}")
     order = np.random.default_rng([seed, 12]).permutation(len(others))
     return list(question_docs) + [others[i] for i in order[:size - len(question_docs)]]
 
@@ -77,7 +81,7 @@ def run_size(model, qs, ids, out, closed, icl, times) -> dict:
     """Self-study, CAS training and evaluation of one collection; returns its scale record."""
     docs = corpus.load_factbook_sections(documents=ids)
     epoch_steps = -(-len(docs) * FLAGS.conversations_per_doc // D.batch)
-    per_cartridge = cartridge_bytes(model, D.tokens_per_doc)
+    per_cartridge = cartridge_bytes(model, D.tokens_per_doc, D.lr)
     total = len(docs) * per_cartridge
     bank = D.batch * (1 + FLAGS.distractors) * per_cartridge
     budget = max(int(FLAGS.budget_frac * total), bank)
@@ -139,6 +143,8 @@ def run_size(model, qs, ids, out, closed, icl, times) -> dict:
     record = {
         "documents": len(docs), "document_tokens": doc_tokens, "questions": len(qs),
         "cartridge_bytes_total": total, "budget_bytes": budget, "budget_share": budget / total,
+        "store_bytes": sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in
+                           os.walk(os.path.join(out, "cas", "cartridges")) for f in fs),
         "cas_steps": cfg.steps, "seconds": dict(times),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "train_peak_rss_mb": summary.get("peak_rss_mb"),
@@ -176,13 +182,13 @@ def format_sizes(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def read_baseline(name: str, qs) -> dict:
-    """`--rec`'s eval/<name>.json, its records in the order of `qs` (matched on document and
+def read_baseline(rec: str, name: str, qs) -> dict:
+    """`rec`'s eval/<name>.json, its records in the order of `qs` (matched on document and
     question; an error names the file if a question is missing). The summary is the recorded
     one, i.e. of the whole recorded set."""
-    path = os.path.join(FLAGS.rec, "eval", f"{name}.json")
+    path = os.path.join(rec, "eval", f"{name}.json")
     if not os.path.exists(path):
-        raise app.UsageError(f"--rec={FLAGS.rec}: {path} is missing")
+        raise app.UsageError(f"--rec={rec}: {path} is missing")
     obj = json.load(open(path))
     by_key = {(r["doc_id"], r["question"]): r for r in obj["records"]}
     missing = [q.question for q in qs if (q.doc_id, q.question) not in by_key]
@@ -202,15 +208,16 @@ def main(argv):
     qs = [q for q in qs if q.doc_id.endswith("-geography")]
     path = os.path.join(FLAGS.out, "questions.jsonl")
     questions_lib.write_questions(path, qs)
-    baselines = {name: read_baseline(name, qs) for name in ("closed_book", "icl")}
+    baselines = {name: read_baseline(FLAGS.rec, name, qs) for name in ("closed_book", "icl")}
     question_docs = sorted({q.doc_id for q in qs})
+    all_ids = list(corpus.load_factbook_sections().ids)
     records = []
     for size in sorted(int(s) for s in FLAGS.sizes):
         out = os.path.join(FLAGS.out, f"n{size}")
         os.makedirs(out, exist_ok=True)
         times_path = os.path.join(out, "times.json")
         times = json.load(open(times_path)) if os.path.exists(times_path) else {}
-        ids = collection_ids(question_docs, size, FLAGS.seed)
+        ids = collection_ids(question_docs, all_ids, size, FLAGS.seed)
         records.append(run_size(model, qs, ids, out, baselines["closed_book"],
                                 baselines["icl"], times))
         table = format_sizes(records)
