@@ -90,8 +90,9 @@ def run_size(model, qs, ids, out, closed, icl, times) -> dict:
         D, conversations_per_doc=FLAGS.conversations_per_doc,
         synthesis_batch=FLAGS.synthesis_batch, steps=max(1, round(FLAGS.epochs * epoch_steps)),
         grad_scope=FLAGS.grad_scope, budget_bytes=budget, seed=FLAGS.seed)
-    doc_tokens = sum(len(model.tokenizer(docs[d].text, add_special_tokens=False)["input_ids"])
-                     for d in docs.ids)
+    tokens_of = {d: len(model.tokenizer(docs[d].text, add_special_tokens=False)["input_ids"])
+                 for d in docs.ids}
+    doc_tokens = sum(tokens_of.values())
     print(f"== {len(docs)} documents, {doc_tokens} tokens; {cfg.steps} CAS steps; budget "
           f"{budget / 2**20:.0f} MiB = {budget / total:.1%} of {total / 2**20:.0f} MiB ==",
           flush=True)
@@ -109,7 +110,7 @@ def run_size(model, qs, ids, out, closed, icl, times) -> dict:
     stage("synthesis", t0)
     summary_path = os.path.join(out, "train_summary.json")
 
-    def train():
+    def train_cas():
         t0 = time.perf_counter()
         store, summary = pipeline.train_cartridges(
             model, docs, data_dir, os.path.join(out, "cas"), cfg, distractors=FLAGS.distractors,
@@ -124,15 +125,13 @@ def run_size(model, qs, ids, out, closed, icl, times) -> dict:
     ev = evaluate.Evaluator(model, docs, evaluate.EvalConfig(max_new_tokens=0))
     stamp = {**dataclasses.asdict(cfg), "distractors": FLAGS.distractors, "documents": len(docs)}
     rows = cas_study.collection_methods(
-        ev, qs, out, cas=study.LazySource(train), naive=None, monolithic=None,
+        ev, qs, out, cas=study.LazySource(train_cas), naive=None, monolithic=None,
         tokens=cfg.tokens_per_doc, n_docs=len(docs), compose_k=[3], positions=[],
         retrieval_k=[int(k) for k in FLAGS.retrieval_k], retrievers=FLAGS.retrievers,
         seed=FLAGS.seed, stamps={"cas": stamp})
     stage("evaluation", t0 + times.get("training", 0.0) - trained_s)  # training not counted
 
-    median_doc = float(np.median([len(model.tokenizer(docs[q.doc_id].text,
-                                                      add_special_tokens=False)["input_ids"])
-                                  for q in qs]))
+    median_doc = float(np.median([tokens_of[q.doc_id] for q in qs]))
     table = [study.method_row(n, o, closed, icl, median_doc, None) for n, o in
              (("closed_book", closed), ("icl", icl))]
     table += [study.method_row(n, o, closed, icl, median_doc, c if n == "cas_oracle" else None)
