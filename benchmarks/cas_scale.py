@@ -26,13 +26,11 @@ import os
 import resource
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 from cas_jax import cas_study, corpus, evaluate, loading, pipeline, questions as questions_lib
-from cas_jax import splits, study, train
+from cas_jax import splits, study
 
 FLAGS = flags.FLAGS
 D = pipeline.PipelineConfig()
@@ -55,34 +53,11 @@ flags.DEFINE_list("retrievers", ["bm25"], "Retrievers (dense reads the MiniLM wh
 flags.DEFINE_integer("seed", 0, "Seed of questions, extra documents, synthesis and training.")
 
 
-def cartridge_bytes(model: loading.LoadedModel, tokens: int, lr: float) -> int:
-    """Bytes of one float32 cartridge of `tokens` positions plus its Adam state, as the budget
-    manager holds it resident during training (shapes only: nothing is allocated)."""
-    c = model.config
-    kv = jax.ShapeDtypeStruct((1, c.num_layers, tokens, c.num_kv_heads, c.head_dim), jnp.float32)
-    carts = jax.eval_shape(lambda k, v: train.split_cartridges(k, v, 1), kv, kv)
-    opt = jax.eval_shape(train.make_optimizer(train.TrainConfig(lr=lr, total_steps=1)).init, carts)
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((carts, opt)))
-
-
-def collection_ids(question_docs: list[str], all_ids: list[str], size: int, seed: int
-                   ) -> list[str]:
-    """The question documents, then the other ids of `all_ids` in a seeded order, `size` in
-    all; a larger size extends a smaller one's list."""
-    others = sorted(set(all_ids) - set(question_docs))
-    if not len(question_docs) <= size <= len(question_docs) + len(others):
-        raise app.UsageError(f"--sizes: {size} documents; expected between the "
-                             f"{len(question_docs)} question documents and all "
-                             f"{len(question_docs) + len(others)}")
-    order = np.random.default_rng([seed, 12]).permutation(len(others))
-    return list(question_docs) + [others[i] for i in order[:size - len(question_docs)]]
-
-
 def run_size(model, qs, ids, out, closed, icl, times) -> dict:
     """Self-study, CAS training and evaluation of one collection; returns its scale record."""
     docs = corpus.load_factbook_sections(documents=ids)
     epoch_steps = -(-len(docs) * FLAGS.conversations_per_doc // D.batch)
-    per_cartridge = cartridge_bytes(model, D.tokens_per_doc, D.lr)
+    per_cartridge = cas_study.cartridge_bytes(model, D.tokens_per_doc, D.lr)
     total = len(docs) * per_cartridge
     bank = D.batch * (1 + FLAGS.distractors) * per_cartridge
     budget = max(int(FLAGS.budget_frac * total), bank)
@@ -164,38 +139,16 @@ def run_size(model, qs, ids, out, closed, icl, times) -> dict:
     return record
 
 
-def format_sizes(records: list[dict]) -> str:
-    """Accuracy [95% CI] per method (rows) and collection size (columns)."""
-    methods = [m for m in records[0]["accuracy"]] if records else []
-    lines = ["| method | " + " | ".join(f"{r['documents']} docs ({r['document_tokens']} tok)"
-                                       for r in records) + " |", "|---" * (len(records) + 1) + "|"]
-    for m in methods:
-        cells = []
-        for r in records:
-            a, ci = r["accuracy"].get(m), r["accuracy_ci"].get(m)
-            cells.append("-" if a is None else f"{a:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    for key, fmt in (("cas_steps", "{}"), ("budget_share", "{:.1%}"), ("peak_rss_mb", "{:.0f}"),
-                     ("io_wait_share", "{:.1%}"), ("paging_read_mb_s", "{:.0f}")):
-        lines.append(f"| {key} | " + " | ".join(
-            "-" if r.get(key) is None else fmt.format(r[key]) for r in records) + " |")
-    return "\n".join(lines)
+def _usage(fn, *args):
+    """`fn(*args)`, its ValueError shown as a usage error (bad --sizes or --rec)."""
+    try:
+        return fn(*args)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
 
 
-def read_baseline(rec: str, name: str, qs) -> dict:
-    """`rec`'s eval/<name>.json, its records in the order of `qs` (matched on document and
-    question; an error names the file if a question is missing). The summary is the recorded
-    one, i.e. of the whole recorded set."""
-    path = os.path.join(rec, "eval", f"{name}.json")
-    if not os.path.exists(path):
-        raise app.UsageError(f"--rec={rec}: {path} is missing")
-    obj = json.load(open(path))
-    by_key = {(r["doc_id"], r["question"]): r for r in obj["records"]}
-    missing = [q.question for q in qs if (q.doc_id, q.question) not in by_key]
-    if missing:
-        raise app.UsageError(f"{path}: {len(missing)} of {len(qs)} questions are not recorded "
-                             f"there (e.g. {missing[0]!r}): --rec is another question set")
-    return {"summary": obj["summary"], "records": [by_key[(q.doc_id, q.question)] for q in qs]}
+def _baseline(name: str, qs) -> dict:
+    return _usage(cas_study.read_baseline, FLAGS.rec, name, qs)
 
 
 def main(argv):
@@ -208,7 +161,7 @@ def main(argv):
     qs = [q for q in qs if q.doc_id.endswith("-geography")]
     path = os.path.join(FLAGS.out, "questions.jsonl")
     questions_lib.write_questions(path, qs)
-    baselines = {name: read_baseline(FLAGS.rec, name, qs) for name in ("closed_book", "icl")}
+    baselines = {name: _baseline(name, qs) for name in ("closed_book", "icl")}
     question_docs = sorted({q.doc_id for q in qs})
     all_ids = list(corpus.load_factbook_sections().ids)
     records = []
@@ -217,10 +170,10 @@ def main(argv):
         os.makedirs(out, exist_ok=True)
         times_path = os.path.join(out, "times.json")
         times = json.load(open(times_path)) if os.path.exists(times_path) else {}
-        ids = collection_ids(question_docs, all_ids, size, FLAGS.seed)
+        ids = _usage(cas_study.collection_ids, question_docs, all_ids, size, FLAGS.seed)
         records.append(run_size(model, qs, ids, out, baselines["closed_book"],
                                 baselines["icl"], times))
-        table = format_sizes(records)
+        table = cas_study.format_sizes(records)
         with open(os.path.join(FLAGS.out, "report.md"), "w") as f:
             f.write(f"CAS quality by collection size, {len(qs)} questions\n\n{table}\n")
         print(table, flush=True)

@@ -16,11 +16,16 @@ question and k only, so CAS and naive composition read the same sets.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from cas_jax import evaluate, pipeline, study
+from cas_jax import evaluate, pipeline, study, train
+from cas_jax.loading import LoadedModel
 from cas_jax.questions import Question
 from cas_jax.results import EvalResult
 
@@ -229,3 +234,63 @@ def format_composition_rows(rows: Sequence[dict], k: int) -> str:
                      f"| {r['oracle_nll']:.3f} / {r['composed_nll']:.3f} "
                      f"| {diff(r['composed_minus_oracle'])} | {diff(r['composed_vs_first'])} |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- scale
+
+
+def cartridge_bytes(model: LoadedModel, tokens: int, lr: float) -> int:
+    """Bytes of one float32 cartridge of `tokens` positions plus its Adam state, as the budget
+    manager holds it resident during training (shapes only: nothing is allocated)."""
+    c = model.config
+    kv = jax.ShapeDtypeStruct((1, c.num_layers, tokens, c.num_kv_heads, c.head_dim), jnp.float32)
+    carts = jax.eval_shape(lambda k, v: train.split_cartridges(k, v, 1), kv, kv)
+    opt = jax.eval_shape(train.make_optimizer(train.TrainConfig(lr=lr, total_steps=1)).init, carts)
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((carts, opt)))
+
+
+def collection_ids(question_docs: list[str], all_ids: list[str], size: int, seed: int
+                   ) -> list[str]:
+    """The question documents, then the other ids of `all_ids` in a seeded order, `size` in
+    all; a larger size extends a smaller one's list."""
+    others = sorted(set(all_ids) - set(question_docs))
+    if not len(question_docs) <= size <= len(question_docs) + len(others):
+        raise ValueError(f"collection of {size} documents; expected between the "
+                             f"{len(question_docs)} question documents and all "
+                             f"{len(question_docs) + len(others)}")
+    order = np.random.default_rng([seed, 12]).permutation(len(others))
+    return list(question_docs) + [others[i] for i in order[:size - len(question_docs)]]
+
+
+def format_sizes(records: list[dict]) -> str:
+    """Accuracy [95% CI] per method (rows) and collection size (columns)."""
+    methods = [m for m in records[0]["accuracy"]] if records else []
+    lines = ["| method | " + " | ".join(f"{r['documents']} docs ({r['document_tokens']} tok)"
+                                       for r in records) + " |", "|---" * (len(records) + 1) + "|"]
+    for m in methods:
+        cells = []
+        for r in records:
+            a, ci = r["accuracy"].get(m), r["accuracy_ci"].get(m)
+            cells.append("-" if a is None else f"{a:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    for key, fmt in (("cas_steps", "{}"), ("budget_share", "{:.1%}"), ("peak_rss_mb", "{:.0f}"),
+                     ("io_wait_share", "{:.1%}"), ("paging_read_mb_s", "{:.0f}")):
+        lines.append(f"| {key} | " + " | ".join(
+            "-" if r.get(key) is None else fmt.format(r[key]) for r in records) + " |")
+    return "\n".join(lines)
+
+
+def read_baseline(rec: str, name: str, qs) -> dict:
+    """`rec`'s eval/<name>.json, its records in the order of `qs` (matched on document and
+    question; an error names the file if a question is missing). The summary is the recorded
+    one, i.e. of the whole recorded set."""
+    path = os.path.join(rec, "eval", f"{name}.json")
+    if not os.path.exists(path):
+        raise ValueError(f"{rec}: {path} is missing")
+    obj = json.load(open(path))
+    by_key = {(r["doc_id"], r["question"]): r for r in obj["records"]}
+    missing = [q.question for q in qs if (q.doc_id, q.question) not in by_key]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} of {len(qs)} questions are not recorded "
+                             f"there (e.g. {missing[0]!r}): another question set")
+    return {"summary": obj["summary"], "records": [by_key[(q.doc_id, q.question)] for q in qs]}

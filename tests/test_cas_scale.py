@@ -1,13 +1,13 @@
-"""The scale benchmark's pure parts (`benchmarks.cas_scale`): nested collections, the bytes a
-cartridge holds resident, baselines matched by question, the side-by-side table."""
+"""The scale benchmark's pure parts (in `cas_jax.cas_study`, used by `benchmarks.cas_scale`):
+nested collections, the bytes a cartridge holds resident, baselines matched by question, the
+side-by-side table."""
 
 import json
 import types
 
 import pytest
-from absl import app
 
-from benchmarks import cas_scale
+from cas_jax import cas_study as cas_scale
 from cas_jax.config import ModelConfig
 from cas_jax.questions import Question
 
@@ -23,7 +23,7 @@ def test_collections_are_nested_and_start_with_the_question_documents():
     assert cas_scale.collection_ids(QDOCS, ALL, 22, seed=0)[2:] != sorted(ALL[2:])  # shuffled
     assert cas_scale.collection_ids(QDOCS, ALL, 12, seed=1) != big
     for bad in (1, 23):
-        with pytest.raises(app.UsageError, match=f"{bad} documents"):
+        with pytest.raises(ValueError, match=f"{bad} documents"):
             cas_scale.collection_ids(QDOCS, ALL, bad, seed=0)
 
 
@@ -50,10 +50,10 @@ def test_baselines_are_read_in_question_order_and_a_missing_question_is_named(tm
     qs = [Question(doc_id="b", question="q2", gold="x"), Question(doc_id="a", question="q1",
                                                                   gold="y")]
     assert cas_scale.read_baseline(rec, "icl", qs)["records"] == recs[::-1]
-    with pytest.raises(app.UsageError, match="icl.json: 1 of 2 questions.*'q3'"):
+    with pytest.raises(ValueError, match="icl.json: 1 of 2 questions.*'q3'"):
         cas_scale.read_baseline(rec, "icl", qs[:1] + [Question(doc_id="a", question="q3",
                                                                gold="z")])
-    with pytest.raises(app.UsageError, match="closed_book.json is missing"):
+    with pytest.raises(ValueError, match="closed_book.json is missing"):
         cas_scale.read_baseline(rec, "closed_book", qs)
 
 
