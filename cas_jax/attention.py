@@ -9,23 +9,93 @@ Each batch row selects its own cartridges by slot index: `selection` [B, C] int3
 changing which and how many cartridges are active changes array *values*, not shapes, and the
 jitted forward does not recompile.
 
-Composition convention (matches the reference's concatenation):
+Composition geometry (`Geometry`; one value is used by training, evaluation, chat and the
+server alike, so a cartridge is always read the way it was trained):
   * the selected cartridges' tokens are laid out in selection order, C * P_max prefix slots;
   * every cartridge keeps its own keys as trained (each was rotated with positions 0..P-1);
   * only the first active cartridge's token 0 (the attention sink) is visible; the sinks of the
     others are masked, so composing N cartridges shows one sink;
-  * query positions start at the number of visible prefix tokens (`num_prefix_tokens`).
+  * where the queries start (`num_prefix_tokens`, the prefix's "start" entry):
+      serial    after every visible prefix token (the reference's concatenation): a query
+                is C*P - (C-1) positions past a cartridge's first token when C are composed;
+      parallel  after the longest composed cartridge: every cartridge sits at the distance
+                from the queries it was trained at alone (APE's shared positions);
+  * the prefix block's attention logits may be reshaped (APE-style, `temperature`, `scale`,
+    `count_power`): logit / temperature + log(scale) - count_power * log(n_active), where
+    n_active is the number of composed cartridges of the row. The identity (1, 1, 0) leaves
+    the prefix without "logit_scale"/"logit_bias" entries, so the forward is unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cas_jax.cartridge import Cartridge
+
+LAYOUTS = ("serial", "parallel")
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """How composed cartridges stand before the queries (module doc). Static (hashable).
+
+    layout: "serial" or "parallel". temperature: prefix logits are divided by it (< 1
+    sharpens). scale: prefix attention weights are multiplied by it. count_power: they are
+    further multiplied by n_active ** -count_power (1 = a composed set weighs what one
+    cartridge weighs when each draws equal mass).
+    """
+
+    layout: str = "serial"
+    temperature: float = 1.0
+    scale: float = 1.0
+    count_power: float = 0.0
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"geometry layout {self.layout!r}: expected one of {LAYOUTS}")
+        if not self.temperature > 0 or not self.scale > 0:
+            raise ValueError(f"geometry temperature and scale must be > 0, got "
+                             f"{self.temperature} and {self.scale}")
+
+    @property
+    def reshapes_logits(self) -> bool:
+        return (self.temperature, self.scale, self.count_power) != (1.0, 1.0, 0.0)
+
+    def __str__(self) -> str:
+        """The spec `parse` reads: the layout, then any non-default logit settings."""
+        extra = [f"{f}={getattr(self, f):g}" for f in ("temperature", "scale", "count_power")
+                 if getattr(self, f) != getattr(Geometry, f)]
+        return ",".join([self.layout] + extra)
+
+    @classmethod
+    def parse(cls, spec: str) -> "Geometry":
+        """"serial", "parallel" or e.g. "parallel,temperature=0.8,count_power=1"."""
+        layout, *pairs = [p.strip() for p in spec.split(",") if p.strip()] or ["serial"]
+        kw = {}
+        names = ("temperature", "scale", "count_power")
+        for pair in pairs:
+            name, eq, value = pair.partition("=")
+            if not eq or name not in names:
+                raise ValueError(f"geometry {spec!r}: {pair!r} is not one of "
+                                 f"{', '.join(n + '=X' for n in names)}")
+            try:
+                kw[name] = float(value)
+            except ValueError:
+                raise ValueError(f"geometry {spec!r}: {name} needs a number, got {value!r}")
+        return cls(layout, **kw)
+
+
+SERIAL = Geometry("serial")
+PARALLEL = Geometry("parallel")
+DEFAULT_GEOMETRY = SERIAL
+"""The geometry every path uses unless told otherwise (what the recorded cartridges were
+trained under)."""
 
 
 @jax.tree_util.register_dataclass
@@ -70,8 +140,11 @@ def bank_from_cartridges(cartridges: list[Cartridge], capacity: int | None = Non
     return CartridgeBank(jnp.asarray(keys), jnp.asarray(values), jnp.asarray(lengths))
 
 
-def compose(bank: CartridgeBank, selection: jax.Array, selected: jax.Array) -> dict:
-    """The prefix for `model.forward`: {k, v: [L, B, C*P_max, K, Dh], mask: [B, C*P_max]}.
+def compose(bank: CartridgeBank, selection: jax.Array, selected: jax.Array,
+            geometry: Geometry = DEFAULT_GEOMETRY) -> dict:
+    """The prefix for `model.forward`: {k, v: [L, B, C*P_max, K, Dh], mask: [B, C*P_max],
+    start: [B] int32 (the rows' first query position)}, plus logit_scale / logit_bias
+    [B, C*P_max] float32 when `geometry` reshapes the prefix logits (module doc).
 
     selection [B, C] int32 slot ids into the bank; selected [B, C] bool. Differentiable in the
     bank's keys/values (gradients land in the selected slots only).
@@ -89,25 +162,54 @@ def compose(bank: CartridgeBank, selection: jax.Array, selected: jax.Array) -> d
     first_active = jnp.cumsum(active, axis=1) == 1
     drop_sink = active & ~first_active
     mask = mask & ~((tok == 0) & drop_sink[:, :, None])
-    return {"k": k, "v": v, "mask": mask.reshape(b, c * p)}
+    if geometry.layout == "serial":
+        start = jnp.sum(mask, axis=(1, 2))
+    else:
+        start = jnp.max(lengths, axis=1)
+    prefix = {"k": k, "v": v, "mask": mask.reshape(b, c * p), "start": start.astype(jnp.int32)}
+    if geometry.reshapes_logits:
+        n_active = jnp.maximum(jnp.sum(active, axis=1), 1).astype(jnp.float32)  # [B]
+        bias = math.log(geometry.scale) - geometry.count_power * jnp.log(n_active)
+        prefix["logit_scale"] = jnp.full((b, c * p), 1.0 / geometry.temperature, jnp.float32)
+        prefix["logit_bias"] = jnp.broadcast_to(bias[:, None], (b, c * p)).astype(jnp.float32)
+    return prefix
 
 
-def compose_in_order(cartridges: list[Cartridge]) -> dict | None:
+def compose_in_order(cartridges: list[Cartridge],
+                     geometry: Geometry = DEFAULT_GEOMETRY) -> dict | None:
     """The batch-1 prefix of `cartridges` composed in the order given (None for none): what
     `experiments.chat --cartridges` reads before its prompt."""
     if not cartridges:
         return None
     n = len(cartridges)
     return compose(bank_from_cartridges(cartridges), jnp.arange(n, dtype=jnp.int32)[None],
-                   jnp.ones((1, n), bool))
+                   jnp.ones((1, n), bool), geometry)
+
+
+def visible_tokens(token_counts: Sequence[int]) -> int:
+    """Prefix tokens a composed set shows, i.e. attends over (one sink for the set)."""
+    return sum(token_counts) - max(0, len(token_counts) - 1)
+
+
+def query_start(token_counts: Sequence[int], geometry: Geometry = DEFAULT_GEOMETRY) -> int:
+    """Host-side twin of `compose`'s "start": the first query position after cartridges of
+    `token_counts` tokens composed by `geometry` (0 for none)."""
+    if not token_counts:
+        return 0
+    if geometry.layout == "serial":
+        return visible_tokens(token_counts)
+    return max(token_counts)
 
 
 def num_prefix_tokens(prefix: dict | None, batch: int) -> jax.Array:
     """[B] int32: visible prefix tokens per row, i.e. where each row's query positions start."""
     if prefix is None:
         return jnp.zeros((batch,), jnp.int32)
+    start = prefix.get("start")
+    if start is None:  # a hand-made prefix: serial, after its visible tokens
+        start = jnp.sum(prefix["mask"], axis=1).astype(jnp.int32)
     # A shared prefix (batch 1) gives every row the same count.
-    return jnp.broadcast_to(jnp.sum(prefix["mask"], axis=1).astype(jnp.int32), (batch,))
+    return jnp.broadcast_to(start, (batch,))
 
 
 def single_prefix(cartridge: Cartridge, batch: int) -> dict:

@@ -93,6 +93,8 @@ class EvalConfig:
     chunk_tokens: RAG chunk length in tokens.
     format: the document block's format (`cas_jax.rendering.FORMATS`); cartridges must have
       been trained under the same one.
+    geometry: how composed cartridges stand before the question (`attention.Geometry`); it
+      should be the one they were trained under. ICL and RAG contexts are read as they are.
     """
 
     window: int | None = None
@@ -104,6 +106,7 @@ class EvalConfig:
     prefill_chunk: int = 512
     chunk_tokens: int = 256
     format: str = rendering.DEFAULT_FORMAT
+    geometry: attention.Geometry = attention.DEFAULT_GEOMETRY
 
     def __post_init__(self):
         if self.format not in rendering.FORMATS:
@@ -335,7 +338,8 @@ class Evaluator:
         if slots * max_tokens + room > self.window:
             raise ValueError(f"{slots} slots of {max_tokens} cartridge tokens plus {room} for "
                              f"the queries exceed the window {self.window}")
-        records = self._records(questions, entries, bank, slots, capacity)
+        records = self._records(questions, entries, bank, slots, capacity,
+                                geometry=self.config.geometry)
         for r, e in zip(records, entries):
             lengths = [bank[i].num_tokens for i in e]
             # composition shows one attention sink: later cartridges' token 0 is masked
@@ -386,9 +390,11 @@ class Evaluator:
 
     def _records(self, questions: Sequence[Question], entries: list[list[str]],
                  cartridges: dict[str, Cartridge], slots: int, capacity: int | None = None,
-                 max_tokens: int | None = None) -> list[dict[str, Any]]:
+                 max_tokens: int | None = None,
+                 geometry: attention.Geometry = attention.SERIAL) -> list[dict[str, Any]]:
         """Scores every option (or the gold answer) and generates a reply for each question,
-        with prefix = cartridges[entries[i]] composed in order; returns one record each.
+        with prefix = cartridges[entries[i]] composed in order by `geometry` (serial for a
+        prefilled context, which stands exactly where the document did); one record each.
 
         The bank holds `cartridges` in order, in `capacity` slots (default: one each) of
         `max_tokens` tokens (default: the longest cartridge).
@@ -411,7 +417,7 @@ class Evaluator:
                 owner.append(qi)
                 conts.append(ids)
         kw = dict(bank=bank, slots=slots, rows_per_call=cfg.rows_per_call,
-                  prefix_tokens_per_call=cfg.prefix_tokens_per_call)
+                  prefix_tokens_per_call=cfg.prefix_tokens_per_call, geometry=geometry)
         scored = score_continuations(self.model, [queries[i] for i in owner], conts,
                                      selections=[selections[i] for i in owner], **kw)
         generated = (generate_answers(self.model, queries, cfg.max_new_tokens,

@@ -32,7 +32,11 @@ k and v and the prefix's k and v are tuples of L per-layer entries instead of ar
 L. `forward` then runs the layers as a Python loop and writes each layer's new K/V into its
 cache array before attending over it, so XLA:CPU neither copies a layer's weights out of the
 stack nor the cache around the write (measured: a decode step 145-155 -> 110-125 ms, batch 16).
-Prefix (dict):    k, v [L, B, P, K, Dh] after RoPE;  mask [B, P] bool (False = unused slot).
+Prefix (dict):    k, v [L, B, P, K, Dh] after RoPE;  mask [B, P] bool (False = unused slot);
+                  optional start [B] int32 (where the caller puts the queries, read by
+                  `attention.num_prefix_tokens`, not here) and logit_scale, logit_bias [B, P]
+                  float32: a prefix slot's attention logit is logit * scale + bias
+                  (`attention.Geometry`; absent = 1 and 0).
                   A batch axis of 1 (k, v [L, 1, P, K, Dh], mask [1, P]) is one prefix shared by
                   every row: attention reads it once for all rows and it is never copied B times
                   (less memory; on XLA:CPU the batch-free contraction is slower per row than
@@ -100,11 +104,12 @@ def key_visibility(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> ja
     return visible
 
 
-def attend(q: jax.Array, blocks: list[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
+def attend(q: jax.Array, blocks: list[tuple]) -> jax.Array:
     """Grouped-query attention over several key/value blocks sharing one softmax.
 
-    q [B, T, H, Dh]; each block is (k, v [B or 1, S_i, K, Dh], visible [B or 1, T, S_i]) ->
-    [B, T, H, Dh] (a block with batch 1 is shared by every row).
+    q [B, T, H, Dh]; each block is (k, v [B or 1, S_i, K, Dh], visible [B or 1, T, S_i]) or
+    that plus (logit_scale, logit_bias [B or 1, S_i]), which reshape the block's logits as
+    logit * scale + bias -> [B, T, H, Dh] (a block with batch 1 is shared by every row).
     Blocks (prefix, cache, new tokens) are never concatenated: only their scores are, which are
     small, so a long cache is read once and not copied. Softmax in float32; rows with no visible
     key give a uniform average (never NaN).
@@ -121,18 +126,21 @@ def attend(q: jax.Array, blocks: list[tuple[jax.Array, jax.Array, jax.Array]]) -
         return x.shape[0] == 1 and b > 1
 
     scores = []
-    for k, _, visible in blocks:
+    for k, _, visible, *affine in blocks:
         k = k.astype(q.dtype)
         s = (jnp.einsum("bkqd,skd->bkqs", q, k[0], preferred_element_type=jnp.float32)
              if shared(k) else
              jnp.einsum("bkqd,bskd->bkqs", q, k, preferred_element_type=jnp.float32))
         s = s.reshape(b, kh, t, g, k.shape[1]) * (1.0 / math.sqrt(dh))
+        if affine:
+            scale, bias = affine
+            s = s * scale[:, None, None, None, :] + bias[:, None, None, None, :]
         scores.append(jnp.where(visible[:, None, :, None, :], s, _NEG))
     probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
     probs = probs.reshape(b, kh, t * g, probs.shape[-1])
     out = 0
     start = 0
-    for k, v, _ in blocks:
+    for k, v, *_ in blocks:
         p = probs[..., start:start + k.shape[1]].astype(q.dtype)
         v = v.astype(q.dtype)
         out = out + (jnp.einsum("bkqs,skd->bkqd", p, v[0], preferred_element_type=jnp.float32)
@@ -172,9 +180,9 @@ def _layer(config: ModelConfig, inv_freq, x, positions, lp, pre, cache_l, cache_
 
     blocks = []
     if pre is not None:
-        pk, pv, pmask = pre
+        pk, pv, pmask, *affine = pre
         blocks.append((pk, pv, jnp.broadcast_to(pmask[:, None, :],
-                                                (pmask.shape[0], t, pmask.shape[1]))))
+                                                (pmask.shape[0], t, pmask.shape[1])), *affine))
     if write_at is not None:
         ck, cv = cache_l
         k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, write_at, 0, 0))
@@ -215,9 +223,9 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array,
                                         config, inv_freq)
         return _head(params, x, new_cache, config, return_hidden)
     index = None if kv_cache is None else kv_cache["index"]
-    pre_xs = None if prefix is None else (
-        prefix["k"], prefix["v"],
-        jnp.broadcast_to(prefix["mask"], (config.num_layers,) + prefix["mask"].shape))
+    pre_xs = None if prefix is None else (prefix["k"], prefix["v"]) + tuple(
+        jnp.broadcast_to(prefix[name], (config.num_layers,) + prefix[name].shape)
+        for name in _prefix_extras(prefix))
     cache_xs = None if kv_cache is None else (kv_cache["k"], kv_cache["v"])
     cache_pos = None if kv_cache is None else kv_cache["pos"]
 
@@ -245,6 +253,12 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array,
     return _head(params, x, new_cache, config, return_hidden)
 
 
+def _prefix_extras(prefix: Prefix) -> tuple[str, ...]:
+    """The prefix entries every layer reads besides its k, v: the mask, then the logit
+    scale and bias when the prefix has them."""
+    return ("mask", "logit_scale", "logit_bias") if "logit_scale" in prefix else ("mask",)
+
+
 def _head(params, x, new_cache, config, return_hidden):
     """The final norm, then logits unless `return_hidden`; paired with the new cache."""
     x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
@@ -268,7 +282,8 @@ def _layers_unrolled(layers, x, positions, kv_cache, prefix, config, inv_freq):
         new_cache = {"k": [], "v": [], "pos": cache_pos, "index": index + positions.shape[1]}
     news = []
     for i, lp in enumerate(layers):
-        pre = None if prefix is None else (prefix["k"][i], prefix["v"][i], prefix["mask"])
+        pre = None if prefix is None else (prefix["k"][i], prefix["v"][i]) + tuple(
+            prefix[name] for name in _prefix_extras(prefix))
         if kv_cache is None:
             x, kv = _layer(config, inv_freq, x, positions, lp, pre, None, None)
             news.append(kv)

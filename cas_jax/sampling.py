@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cas_jax import model as model_lib
+from cas_jax import attention, model as model_lib
 from cas_jax.config import ModelConfig
 
 MAX_STOP_IDS = 8
@@ -257,15 +257,14 @@ def generate(params, config: ModelConfig, prompts: list[list[int]],
                          f"{config.max_position_embeddings}")
     shared = prefix is not None and prefix["mask"].shape[0] == 1
     n_prefix = (np.zeros(b, np.int32) if prefix is None
-                else np.asarray(prefix["mask"]).sum(axis=1).astype(np.int32))
+                else np.asarray(attention.num_prefix_tokens(prefix, prefix["mask"].shape[0])))
     n_prefix = np.repeat(n_prefix, b) if shared else n_prefix[:b]
     rows = list(prompts) + [prompts[-1]] * (b_pad - b)
     n_prefix = np.concatenate([n_prefix, np.repeat(n_prefix[-1:], b_pad - b)])
     tokens, positions = left_pad(rows, tp, n_prefix)
     if prefix is not None and not shared:  # _pad_rows leaves full batches untouched
-        prefix = {"k": _pad_rows(prefix["k"], b_pad, axis=1),
-                  "v": _pad_rows(prefix["v"], b_pad, axis=1),
-                  "mask": _pad_rows(prefix["mask"], b_pad)}
+        prefix = {name: _pad_rows(a, b_pad, axis=1 if name in ("k", "v") else 0)
+                  for name, a in prefix.items()}
     stops = list(sampling.stop_ids)[:MAX_STOP_IDS]
     stop_arr = np.full((MAX_STOP_IDS,), -1, np.int32)
     stop_arr[:len(stops)] = stops

@@ -22,16 +22,17 @@ from cas_jax.cartridge import Cartridge, CartridgeMeta
 from cas_jax.loading import LoadedModel
 
 
-@functools.partial(jax.jit, static_argnames=("config", "num_targets"))
+@functools.partial(jax.jit, static_argnames=("config", "num_targets", "geometry"))
 def _score_rows(params, bank, selection, selected, tokens, lengths, starts, *,
-                config, num_targets: int):
+                config, num_targets: int, geometry: attention.Geometry):
     """Log-probabilities [B, num_targets] of tokens[b, starts[b]:lengths[b]] (0 past the end).
 
     tokens [B, T] right-padded; lengths, starts [B]; the prefix is compose(bank, selection
-    [B, C], selected [B, C]) (none when bank is None) and positions start after it.
+    [B, C], selected [B, C], geometry) (none when bank is None) and positions start where
+    the geometry puts them.
     """
     b, t = tokens.shape
-    prefix = None if bank is None else attention.compose(bank, selection, selected)
+    prefix = None if bank is None else attention.compose(bank, selection, selected, geometry)
     n_prefix = attention.num_prefix_tokens(prefix, b)
     idx = jnp.arange(t)[None, :]
     positions = jnp.where(idx < lengths[:, None], n_prefix[:, None] + idx, -1)
@@ -92,12 +93,13 @@ def score_continuations(model: LoadedModel, prompts: Sequence[list[int]],
                         continuations: Sequence[list[int]], *,
                         bank: attention.CartridgeBank | None = None,
                         selections: Sequence[Sequence[int]] | None = None, slots: int = 1,
-                        rows_per_call: int = 16, prefix_tokens_per_call: int = 32768
+                        rows_per_call: int = 16, prefix_tokens_per_call: int = 32768,
+                        geometry: attention.Geometry = attention.DEFAULT_GEOMETRY
                         ) -> list[np.ndarray]:
     """Per row, the log-probabilities [len(continuation)] of `continuation` after `prompt`.
 
-    With a bank, row i's prefix composes the bank slots `selections[i]` (at most `slots`) and its
-    prompt positions start after the visible prefix tokens.
+    With a bank, row i's prefix composes the bank slots `selections[i]` (at most `slots`) by
+    `geometry`, which also says where its prompt positions start.
     """
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
@@ -129,7 +131,7 @@ def score_continuations(model: LoadedModel, prompts: Sequence[list[int]],
                          None if sel is None else jnp.asarray(sel[rows + pad]),
                          None if on is None else jnp.asarray(on[rows + pad]),
                          jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(starts),
-                         config=model.config, num_targets=tc)
+                         config=model.config, num_targets=tc, geometry=geometry)
         lp = np.asarray(lp)
         for r, i in enumerate(rows):
             out[i] = lp[r, :len(continuations[i])]
@@ -138,15 +140,18 @@ def score_continuations(model: LoadedModel, prompts: Sequence[list[int]],
     return out
 
 
-_compose = jax.jit(attention.compose)  # one fused gather instead of eager gather + transpose
+# One fused gather instead of eager gather + transpose.
+_compose = jax.jit(attention.compose, static_argnames=("geometry",))
 
 
 def generate_answers(model: LoadedModel, prompts: Sequence[list[int]], max_new_tokens: int, *,
                      bank: attention.CartridgeBank | None = None,
                      selections: Sequence[Sequence[int]] | None = None, slots: int = 1,
-                     rows_per_call: int = 16, prefix_tokens_per_call: int = 32768) -> list[str]:
+                     rows_per_call: int = 16, prefix_tokens_per_call: int = 32768,
+                     geometry: attention.Geometry = attention.DEFAULT_GEOMETRY) -> list[str]:
     """Greedy replies (decoded, up to the end of turn) to `prompts`, batched as in
-    `score_continuations`; every call gets the same row count, so shapes repeat."""
+    `score_continuations` (cartridges composed by `geometry`); every call gets the same row
+    count, so shapes repeat."""
     stops = tuple(tok_lib.stop_token_ids(model.tokenizer))
     params = sampling.SamplingParams(max_new_tokens=max_new_tokens, stop_ids=stops)
     n = len(prompts)
@@ -161,7 +166,7 @@ def generate_answers(model: LoadedModel, prompts: Sequence[list[int]], max_new_t
         rows = list(range(start, min(start + b, n)))
         rows += [rows[-1]] * (b - len(rows))
         prefix = None if bank is None else _compose(bank, jnp.asarray(sel[rows]),
-                                                    jnp.asarray(on[rows]))
+                                                    jnp.asarray(on[rows]), geometry=geometry)
         out = sampling.generate(model.params, model.config, [prompts[i] for i in rows], params,
                                 prefix=prefix)
         for r in range(min(b, n - start)):

@@ -59,6 +59,8 @@ class ServeConfig:
       max_batch * max_cartridges.
     default_max_tokens: completion length when a request gives none.
     model_id: the model's name in /v1/models and responses; None = the model file's name.
+    geometry: how a request's cartridges are composed (`attention.Geometry`): the one they
+      were trained under.
     """
 
     budget_bytes: int = 1 << 30
@@ -69,6 +71,7 @@ class ServeConfig:
     bank_slots: int | None = None
     default_max_tokens: int = 256
     model_id: str | None = None
+    geometry: attention.Geometry = attention.DEFAULT_GEOMETRY
 
 
 class ServeError(Exception):
@@ -145,12 +148,7 @@ def _put_slot(bank: attention.CartridgeBank, slot, keys, values) -> attention.Ca
         bank.lengths.at[slot].set(keys.shape[1]))
 
 
-_compose = jax.jit(attention.compose)
-
-
-def visible_tokens(token_counts: list[int]) -> int:
-    """Prefix tokens a composed set shows (`attention.compose`: one sink for the set)."""
-    return sum(token_counts) - max(0, len(token_counts) - 1)
+_compose = jax.jit(attention.compose, static_argnames=("geometry",))
 
 
 class Engine:
@@ -316,8 +314,9 @@ class Engine:
             raise ServeError(400, f"cartridges {cartridge_ids} need {need} bytes on the device; "
                              f"the budget is {self.budget.budget_bytes} (--budget_bytes)",
                              param="cartridges", code="over_budget")
-        n_prefix = visible_tokens([i.tokens for i in infos])
-        self._check_window(len(prompt), n_prefix, params.max_tokens, bool(infos))
+        n_prefix = attention.visible_tokens([i.tokens for i in infos])
+        start = attention.query_start([i.tokens for i in infos], self.config.geometry)
+        self._check_window(len(prompt), start, params.max_tokens, bool(infos))
         cartridges = list(zip(cartridge_ids, self._acquire(cartridge_ids)))
         job = _Job(prompt, cartridges, params, n_prefix, Future())
         self._inbox.put(job)
@@ -326,12 +325,12 @@ class Engine:
     def _prefix_width(self, with_cartridges: bool) -> int:
         return self.config.max_cartridges * self.max_cartridge_tokens if with_cartridges else 0
 
-    def _check_window(self, prompt: int, n_prefix: int, max_tokens: int,
+    def _check_window(self, prompt: int, start: int, max_tokens: int,
                       with_cartridges: bool) -> None:
         window = self.model.config.max_position_embeddings
-        if prompt + n_prefix + max_tokens > window:
-            raise ServeError(400, f"prompt ({prompt} tokens) + cartridges ({n_prefix} tokens) + "
-                             f"max_tokens ({max_tokens}) = {prompt + n_prefix + max_tokens} "
+        if prompt + start + max_tokens > window:
+            raise ServeError(400, f"prompt ({prompt} tokens) + cartridges ({start} positions) + "
+                             f"max_tokens ({max_tokens}) = {prompt + start + max_tokens} "
                              f"exceed the context window of {window} tokens",
                              param="max_tokens", code="context_length_exceeded")
         # What `sampling.generate` allocates: bucketed prompt and output, every prefix slot.
@@ -455,7 +454,8 @@ class Engine:
             job = batch[min(i, len(batch) - 1)]
             for c, (doc_id, _) in enumerate(job.cartridges):
                 selection[i, c], selected[i, c] = slots[doc_id], True
-        return _compose(self._bank, jnp.asarray(selection), jnp.asarray(selected))
+        return _compose(self._bank, jnp.asarray(selection), jnp.asarray(selected),
+                        geometry=self.config.geometry)
 
     def _place(self, cartridges: dict[str, Cartridge]) -> dict[str, int]:
         """Bank slot of each cartridge; copies in those not already held (into the least

@@ -52,7 +52,8 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cas_jax import dataset, losses, model as model_lib, progress
-from cas_jax.attention import CartridgeBank, compose, num_prefix_tokens
+from cas_jax.attention import (DEFAULT_GEOMETRY, CartridgeBank, Geometry, compose,
+                               num_prefix_tokens)
 from cas_jax.cartridge import Cartridge
 from cas_jax.config import ModelConfig
 
@@ -71,6 +72,8 @@ class TrainConfig:
     loss: "distillation" or "next_token" (see `losses`); topk_mass: keep the teacher's best
     tokens up to this mass (None = all k). logits_chunk: tokens per chunk of the chunked loss.
     remat: recompute each decoder layer in the backward pass (less memory, more compute).
+    geometry: how the cartridges of a row stand before its conversation (`attention.Geometry`;
+    evaluation and serving must read them the same way).
     """
 
     lr: float = 2e-2
@@ -86,6 +89,7 @@ class TrainConfig:
     topk_mass: float | None = None
     logits_chunk: int = 256
     remat: bool = False
+    geometry: Geometry = DEFAULT_GEOMETRY
 
 
 @jax.tree_util.register_dataclass
@@ -167,20 +171,23 @@ def cartridges_from_state(state: TrainState, metas: Sequence) -> list[Cartridge]
             for i, m in enumerate(metas)]
 
 
-def batch_prefix(keys: jax.Array, values: jax.Array, batch: dict) -> dict:
+def batch_prefix(keys: jax.Array, values: jax.Array, batch: dict,
+                 geometry: Geometry = DEFAULT_GEOMETRY) -> dict:
     """The `model.forward` prefix for a batch: composed from the bank by `selection`, or the
-    single cartridge (N = 1) broadcast to every row."""
+    single cartridge (N = 1) broadcast to every row, both laid out by `geometry`."""
     n, n_layers, p, kh, dh = keys.shape
     b = batch["tokens"].shape[0]
+    bank = CartridgeBank(keys, values, jnp.full((n,), p, jnp.int32))
     if "selection" in batch:
-        bank = CartridgeBank(keys, values, jnp.full((n,), p, jnp.int32))
-        return compose(bank, batch["selection"], batch["selected"])
+        return compose(bank, batch["selection"], batch["selected"], geometry)
     if n != 1:
         raise ValueError(f"a batch without `selection` needs exactly one cartridge, got {n}")
+    if geometry.reshapes_logits:  # one cartridge per row, read as a composed set of one
+        return compose(bank, jnp.zeros((b, 1), jnp.int32), jnp.ones((b, 1), bool), geometry)
     shape = (n_layers, b, p, kh, dh)
     return {"k": jnp.broadcast_to(keys[0][:, None], shape),
             "v": jnp.broadcast_to(values[0][:, None], shape),
-            "mask": jnp.ones((b, p), bool)}
+            "mask": jnp.ones((b, p), bool), "start": jnp.full((b,), p, jnp.int32)}
 
 
 def batch_positions(length: jax.Array, n_prefix: jax.Array, seq_len: int) -> jax.Array:
@@ -193,7 +200,7 @@ def loss_fn(cartridges: dict, params: Any, batch: dict, *, config: ModelConfig,
             train_config: TrainConfig) -> tuple[jax.Array, jax.Array]:
     """(mean loss over masked tokens, number of masked tokens) of the student on `batch`."""
     keys, values = merge_cartridges(cartridges)
-    prefix = batch_prefix(keys, values, batch)
+    prefix = batch_prefix(keys, values, batch, train_config.geometry)
     tokens = batch["tokens"]
     positions = batch_positions(batch["length"], num_prefix_tokens(prefix, tokens.shape[0]),
                                 tokens.shape[1])

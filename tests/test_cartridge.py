@@ -221,3 +221,70 @@ def test_document_kv_init_keeps_the_sink_and_the_most_attended_positions(params)
         raw, jnp.arange(8)[None], inv)[0], atol=1e-4)
     with pytest.raises(ValueError, match="keep"):
         kvc.select_positions(np.asarray(scores), 41)
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def test_geometry_spec_round_trips_and_rejects_bad_names():
+    g = attention.Geometry.parse("parallel, temperature=0.8,count_power=1")
+    assert g == attention.Geometry("parallel", temperature=0.8, count_power=1.0)
+    assert attention.Geometry.parse(str(g)) == g and str(attention.SERIAL) == "serial"
+    with pytest.raises(ValueError, match="layout 'diagonal'"):
+        attention.Geometry.parse("diagonal")
+    with pytest.raises(ValueError, match="'temp=2' is not one of"):
+        attention.Geometry.parse("parallel,temp=2")
+    with pytest.raises(ValueError, match="must be > 0"):
+        attention.Geometry("serial", temperature=0.0)
+
+
+def test_parallel_queries_start_after_the_longest_cartridge(params):
+    _, bank = _bank(params, [7, 12, 5], max_tokens=12)
+    selection = jnp.array([[2, 0, 1], [1, 0, 0], [0, 0, 0]])
+    selected = jnp.array([[True, True, True], [True, False, False], [False, False, True]])
+    serial = attention.compose(bank, selection, selected, attention.SERIAL)
+    parallel = attention.compose(bank, selection, selected, attention.PARALLEL)
+    assert serial["start"].tolist() == [5 + 7 + 12 - 2, 12, 7]
+    assert parallel["start"].tolist() == [12, 12, 7]
+    assert [attention.query_start(c, attention.PARALLEL) for c in ([5, 7, 12], [12], [])] == \
+        [12, 12, 0]
+    assert attention.query_start([5, 7, 12], attention.SERIAL) == 22
+    # One cartridge alone is read the same way by both layouts.
+    query = _tokens(6, 60)[None]
+    one_s = attention.compose(bank, selection[1:2], selected[1:2], attention.SERIAL)
+    one_p = attention.compose(bank, selection[1:2], selected[1:2], attention.PARALLEL)
+    np.testing.assert_array_equal(np.asarray(_forward_after_prefix(params, one_s, query)),
+                                  np.asarray(_forward_after_prefix(params, one_p, query)))
+    # Several are not: the queries sit at other distances from the keys.
+    many = [attention.compose(bank, selection[:1], selected[:1], g)
+            for g in (attention.SERIAL, attention.PARALLEL)]
+    a, b = (np.asarray(_forward_after_prefix(params, p, query)) for p in many)
+    assert np.abs(a - b).max() > 1e-4
+
+
+def test_prefix_logit_scale_and_bias(params):
+    """A prefix logit bias of log 2 weighs the cartridge as if its tokens were there twice;
+    temperature and count_power reach compose's entries as 1/T and log(scale) - c log(n)."""
+    (c,), _ = _bank(params, [9], max_tokens=9)
+    query = jnp.asarray(_tokens(5, 61)[None])
+    positions = 9 + jnp.arange(5, dtype=jnp.int32)[None]
+    k, v = c.keys[:, None], c.values[:, None]
+    twice = {"k": jnp.concatenate([k, k], axis=2), "v": jnp.concatenate([v, v], axis=2),
+             "mask": jnp.ones((1, 18), bool)}
+    biased = {"k": k, "v": v, "mask": jnp.ones((1, 9), bool),
+              "logit_scale": jnp.ones((1, 9)), "logit_bias": jnp.full((1, 9), np.log(2.0))}
+    want, _ = model_lib.forward_jit(params, query, positions, prefix=twice, config=CONFIG)
+    got, _ = model_lib.forward_jit(params, query, positions, prefix=biased, config=CONFIG)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    plain, _ = model_lib.forward_jit(params, query, positions, prefix=biased | {
+        "logit_bias": jnp.zeros((1, 9))}, config=CONFIG)
+    assert np.abs(np.asarray(plain) - np.asarray(want)).max() > 1e-4
+
+    _, bank = _bank(params, [7, 12, 5], max_tokens=12)
+    g = attention.Geometry("parallel", temperature=0.5, scale=3.0, count_power=1.0)
+    p = attention.compose(bank, jnp.array([[0, 1, 2], [1, 0, 0]]),
+                          jnp.array([[True, True, True], [True, False, False]]), g)
+    np.testing.assert_allclose(np.asarray(p["logit_scale"]), 2.0)
+    np.testing.assert_allclose(np.asarray(p["logit_bias"][:, 0]),
+                               [np.log(3.0) - np.log(3.0), np.log(3.0)], atol=1e-6)
+    assert "logit_scale" not in attention.compose(bank, jnp.array([[0]]), jnp.array([[True]]))
