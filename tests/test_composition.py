@@ -1,0 +1,56 @@
+"""Composition study helpers: curve rows, names, and the interference figure."""
+
+import jax
+import numpy as np
+
+from cas_jax import attention, cartridge as cart_lib, composition, model as model_lib
+from cas_jax.loading import LoadedModel
+
+from test_train_collection import CFG, DOCS, _dataset
+
+
+class _Cartridges:
+    def __init__(self, params):
+        rng = np.random.default_rng(3)
+        self.table = {d: cart_lib.init_from_tokens(
+            CFG, params, rng.integers(0, CFG.vocab_size, 6), fingerprint="tiny-model", doc_id=d)
+            for d in DOCS}
+
+    def get(self, doc_id):
+        return self.table[doc_id]
+
+
+def test_interference_is_zero_for_a_cartridge_nobody_attends_to(tmp_path):
+    params = model_lib.init_params(CFG, jax.random.PRNGKey(0))
+    model = LoadedModel(CFG, params, None, "tiny-model", "")
+    _dataset(tmp_path / "data", np.random.default_rng(0))
+    source = _Cartridges(params)
+    loud = composition.interference(model, str(tmp_path / "data"), source, attention.SERIAL,
+                                    seq_len=16)
+    silenced = composition.interference(model, str(tmp_path / "data"), source,
+                                        attention.Geometry("serial", scale=1e-30), seq_len=16)
+    assert loud > 1e-4
+    assert abs(silenced) < 1e-5  # positions shifted by P change nothing: RoPE is relative
+
+
+def _result(correct, nll):
+    return {"summary": {"gold_nll": nll},
+            "records": [{"kind": "mc", "correct_ll": bool(c)} for c in correct]}
+
+
+def test_curve_rows_pair_each_k_with_its_own_oracle(tmp_path):
+    ones, half = np.ones(40), np.arange(40) % 2
+    results = {("cas", "parallel", 0): _result(ones, 2.0), ("cas", "parallel", 3): _result(half, 2.5),
+               ("naive", "serial", 3): _result(half, 3.0)}
+    rows = composition.curve_rows(results)
+    by = {(r["source"], r["geometry"], r["k"]): r for r in rows}
+    assert by[("cas", "parallel", 0)]["minus_oracle"] is None
+    diff, lo, hi = by[("cas", "parallel", 3)]["minus_oracle"]
+    assert diff == -0.5 and lo <= diff <= hi
+    assert by[("naive", "serial", 3)]["minus_oracle"] is None  # no k=0 row to pair with
+    table = composition.format_curve(rows)
+    assert "| cas | parallel | 3 | 0.500" in table and "-0.500" in table
+    composition.plot_curve(rows, str(tmp_path / "c.png"), closed_book=0.3)
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    g = attention.Geometry("parallel", temperature=0.8)
+    assert composition.row_name("cas", g, 3) == "cas_parallel_temperature0.8_k3"
