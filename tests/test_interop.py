@@ -1,5 +1,6 @@
-"""Reference (PyTorch Cartridges) .pt files: bitwise round trips, layout, shape checks, errors,
-and store -> .pt -> store through the launchers' library functions."""
+"""Reference (PyTorch Cartridges) .pt files: bitwise round trips, layout, frozen_* and fixed_*
+names, shape checks, errors, and store -> .pt -> store through the launchers' library
+functions."""
 
 import os
 
@@ -12,12 +13,13 @@ torch = pytest.importorskip("torch")
 
 from cas_jax import interop, store as store_lib, train
 from cas_jax.cartridge import Cartridge, CartridgeMeta, CartridgeMismatchError
-from cas_jax.interop import ReferenceFormatError
+from cas_jax.interop import CartridgeFormatError
 from cas_jax.train_collection import opt_template_fn
 
 FP = "tiny-fp"
 L, P, K, DH = 3, 7, 2, 4  # layers, tokens, kv heads, head dim
 SHAPE = (L, K, DH)
+REFERENCE_KEYS = ("trainable_keys", "trainable_values", "frozen_keys", "frozen_values")
 
 
 def make_cartridge(dtype=np.float32, num_frozen=1, doc_id="doc", seed=0) -> Cartridge:
@@ -62,7 +64,7 @@ def test_round_trip_is_bitwise(tmp_path, dtype, num_frozen):
     back = interop.load_reference_cartridge(path, model_fingerprint=FP, doc_id="doc",
                                             expected_shape=SHAPE)
     assert_bitwise_equal(back, c)
-    assert back.meta == CartridgeMeta(FP, "doc", num_frozen, interop.IMPORTED_INIT)
+    assert back.meta == CartridgeMeta(FP, "doc", num_frozen, "reference")
     assert os.listdir(tmp_path) == ["cartridge.pt"]  # no temporary file left behind
 
 
@@ -73,7 +75,7 @@ def test_file_has_the_reference_layout(tmp_path, dtype, torch_dtype):
     path = str(tmp_path / "cartridge.pt")
     interop.save_reference_cartridge(c, path)
     data = torch.load(path, weights_only=True)
-    assert sorted(data) == sorted(interop.REFERENCE_KEYS)
+    assert sorted(data) == sorted(REFERENCE_KEYS)
     for name, tokens in (("frozen", 2), ("trainable", P - 2)):
         for kind, src in (("keys", c.keys), ("values", c.values)):
             seq = data[f"{name}_{kind}"]
@@ -98,6 +100,59 @@ def test_reads_reference_parameter_lists(tmp_path):
                                       want[0].detach().float().numpy().transpose(1, 0, 2))
 
 
+def as_fixed(data):
+    """A reference dict with the pre-August-2025 names of the frozen lists."""
+    data = dict(data)
+    data["fixed_keys"], data["fixed_values"] = data.pop("frozen_keys"), data.pop("frozen_values")
+    return data
+
+
+@pytest.mark.parametrize("num_frozen", [1, 2, 0])
+def test_reads_pre_august_2025_fixed_names(tmp_path, num_frozen):
+    data = reference_dict(num_frozen=num_frozen, dtype=torch.bfloat16)
+    new = interop.load_reference_cartridge(write(tmp_path / "new.pt", data),
+                                           model_fingerprint=FP, expected_shape=SHAPE)
+    old = interop.load_reference_cartridge(write(tmp_path / "old.pt", as_fixed(data)),
+                                           model_fingerprint=FP, expected_shape=SHAPE)
+    assert old.meta.num_frozen == num_frozen and old.keys.shape == (L, P, K, DH)
+    assert_bitwise_equal(old, new)
+    if num_frozen:
+        np.testing.assert_array_equal(old.values[:, :num_frozen].astype(np.float32),
+                                      np.stack([t[0].detach().float().numpy().transpose(1, 0, 2)
+                                                for t in data["frozen_values"]]))
+
+
+@pytest.mark.parametrize("names", ["fixed", "frozen"])
+def test_writes_either_names(tmp_path, names):
+    c = make_cartridge(num_frozen=2)
+    path = str(tmp_path / "c.pt")
+    interop.save_reference_cartridge(c, path, names=names)
+    data = torch.load(path, weights_only=True)
+    assert sorted(data) == sorted(["trainable_keys", "trainable_values", f"{names}_keys",
+                                   f"{names}_values"])
+    assert data[f"{names}_keys"][0].shape == (1, K, 2, DH)
+    assert_bitwise_equal(interop.load_reference_cartridge(path, model_fingerprint=FP), c)
+    with pytest.raises(ValueError, match="names 'fixd'"):
+        interop.save_reference_cartridge(c, path, names="fixd")
+
+
+def test_frozen_and_fixed_names_together_or_neither_are_refused(tmp_path):
+    data = reference_dict()
+    both = dict(data, fixed_keys=data["frozen_keys"], fixed_values=data["frozen_values"])
+    with pytest.raises(CartridgeFormatError, match=r"both.pt: has both frozen_\* and fixed_\*"):
+        interop.load_reference_cartridge(write(tmp_path / "both.pt", both), model_fingerprint=FP)
+    neither = {k: v for k, v in data.items() if k.startswith("trainable")}
+    with pytest.raises(CartridgeFormatError, match=r"neither.pt: missing keys \['frozen_keys', "
+                                                   r"'frozen_values'\].*or fixed_keys, "
+                                                   r"fixed_values \(before\)"):
+        interop.load_reference_cartridge(write(tmp_path / "neither.pt", neither),
+                                         model_fingerprint=FP)
+    half = dict(as_fixed(data))
+    del half["fixed_values"]
+    with pytest.raises(CartridgeFormatError, match=r"missing keys \['fixed_values'\]"):
+        interop.load_reference_cartridge(write(tmp_path / "half.pt", half), model_fingerprint=FP)
+
+
 @pytest.mark.parametrize("shape", [(L + 1, K, DH), (L, K * 2, DH), (L, K, DH * 2)])
 def test_other_models_shape_is_rejected(tmp_path, shape):
     path = str(tmp_path / "cartridge.pt")
@@ -114,7 +169,7 @@ def test_unreadable_files_are_named(tmp_path):
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:200])
     for path in (garbage, truncated):
-        with pytest.raises(ReferenceFormatError, match=f"{path.name}: not a readable torch"):
+        with pytest.raises(CartridgeFormatError, match=f"{path.name}: not a readable torch"):
             interop.load_reference_cartridge(str(path), model_fingerprint=FP)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         interop.load_reference_cartridge(str(tmp_path / "missing.pt"), model_fingerprint=FP)
@@ -125,48 +180,48 @@ def test_malformed_contents_give_clear_errors(tmp_path):
         return interop.load_reference_cartridge(write(tmp_path / "c.pt", data),
                                                 model_fingerprint=FP, expected_shape=SHAPE)
 
-    with pytest.raises(ReferenceFormatError, match="c.pt: holds a list, expected a dict"):
+    with pytest.raises(CartridgeFormatError, match="c.pt: holds a list, expected a dict"):
         load([torch.zeros(1)])
     data = reference_dict()
     del data["frozen_values"]
-    with pytest.raises(ReferenceFormatError, match=r"c.pt: missing keys \['frozen_values'\]"):
+    with pytest.raises(CartridgeFormatError, match=r"c.pt: missing keys \['frozen_values'\]"):
         load(data)
     data = reference_dict()
     data["trainable_values"] = data["trainable_values"][:-1]
-    with pytest.raises(ReferenceFormatError, match="trainable_keys has 3 layers, "
+    with pytest.raises(CartridgeFormatError, match="trainable_keys has 3 layers, "
                                                    "trainable_values 2"):
         load(data)
     data = reference_dict()
     data["frozen_keys"], data["frozen_values"] = (data["frozen_keys"][:1],
                                                   data["frozen_values"][:1])
-    with pytest.raises(ReferenceFormatError, match="frozen_keys has 1 layers, trainable_keys 3"):
+    with pytest.raises(CartridgeFormatError, match="frozen_keys has 1 layers, trainable_keys 3"):
         load(data)
     data = reference_dict()
     data["trainable_keys"] = [t[0] for t in data["trainable_keys"]]
-    with pytest.raises(ReferenceFormatError, match=r"trainable_keys\[0\] has shape \[2, 6, 4\], "
+    with pytest.raises(CartridgeFormatError, match=r"trainable_keys\[0\] has shape \[2, 6, 4\], "
                                                    r"expected \[1, kv_heads, tokens, head_dim\]"):
         load(data)
     data = reference_dict()
     data["trainable_keys"] = [t.detach().repeat(2, 1, 1, 1) for t in data["trainable_keys"]]
-    with pytest.raises(ReferenceFormatError, match=r"has shape \[2, 2, 6, 4\]"):
+    with pytest.raises(CartridgeFormatError, match=r"has shape \[2, 2, 6, 4\]"):
         load(data)
     data = reference_dict()
     data["frozen_keys"] = [t.detach().repeat(1, 2, 1, 1) for t in data["frozen_keys"]]
     data["frozen_values"] = [t.detach().repeat(1, 2, 1, 1) for t in data["frozen_values"]]
-    with pytest.raises(ReferenceFormatError, match="frozen tokens are .* 4 kv heads .* "
+    with pytest.raises(CartridgeFormatError, match="frozen tokens are .* 4 kv heads .* "
                                                    "trainable ones .* 2 x 4; expected"):
         load(data)
     data = reference_dict()
     data["trainable_values"][1] = data["trainable_values"][1].detach()[:, :, :3]
-    with pytest.raises(ReferenceFormatError, match=r"trainable_values\[1\] is float32\[1, 2, 3, "
+    with pytest.raises(CartridgeFormatError, match=r"trainable_values\[1\] is float32\[1, 2, 3, "
                                                    r"4\], trainable_keys\[0\] is float32"):
         load(data)
     data = reference_dict()
     for name in ("trainable_keys", "trainable_values"):
         data[name] = [t.detach()[:, :, :0] for t in data[name]]
-    with pytest.raises(ReferenceFormatError, match="zero trainable tokens"):
+    with pytest.raises(CartridgeFormatError, match="zero trainable tokens"):
         load(data)
-    with pytest.raises(ReferenceFormatError, match="trainable_keys is empty"):
+    with pytest.raises(CartridgeFormatError, match="trainable_keys is empty"):
         load(reference_dict(layers=0))
 
 
@@ -176,9 +231,9 @@ def test_store_round_trip_through_the_launchers(tmp_path):
     src.save("fr", c)
     pt = str(tmp_path / "fr.pt")
     common = dict(model_fingerprint=FP, expected_shape=SHAPE)
-    interop.export_cartridge(pt, store=src.root, doc_id="fr", **common)
+    interop.export_cartridge(pt, store=src.root, doc_ids=["fr"], **common)
     with pytest.raises(FileExistsError, match="fr.pt exists"):
-        interop.export_cartridge(pt, store=src.root, doc_id="fr", **common)
+        interop.export_cartridge(pt, store=src.root, doc_ids=["fr"], **common)
 
     # Into a train_collection folder: its cartridges/ store, with a fresh trainable Adam state.
     run_dir = tmp_path / "run"
@@ -188,7 +243,7 @@ def test_store_round_trip_through_the_launchers(tmp_path):
     template = opt_template_fn(train.make_optimizer(train.TrainConfig()))
     back, opt_state, step = dst.load("fr", opt_template=template)
     assert_bitwise_equal(back, c)
-    assert back.meta == CartridgeMeta(FP, "fr", 1, interop.IMPORTED_INIT) and step == 0
+    assert back.meta == CartridgeMeta(FP, "fr", 1, "reference") and step == 0
     assert all(not np.asarray(x).any() for x in jax.tree.leaves(opt_state)
                if np.asarray(x).ndim)
     with pytest.raises(FileExistsError, match="'fr' is already in store"):
@@ -199,7 +254,7 @@ def test_store_round_trip_through_the_launchers(tmp_path):
     plain = store_lib.CartridgeStore(str(tmp_path / "new"), FP)
     assert plain.load("fr")[1] is None
     again = str(tmp_path / "again.pt")
-    interop.export_cartridge(again, store=plain.root, doc_id="fr", **common)
+    interop.export_cartridge(again, store=plain.root, doc_ids=["fr"], **common)
     assert_bitwise_equal(
         interop.load_reference_cartridge(again, model_fingerprint=FP, expected_shape=SHAPE), c)
 
@@ -209,17 +264,17 @@ def test_export_from_a_cartridge_directory_checks_the_model(tmp_path):
     store_lib.save_cartridge(str(tmp_path / "train_out" / "cartridge"), c)
     pt = str(tmp_path / "c.pt")
     for source in ("train_out", "train_out/cartridge"):  # output_dir or the cartridge itself
-        interop.export_cartridge(pt, cartridge_dir=str(tmp_path / source), overwrite=True,
+        interop.export_cartridge(pt, cartridge_dirs=[str(tmp_path / source)], overwrite=True,
                                  model_fingerprint=FP, expected_shape=SHAPE)
         assert_bitwise_equal(interop.load_reference_cartridge(pt, model_fingerprint=FP), c)
     with pytest.raises(CartridgeMismatchError, match="made for model tiny-fp"):
-        interop.export_cartridge(pt, cartridge_dir=str(tmp_path / "train_out"), overwrite=True,
+        interop.export_cartridge(pt, cartridge_dirs=[str(tmp_path / "train_out")], overwrite=True,
                                  model_fingerprint="other", expected_shape=SHAPE)
     with pytest.raises(CartridgeMismatchError, match="kv_heads=4"):
-        interop.export_cartridge(pt, cartridge_dir=str(tmp_path / "train_out"), overwrite=True,
+        interop.export_cartridge(pt, cartridge_dirs=[str(tmp_path / "train_out")], overwrite=True,
                                  model_fingerprint=FP, expected_shape=(L, 4, DH))
     with pytest.raises(store_lib.CartridgeNotFoundError, match="no cartridge store"):
-        interop.export_cartridge(pt, store=str(tmp_path / "nowhere"), doc_id="x", overwrite=True,
+        interop.export_cartridge(pt, store=str(tmp_path / "nowhere"), doc_ids=["x"], overwrite=True,
                                  model_fingerprint=FP, expected_shape=SHAPE)
     with pytest.raises(CartridgeMismatchError):  # an imported file must fit the model too
         interop.import_cartridge(pt, str(tmp_path / "s"), "x", model_fingerprint=FP,
