@@ -98,7 +98,7 @@ def run_size(model, qs, ids, out, closed, icl, times) -> dict:
 
     t0, trained_s = time.perf_counter(), times.get("training", 0.0)
     ev = evaluate.Evaluator(model, docs, evaluate.EvalConfig(max_new_tokens=0))
-    stamp = {**dataclasses.asdict(cfg), "distractors": FLAGS.distractors, "documents": len(docs)}
+    stamp = pipeline.stamp(cfg, distractors=FLAGS.distractors, documents=len(docs))
     rows = cas_study.collection_methods(
         ev, qs, out, cas=study.LazySource(train_cas), naive=None, monolithic=None,
         tokens=cfg.tokens_per_doc, n_docs=len(docs), compose_k=[3], positions=[],

@@ -19,7 +19,8 @@ import time
 import numpy as np
 from absl import app, flags
 
-from cas_jax import corpus, dataset, evaluate, loading, pipeline, questions as questions_lib
+from cas_jax import attention, corpus, dataset, evaluate, loading, pipeline
+from cas_jax import questions as questions_lib
 from cas_jax import splits
 from cas_jax import cas_study, selfstudy_quality, study, synthesis
 
@@ -77,8 +78,15 @@ flags.DEFINE_float("cas_epochs", 0.0, "CAS training length in epochs of the self
 flags.DEFINE_bool("cas_naive", True, "With --cas: also the naive composition rows (they read "
                   "the isolated cartridges, trained first if they are not).")
 flags.DEFINE_integer("cas_distractors", 3, "k_max of CAS training.")
-flags.DEFINE_enum("cas_schedule", "uniform", ["fixed", "uniform", "ramp"],
-                  "How CAS training draws k per step.")
+flags.DEFINE_enum("cas_schedule", "uniform", ["fixed", "uniform", "ramp", "mixed"],
+                  "How CAS training draws k: per step (fixed, uniform, ramp) or per row "
+                  "(mixed: alone with probability --cas_p_iso, else k ~ U{1..k_max}).")
+flags.DEFINE_float("cas_p_iso", 0.0, "Mixed schedule: share of rows read alone.")
+flags.DEFINE_float("cas_quiet", 0.0, "Share of quiet CAS steps: rows read only other "
+                   "documents' cartridges and are distilled toward the model with none.")
+flags.DEFINE_string("geometry", str(attention.DEFAULT_GEOMETRY),
+                    "Composition geometry of training and evaluation (attention.Geometry: "
+                    "serial, parallel, optionally ',temperature=T,scale=S,count_power=C').")
 flags.DEFINE_integer("cas_ramp_steps", 100, "Steps for the 'ramp' schedule to reach k_max.")
 flags.DEFINE_enum("cas_grad_scope", "target", ["target", "all"],
                   "CAS training: which active cartridges get updates.")
@@ -104,6 +112,13 @@ def _weights() -> tuple[float, ...]:
     return tuple(float(pairs.get(f, 0.0)) for f in synthesis.FAMILIES)
 
 
+def _geometry() -> attention.Geometry:
+    try:
+        return attention.Geometry.parse(FLAGS.geometry)
+    except ValueError as e:
+        raise app.UsageError(f"--geometry: {e}")
+
+
 def _stage(name, times, t0):
     times[name] = times.get(name, 0.0) + time.perf_counter() - t0
     print(f"  {name}: {times[name]:.0f}s", flush=True)
@@ -120,9 +135,10 @@ def _collection_methods(model, docs, data_dir, naive, isolated, ev, qs, cfg, cas
     report = lambda r: print(f"  step {r.step}/{r.total_steps} loss {r.loss:.4f} "  # noqa: E731
                              f"ETA {r.eta_s:.0f}s", flush=True)
     p = dataclasses.replace(cfg.pipeline, steps=cas_steps, distractor_schedule=FLAGS.cas_schedule,
-                            ramp_steps=FLAGS.cas_ramp_steps, grad_scope=FLAGS.cas_grad_scope)
+                            ramp_steps=FLAGS.cas_ramp_steps, grad_scope=FLAGS.cas_grad_scope,
+                            p_iso=FLAGS.cas_p_iso, quiet=FLAGS.cas_quiet)
     stamps = {"naive": isolated, "monolithic": isolated,
-              "cas": {**dataclasses.asdict(p), "distractors": FLAGS.cas_distractors}}
+              "cas": pipeline.stamp(p, distractors=FLAGS.cas_distractors)}
 
     def train_cas():
         cas, _ = pipeline.train_cartridges(model, docs, data_dir, os.path.join(out, "cas"), p,
@@ -195,7 +211,8 @@ def main(argv):
         tokens_per_doc=FLAGS.tokens, distractors=0, steps=steps, batch=FLAGS.batch,
         seq_len=FLAGS.seq_len, lr=FLAGS.lr, seed=FLAGS.seed, family_weights=_weights(),
         span_turns=FLAGS.span_turns, no_repeat_ngram_size=FLAGS.no_repeat_ngram_size,
-        repetition_penalty=FLAGS.repetition_penalty, init=FLAGS.init),
+        repetition_penalty=FLAGS.repetition_penalty, init=FLAGS.init,
+        geometry=_geometry()),
         heldout_per_doc=FLAGS.heldout_per_doc, eval_every=eval_every,
         max_new_tokens=_generation_tokens(), rag_top_k=FLAGS.rag_top_k)
     with open(os.path.join(out, "config.json"), "w") as f:
@@ -233,7 +250,8 @@ def main(argv):
 
     t0 = time.perf_counter()
     print("== 2. baselines ==", flush=True)
-    ev = evaluate.Evaluator(model, docs, evaluate.EvalConfig(max_new_tokens=cfg.max_new_tokens))
+    ev = evaluate.Evaluator(model, docs, evaluate.EvalConfig(max_new_tokens=cfg.max_new_tokens,
+                                                             geometry=cfg.pipeline.geometry))
     closed = study.cached_method(shared, "closed_book", lambda: ev.closed_book(qs))
     icl = study.cached_method(shared, "icl", lambda: ev.icl(qs))
     rag = study.cached_method(shared, f"rag_bm25_k{cfg.rag_top_k}",
@@ -246,7 +264,7 @@ def main(argv):
     curve_path = os.path.join(out, "curve.jsonl")
     mc = [q for q in qs if q.kind == "mc"]
     oracle_name = f"oracle_cartridge_step{cfg.pipeline.steps}"
-    isolated = dataclasses.asdict(cfg.pipeline)  # stamps the results read from these cartridges
+    isolated = pipeline.stamp(cfg.pipeline)  # stamps the results read from these cartridges
 
     def train_isolated():
         study.train_with_curve(

@@ -8,11 +8,13 @@ Each stage resumes from what is already complete in its output folder.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Sequence
 
 from cas_jax import evaluate, synthesis, train
 from cas_jax.corpus import Collection
+from cas_jax.attention import DEFAULT_GEOMETRY, Geometry
 from cas_jax.distractors import DistractorSchedule
 from cas_jax.loading import LoadedModel
 from cas_jax.questions import Question
@@ -55,6 +57,26 @@ class PipelineConfig:
     distractor_schedule: str = "uniform"  # distractors.SCHEDULES
     ramp_steps: int = 100
     grad_scope: str = "target"  # train_collection.GRAD_SCOPES
+    p_iso: float = 0.0  # the mixed schedule's share of isolated rows
+    quiet: float = 0.0  # share of quiet steps (distractors module doc)
+    geometry: Geometry = DEFAULT_GEOMETRY  # how composed cartridges stand (attention.Geometry)
+
+
+LATER_FIELDS = ("p_iso", "quiet", "geometry")
+"""PipelineConfig fields added after results were recorded: `stamp` leaves them out while they
+hold their defaults, so the recorded results still match the configs that made them."""
+
+
+def stamp(cfg: PipelineConfig, **extra) -> dict:
+    """What results read from cartridges trained under `cfg` depend on (`study.cached_method`),
+    JSON-able: every field (the geometry as its spec string) but LATER_FIELDS at defaults."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in LATER_FIELDS and value == f.default:
+            continue
+        out[f.name] = str(value) if isinstance(value, Geometry) else value
+    return {**json.loads(json.dumps(out)), **extra}
 
 
 def synthesize(model: LoadedModel, docs: Collection, data_dir: str, cfg: PipelineConfig,
@@ -79,11 +101,12 @@ def _train(model: LoadedModel, data_dir: str, store_dir: str, cfg: PipelineConfi
     CAS and both baselines see the same data and token budget."""
     ccfg = CollectionConfig(
         tokens_per_doc=tokens_per_doc, init=cfg.init, batch_size=cfg.batch, seq_len=cfg.seq_len,
-        steps=cfg.steps, distractors=DistractorSchedule(distractors, cfg.distractor_schedule,
-                                                        cfg.ramp_steps),
+        steps=cfg.steps, distractors=DistractorSchedule(
+            distractors, cfg.distractor_schedule if distractors else "uniform", cfg.ramp_steps,
+            p_iso=cfg.p_iso, quiet=cfg.quiet if distractors else 0.0),
         grad_scope=cfg.grad_scope, budget_bytes=cfg.budget_bytes,
         checkpoint_every=max(cfg.steps // 4, 1), seed=cfg.seed)
-    tcfg = train.TrainConfig(lr=cfg.lr, total_steps=cfg.steps)
+    tcfg = train.TrainConfig(lr=cfg.lr, total_steps=cfg.steps, geometry=cfg.geometry)
     summary = train_collection(model, data_dir, store_dir, ccfg, tcfg, texts=texts,
                                cartridge_of=cartridge_of, on_report=on_report)
     return CartridgeStore(os.path.join(store_dir, "cartridges"), model.fingerprint), summary

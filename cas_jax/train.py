@@ -196,6 +196,20 @@ def batch_positions(length: jax.Array, n_prefix: jax.Array, seq_len: int) -> jax
     return jnp.where(t < length[:, None], n_prefix[:, None] + t, -1)
 
 
+def closed_book_targets(params: Any, batch: dict, *, config: ModelConfig) -> dict:
+    """`batch` with its teacher replaced by the frozen model reading NO document: its top-k
+    (k = the batch's teacher width) log-probabilities for every token, computed here without
+    gradients. The target of quiet rows (`distractors`: a cartridge must not change the
+    model's answers off its own document)."""
+    tokens = batch["tokens"]
+    t = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    positions = jnp.where(t < batch["length"][:, None], t, -1)
+    logits, _ = model_lib.forward(params, tokens, positions, config=config)
+    logp = jax.nn.log_softmax(jax.lax.stop_gradient(logits), axis=-1)
+    top_lp, top_ids = jax.lax.top_k(logp, batch["teacher_ids"].shape[-1])
+    return dict(batch, teacher_ids=top_ids.astype(jnp.int32), teacher_logprobs=top_lp)
+
+
 def loss_fn(cartridges: dict, params: Any, batch: dict, *, config: ModelConfig,
             train_config: TrainConfig) -> tuple[jax.Array, jax.Array]:
     """(mean loss over masked tokens, number of masked tokens) of the student on `batch`."""

@@ -178,11 +178,16 @@ def _slot_mask(mask: jax.Array, leaf: jax.Array) -> jax.Array:
 
 def make_collection_step(model: LoadedModel, train_config: train.TrainConfig,
                          optimizer: optax.GradientTransformation, mesh) -> Callable:
-    """(parts [N,...], opt_state [N,...], trainable [N] bool, params, batch) ->
+    """(parts [N,...], opt_state [N,...], trainable [N] bool, params, batch, quiet) ->
     (parts, opt_state, metrics), jitted with the batch sharded over "data" and the rest
     replicated; parts and opt_state are donated. Slots with trainable False come back unchanged.
+    quiet (static): the batch's teacher is replaced by the model with no document
+    (`train.closed_book_targets`), for a quiet step of the distractor schedule.
     """
-    def step(parts, opt_state, trainable, params, batch):
+    def step(parts, opt_state, trainable, params, batch, quiet):
+        if quiet:
+            batch = train.closed_book_targets(params, batch, config=model.config)
+
         def loss(p):
             p = jax.tree.map(lambda x: jnp.where(_slot_mask(trainable, x), x,
                                                  jax.lax.stop_gradient(x)), p)
@@ -202,7 +207,7 @@ def make_collection_step(model: LoadedModel, train_config: train.TrainConfig,
 
     rep = train.replicated(mesh)
     return jax.jit(step, in_shardings=(rep, rep, rep, rep, train.batch_sharding(mesh)),
-                   out_shardings=(rep, rep, rep), donate_argnums=(0, 1))
+                   out_shardings=(rep, rep, rep), donate_argnums=(0, 1), static_argnums=(5,))
 
 
 def _stack(trees: list, capacity: int):
@@ -311,7 +316,7 @@ def train_collection(model: LoadedModel, data_dir: str, store_dir: str, cfg: Col
     else:
         view.discard()
 
-    capacity = cfg.batch_size * (1 + cfg.distractors.k_max)
+    capacity = cfg.batch_size * cfg.distractors.max_slots
     step_fn = make_collection_step(model, train_config, optimizer, mesh)
     rep = train.replicated(mesh)
     params = jax.device_put(model.params, rep)
@@ -359,7 +364,7 @@ def train_collection(model: LoadedModel, data_dir: str, store_dir: str, cfg: Col
             parts = _stack([single_parts(c) for c, _ in pairs], capacity)
             opt_state = _stack([o for _, o in pairs], capacity)
             trainable = np.zeros((capacity,), bool)
-            if cfg.grad_scope == "target":
+            if cfg.grad_scope == "target" and not plan.quiet:
                 trainable[np.unique(plan.targets)] = True
             else:
                 trainable[:len(doc_ids)] = True
@@ -367,7 +372,8 @@ def train_collection(model: LoadedModel, data_dir: str, store_dir: str, cfg: Col
                               selected=plan.selected[rows])
             parts, opt_state, metrics = step_fn(parts, opt_state,
                                                 jax.device_put(trainable, rep), params,
-                                                train.device_batch(host_batch, mesh))
+                                                train.device_batch(host_batch, mesh),
+                                                plan.quiet)
             keys, values = train.merge_cartridges(parts)
             for slot, (doc_id, (c, _)) in enumerate(zip(doc_ids, pairs)):
                 if trainable[slot]:

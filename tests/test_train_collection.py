@@ -34,15 +34,16 @@ def test_plan_never_picks_the_target_and_respects_k():
     assert plan.selected.sum() == 3
 
 
-def _dataset(path, rng):
+def _dataset(path, rng, k=3):
+    """24 conversations of DOCS with random teacher top-k of width k."""
     convs = []
     for i in range(24):
         doc = DOCS[i % len(DOCS)]
         n = int(rng.integers(8, 14))
         mask = np.zeros(n, bool)
         mask[n - 5:n - 1] = True
-        ids = rng.integers(0, CFG.vocab_size, size=(4, 3)).astype(np.int32)
-        lp = np.log(np.sort(rng.dirichlet(np.ones(3), size=4), axis=1)[:, ::-1]).astype(np.float32)
+        ids = rng.integers(0, CFG.vocab_size, size=(4, k)).astype(np.int32)
+        lp = np.log(np.sort(rng.dirichlet(np.ones(k), size=4), axis=1)[:, ::-1]).astype(np.float32)
         convs.append(dataset.Conversation(
             tokens=rng.integers(0, CFG.vocab_size, n).astype(np.int32), loss_mask=mask,
             teacher_ids=ids, teacher_logprobs=np.ascontiguousarray(lp), doc_id=doc,
@@ -172,3 +173,67 @@ def test_monolithic_inputs_take_every_documents_start_and_respect_the_window(set
     assert cartridge_of == {"x": "monolithic", "y": "monolithic"}
     with pytest.raises(ValueError, match="2 documents x 3 tokens.*window"):
         pipeline.monolithic_inputs(mono, docs, 3, seq_len=CFG.max_position_embeddings)
+
+
+def test_mixed_schedule_draws_k_per_row_and_sizes_the_step_to_it():
+    ids = tuple(DOCS)
+    schedule = DistractorSchedule(5, "mixed", p_iso=0.5)
+    ks, widths = [], set()
+    for step in range(200):
+        plan = plan_step(["a", "b", "c", "d"], ids, schedule, step, seed=2)
+        row_k = plan.selected.sum(axis=1) - 1
+        ks += row_k.tolist()
+        c = plan.selection.shape[1]
+        widths.add(c)
+        assert c <= 6 and c >= row_k.max() + 1 and (c & (c - 1) == 0 or c == 6)
+        assert not plan.quiet and (plan.targets >= 0).all()
+    ks = np.asarray(ks)
+    assert 0.42 < np.mean(ks == 0) < 0.58 and set(ks.tolist()) == {0, 1, 2, 3, 4, 5}
+    assert widths >= {1, 2, 4}  # a step of isolated rows pays for one slot
+    with pytest.raises(ValueError, match="shares in"):
+        DistractorSchedule(3, "mixed", p_iso=1.5)
+
+
+def test_quiet_steps_read_other_documents_only():
+    ids = tuple(DOCS)
+    schedule = DistractorSchedule(3, "uniform", quiet=0.25)
+    quiet = 0
+    for step in range(200):
+        plan = plan_step(["a", "b"], ids, schedule, step, seed=3)
+        if not plan.quiet:
+            continue
+        quiet += 1
+        assert (plan.targets == -1).all()
+        for row, own in enumerate(["a", "b"]):
+            read = [plan.doc_ids[s] for s, on in zip(plan.selection[row], plan.selected[row])
+                    if on]
+            assert 1 <= len(read) <= 3 and own not in read
+    assert 30 < quiet < 70
+
+
+def test_quiet_training_makes_cartridges_quieter(setup, tmp_path):
+    """Quiet steps distil toward the model with no cartridge: the KL between the model reading
+    an unrelated cartridge and the model with none falls. The data's teacher width is the
+    whole vocabulary here, so the distillation target is the full closed-book distribution
+    (the tiny random model's is nearly flat: a top-3 target would not describe it)."""
+    from cas_jax import attention, composition, pipeline
+
+    model, _, tcfg = setup
+    data = str(tmp_path / "full")
+    _dataset(data, np.random.default_rng(1), k=CFG.vocab_size)
+    root = str(tmp_path / "q")
+    store = CartridgeStore(root + "/cartridges", model.fingerprint)
+    opt = train.make_optimizer(tcfg)
+    for i, d in enumerate(DOCS):  # loud: values far larger than the model's own
+        c = cart_lib.init_random_tokens(CFG, model.params, P, jax.random.PRNGKey(i),
+                                        fingerprint=model.fingerprint, doc_id=d)
+        c = jax.device_get(c.replace(keys=c.keys * 4, values=c.values * 10))
+        store.save(d, c, jax.device_get(opt.init(tc.single_parts(c))), step=0)
+    source = pipeline.StoreSource(store)
+    before = composition.interference(model, data, source, attention.SERIAL, seq_len=16)
+    cfg = _cfg(steps=48, distractors=DistractorSchedule(1, "uniform", quiet=1.0),
+               budget_bytes=1 << 30)
+    tc.train_collection(model, data, root, cfg, train.TrainConfig(lr=0.5))
+    after = composition.interference(model, data, pipeline.StoreSource(
+        CartridgeStore(root + "/cartridges", model.fingerprint)), attention.SERIAL, seq_len=16)
+    assert after < 0.7 * before, (before, after)
