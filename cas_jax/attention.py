@@ -91,6 +91,17 @@ class Geometry:
         return cls(layout, **kw)
 
 
+def geometry_of(cartridges: Sequence[Cartridge]) -> Geometry:
+    """The geometry `cartridges` were trained under (their meta); DEFAULT_GEOMETRY for none.
+    Cartridges trained under different geometries are refused, naming them."""
+    specs = {c.meta.geometry for c in cartridges}
+    if len(specs) > 1:
+        by = {s: [c.meta.doc_id for c in cartridges if c.meta.geometry == s] for s in specs}
+        raise ValueError(f"cartridges trained under different geometries {by}: name the one "
+                         "to compose them by")
+    return Geometry.parse(specs.pop()) if specs else DEFAULT_GEOMETRY
+
+
 SERIAL = Geometry("serial")
 PARALLEL = Geometry("parallel")
 DEFAULT_GEOMETRY = SERIAL

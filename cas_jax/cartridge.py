@@ -41,12 +41,16 @@ class CartridgeMeta:
     doc_id: the source document id ("" for a collection-wide cartridge).
     num_frozen: leading tokens that training never changes (the attention sink).
     init: how it was initialised ("first_tokens", "random_tokens", "random_vectors").
+    geometry: the composition geometry it was trained under (`attention.Geometry` spec;
+      "serial" for every cartridge made before geometries were named); readers compose it
+      the same way.
     """
 
     model_fingerprint: str
     doc_id: str = ""
     num_frozen: int = 1
     init: str = "first_tokens"
+    geometry: str = "serial"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

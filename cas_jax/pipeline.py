@@ -130,7 +130,8 @@ def initial_store(model: LoadedModel, docs: Collection, store_dir: str, cfg: Pip
     fresh optimizer state (created where missing), i.e. the cartridges at step 0."""
     store = CartridgeStore(os.path.join(store_dir, "cartridges"), model.fingerprint)
     optimizer = train.make_optimizer(train.TrainConfig(lr=cfg.lr, total_steps=cfg.steps))
-    initialise_store(store, model, docs.texts, cfg.tokens_per_doc, optimizer, init=cfg.init)
+    initialise_store(store, model, docs.texts, cfg.tokens_per_doc, optimizer, init=cfg.init,
+                     geometry=str(cfg.geometry))
     return store
 
 

@@ -146,12 +146,14 @@ INITS = ("first_tokens", "document_kv")
 
 def initialise_store(store: CartridgeStore, model: LoadedModel, texts: dict[str, str],
                      tokens_per_doc: int, optimizer: optax.GradientTransformation,
-                     num_frozen: int = 1, init: str = "first_tokens") -> list[str]:
+                     num_frozen: int = 1, init: str = "first_tokens",
+                     geometry: str = "serial") -> list[str]:
     """Saves a fresh cartridge (with fresh optimizer state) for every document the store lacks;
     returns the ids it created. init: "first_tokens" (the K/V of the document block's first P
     tokens, the paper's default) or "document_kv" (`kv_compression`: the whole block's K/V
     compressed to its P most-attended positions; a block shorter than P falls back to
-    first_tokens)."""
+    first_tokens). geometry: the composition geometry training will use, kept in each
+    cartridge's meta."""
     if init not in INITS:
         raise ValueError(f"init {init!r}: expected one of {INITS}")
     made = []
@@ -167,6 +169,7 @@ def initialise_store(store: CartridgeStore, model: LoadedModel, texts: dict[str,
             c = cart_lib.init_from_tokens(model.config, model.params,
                                           np.resize(block, tokens_per_doc), **common)
         c = jax.device_get(c)
+        c = c.replace(meta=dataclasses.replace(c.meta, geometry=geometry))
         store.save(doc_id, c, jax.device_get(optimizer.init(single_parts(c))), step=0)
         made.append(doc_id)
     return made
@@ -281,7 +284,7 @@ def train_collection(model: LoadedModel, data_dir: str, store_dir: str, cfg: Col
                          "text given to initialise them")
     if missing and primary:
         initialise_store(main, model, {d: texts[d] for d in missing}, cfg.tokens_per_doc,
-                         optimizer, init=cfg.init)
+                         optimizer, init=cfg.init, geometry=str(train_config.geometry))
     distributed.barrier("cas-store-initialised")
 
     run_path = os.path.join(store_dir, RUN_STATE)

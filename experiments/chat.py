@@ -5,8 +5,9 @@
 
 The cartridges (directories written by `store.save_cartridge`, e.g. by
 `experiments.train_cartridge`) are composed in the order given (`attention.compose`: one sink,
-queries positioned after all their tokens). A cartridge made for another model (fingerprint) or
-with another layout is refused with an error naming it.
+queries where --geometry puts them; by default the geometry the cartridges were trained
+under). A cartridge made for another model (fingerprint) or with another layout is refused
+with an error naming it.
 """
 
 import sys
@@ -24,6 +25,8 @@ flags.DEFINE_integer("max_new_tokens", 256, "Most tokens of the answer.")
 flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 = greedy.")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_string("geometry", "", "Composition geometry (attention.Geometry spec, e.g. "
+                    "'parallel'); empty = the one the cartridges were trained under.")
 flags.mark_flag_as_required("prompt")
 
 
@@ -41,9 +44,11 @@ def main(argv):
     model = loading.load_model(FLAGS.model or None)
     try:
         cartridges = [load_for_model(p, model) for p in FLAGS.cartridges]
-    except (cart_lib.CartridgeMismatchError, store.CartridgeStoreError) as e:
+        geometry = (attention.Geometry.parse(FLAGS.geometry) if FLAGS.geometry
+                    else attention.geometry_of(cartridges))
+    except (cart_lib.CartridgeMismatchError, store.CartridgeStoreError, ValueError) as e:
         sys.exit(f"error: {e}")
-    prefix = attention.compose_in_order(cartridges)
+    prefix = attention.compose_in_order(cartridges, geometry)
     # The one rendering (cas_jax.rendering): cartridges stand where the document block stood,
     # with nothing between them and the conversation.
     prompt = rendering.rendering_for(model.tokenizer).conversation(

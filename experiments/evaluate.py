@@ -6,9 +6,14 @@
   python -m experiments.evaluate --questions runs/q.jsonl --cartridge_dir runs/store \
       --method oracle_cartridge --method retrieval_cartridges --top_k 2
 
+  python -m experiments.evaluate --questions runs/q.jsonl --cartridge_dir runs/store \
+      --collection factbook_sections --method composed_cartridges --compose_k 3
+
 Methods: closed_book, icl, rag, oracle_cartridge, retrieval_cartridges, monolithic_cartridge
-(the cartridge `--monolithic_id` of the cartridge source for every question). Cartridge methods
-read `--cartridge_dir`: a CartridgeStore root (it holds STORE.json) or a folder of cartridge
+(the cartridge `--monolithic_id` of the cartridge source for every question),
+composed_cartridges (each question's own cartridge plus --compose_k others drawn from
+--documents, seeded by --seed, in a random order). Cartridges are composed by --geometry
+(default: the geometry they were trained under). Cartridge methods read `--cartridge_dir`: a CartridgeStore root (it holds STORE.json) or a folder of cartridge
 directories named by document id. The table goes to stdout and `--out_dir` (report.md,
 results.json); the last line is `accuracy=X prompt_tokens=Y` of the last method given.
 """
@@ -17,7 +22,8 @@ import os
 
 from absl import app, flags
 
-from cas_jax import corpus, evaluate, loading, questions as questions_lib, store
+from cas_jax import attention, cas_study, corpus, evaluate, loading
+from cas_jax import questions as questions_lib, store
 from cas_jax.results import EvalResult, format_table, write_report
 
 FLAGS = flags.FLAGS
@@ -46,9 +52,12 @@ flags.DEFINE_enum("option_score", "mean", list(evaluate.OPTION_SCORES),
 flags.DEFINE_integer("chunk_tokens", 256, "RAG chunk length in tokens.")
 flags.DEFINE_integer("rows_per_call", 16, "Rows per jitted forward.")
 flags.DEFINE_string("out_dir", "runs/eval", "Where report.md and results.json go.")
+flags.DEFINE_integer("compose_k", 3, "composed_cartridges: other cartridges per question.")
+flags.DEFINE_string("geometry", "", "Composition geometry (attention.Geometry spec, e.g. "
+                    "'parallel'); empty = the one the cartridges were trained under.")
 
 METHODS = ("closed_book", "icl", "rag", "oracle_cartridge", "retrieval_cartridges",
-           "monolithic_cartridge")
+           "monolithic_cartridge", "composed_cartridges")
 DEFAULT_FACTBOOK_DOCS = ("fr", "gm", "ja")
 
 
@@ -87,12 +96,40 @@ def _run(evaluator: evaluate.Evaluator, method: str, qs, source) -> EvalResult:
         raise app.UsageError(f"--method {method} needs --cartridge_dir")
     if method == "oracle_cartridge":
         return evaluator.oracle_cartridge(qs, source, name=method + label)
+    if method == "composed_cartridges":
+        ids = evaluator.collection.ids
+        if not 0 <= FLAGS.compose_k < len(ids):
+            raise app.UsageError(f"--compose_k={FLAGS.compose_k}: needs 0 <= k < the "
+                                 f"{len(ids)} documents of --documents")
+        sets = cas_study.composed_sets(qs, ids, FLAGS.compose_k, FLAGS.seed, "random")
+        table = {id(q): s for q, s in zip(qs, sets)}
+        return evaluator.cartridges(qs, source, lambda q: table[id(q)],
+                                    f"{method}_k{FLAGS.compose_k}{label}",
+                                    slots=FLAGS.compose_k + 1, capacity=len(ids))
     if method == "retrieval_cartridges":
         return evaluator.retrieval_cartridges(
             qs, source, FLAGS.top_k, FLAGS.retriever, FLAGS.slots or None,
             name=f"{method}_{FLAGS.retriever}_k{FLAGS.top_k}{label}")
     return evaluator.cartridges(qs, source, lambda q: [FLAGS.monolithic_id], method + label,
                                 slots=1)
+
+
+def _geometry(source, ids) -> attention.Geometry:
+    """--geometry, else the one the source's cartridges of `ids` were trained under."""
+    try:
+        if FLAGS.geometry:
+            return attention.Geometry.parse(FLAGS.geometry)
+        if source is None:
+            return attention.DEFAULT_GEOMETRY
+        found = []
+        for d in ids:
+            try:
+                found.append(source.get(d))
+            except (KeyError, FileNotFoundError, store.CartridgeStoreError):
+                continue
+        return attention.geometry_of([c for c in found if c is not None])
+    except ValueError as e:
+        raise app.UsageError(f"--geometry: {e}")
 
 
 def main(argv):
@@ -120,7 +157,8 @@ def main(argv):
               else None)
     config = evaluate.EvalConfig(window=FLAGS.window or None, max_new_tokens=FLAGS.max_new_tokens,
                                  option_score=FLAGS.option_score, rows_per_call=FLAGS.rows_per_call,
-                                 chunk_tokens=FLAGS.chunk_tokens)
+                                 chunk_tokens=FLAGS.chunk_tokens,
+                                 geometry=_geometry(source, docs.ids))
     evaluator = evaluate.Evaluator(model, docs, config)
     print(f"{len(qs)} questions on {len(docs)} documents; methods {', '.join(methods)}",
           flush=True)

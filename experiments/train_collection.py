@@ -22,7 +22,7 @@ import time
 
 from absl import app, flags
 
-from cas_jax import corpus, dataset, distributed, loading, pipeline, train
+from cas_jax import attention, corpus, dataset, distributed, loading, pipeline, train
 from cas_jax.distractors import SCHEDULES, DistractorSchedule
 from cas_jax.train_collection import GRAD_SCOPES, CollectionConfig, train_collection
 
@@ -36,7 +36,14 @@ flags.DEFINE_enum("init", "first_tokens", ["first_tokens", "document_kv"],
                   "Cartridge initialisation (train_collection.initialise_store).")
 flags.DEFINE_integer("tokens_per_doc", 128, "Cartridge tokens P per document.")
 flags.DEFINE_integer("distractors", 3, "Most distractor cartridges per example (k_max).")
-flags.DEFINE_enum("schedule", "uniform", SCHEDULES, "How k is drawn per step.")
+flags.DEFINE_enum("schedule", "uniform", SCHEDULES, "How k is drawn: per step (fixed, "
+                  "uniform, ramp) or per row (mixed: alone with probability --p_iso, else "
+                  "k ~ U{1..k_max}).")
+flags.DEFINE_float("p_iso", 0.0, "Mixed schedule: share of rows that read their cartridge alone.")
+flags.DEFINE_float("quiet", 0.0, "Share of quiet steps: rows read only other documents' "
+                   "cartridges and are distilled toward the model with none.")
+flags.DEFINE_string("geometry", str(attention.DEFAULT_GEOMETRY),
+                    "Composition geometry (attention.Geometry spec), kept in every cartridge.")
 flags.DEFINE_integer("ramp_steps", 100, "Steps for the 'ramp' schedule to reach k_max.")
 flags.DEFINE_enum("grad_scope", "target", GRAD_SCOPES, "Which active cartridges get updates.")
 flags.DEFINE_integer("budget_bytes", 1 << 30, "Device bytes for resident cartridges + Adam.")
@@ -68,11 +75,16 @@ def main(argv):
         k_max = 0
     cfg = CollectionConfig(
         tokens_per_doc=tokens, init=FLAGS.init, batch_size=FLAGS.batch, seq_len=FLAGS.seq_len,
-        steps=FLAGS.steps, distractors=DistractorSchedule(k_max, FLAGS.schedule,
-                                                          FLAGS.ramp_steps),
+        steps=FLAGS.steps, distractors=DistractorSchedule(
+            k_max, FLAGS.schedule if k_max else "uniform", FLAGS.ramp_steps,
+            p_iso=FLAGS.p_iso, quiet=FLAGS.quiet if k_max else 0.0),
         grad_scope=FLAGS.grad_scope, budget_bytes=FLAGS.budget_bytes,
         checkpoint_every=FLAGS.checkpoint_every, prefetch=FLAGS.prefetch, seed=FLAGS.seed)
-    tcfg = train.TrainConfig(lr=FLAGS.lr, total_steps=FLAGS.steps)
+    try:
+        geometry = attention.Geometry.parse(FLAGS.geometry)
+    except ValueError as e:
+        raise app.UsageError(f"--geometry: {e}")
+    tcfg = train.TrainConfig(lr=FLAGS.lr, total_steps=FLAGS.steps, geometry=geometry)
     if distributed.is_primary():
         os.makedirs(FLAGS.store, exist_ok=True)
     metrics_path = os.path.join(FLAGS.store, "metrics.jsonl")

@@ -54,3 +54,41 @@ def test_curve_rows_pair_each_k_with_its_own_oracle(tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 1000
     g = attention.Geometry("parallel", temperature=0.8)
     assert composition.row_name("cas", g, 3) == "cas_parallel_temperature0.8_k3"
+
+
+def test_training_scoring_and_sampling_lay_out_a_composed_request_alike():
+    """One geometry, three paths: the train step's loss forward (`train.batch_prefix` and
+    `batch_positions`), evaluation's scoring (`scoring.score_continuations`) and chat's
+    generation (`compose_in_order` + `sampling.generate`) see the same positions and logits."""
+    import jax.numpy as jnp
+
+    from cas_jax import sampling, scoring, train
+
+    params = model_lib.init_params(CFG, jax.random.PRNGKey(1))
+    model = LoadedModel(CFG, params, None, "tiny-model", "")
+    source = _Cartridges(params)
+    carts = [source.get(d) for d in ("c", "a", "f")]
+    prompt = [5, 9, 2, 33, 7]
+    answer = [11, 40, 3]
+    tokens = np.asarray([prompt + answer], np.int32)
+    for g in (attention.SERIAL, attention.PARALLEL,
+              attention.Geometry("parallel", temperature=0.7, count_power=1.0)):
+        keys = jnp.stack([c.keys for c in carts])
+        values = jnp.stack([c.values for c in carts])
+        batch = {"tokens": jnp.asarray(tokens), "selection": jnp.asarray([[0, 1, 2]]),
+                 "selected": jnp.ones((1, 3), bool), "length": jnp.asarray([len(tokens[0])])}
+        prefix = train.batch_prefix(keys, values, batch, g)
+        start = attention.num_prefix_tokens(prefix, 1)
+        assert int(start[0]) == attention.query_start([6, 6, 6], g)
+        positions = train.batch_positions(batch["length"], start, tokens.shape[1])
+        logits, _ = model_lib.forward(params, batch["tokens"], positions, prefix=prefix,
+                                      config=CFG)
+        logp = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))
+        want = [logp[len(prompt) - 1 + i, t] for i, t in enumerate(answer)]
+        bank = attention.bank_from_cartridges(carts)
+        (got,) = scoring.score_continuations(model, [prompt], [answer], bank=bank,
+                                             selections=[[0, 1, 2]], slots=3, geometry=g)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        (greedy,) = sampling.generate(params, CFG, [prompt], sampling.SamplingParams(
+            max_new_tokens=1), prefix=attention.compose_in_order(carts, g))
+        assert greedy[0] == int(np.argmax(logp[len(prompt) - 1]))
