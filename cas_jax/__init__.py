@@ -8,7 +8,8 @@ The small public API (everything else lives in the submodules named after what t
     outs = cas_jax.generate(m.params, m.config, [ids], cas_jax.SamplingParams(max_new_tokens=32))
 """
 
-from cas_jax.attention import CartridgeBank, bank_from_cartridges, compose, num_prefix_tokens
+from cas_jax.attention import (CartridgeBank, Geometry, bank_from_cartridges, compose,
+                               num_prefix_tokens)
 from cas_jax.cartridge import Cartridge, CartridgeMeta
 from cas_jax.config import ModelConfig
 from cas_jax.loading import LoadedModel, default_model_path, load_model
@@ -17,7 +18,8 @@ from cas_jax.sampling import SamplingParams, generate
 from cas_jax.tokenizer import encode_chat, load_tokenizer, stop_token_ids
 
 __all__ = [
-    "CartridgeBank", "bank_from_cartridges", "compose", "num_prefix_tokens", "Cartridge",
+    "CartridgeBank", "Geometry", "bank_from_cartridges", "compose", "num_prefix_tokens",
+    "Cartridge",
     "CartridgeMeta", "ModelConfig", "LoadedModel", "default_model_path", "load_model", "forward",
     "forward_jit", "init_cache", "prefill_kv", "SamplingParams", "generate", "encode_chat",
     "load_tokenizer", "stop_token_ids",
