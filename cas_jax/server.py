@@ -4,32 +4,36 @@
   serve(model, store, config, host="127.0.0.1", port=8000)        # runs it under uvicorn
   with ServerThread(app) as s: ... s.url ...                      # in-process, for tests
 
-FastAPI + uvicorn: a standard ASGI stack (any ASGI tooling works), pydantic validation of
-request bodies against declared models, and server-sent events through `StreamingResponse`.
+FastAPI + uvicorn: a standard ASGI stack, pydantic validation of request bodies, server-sent
+events through `StreamingResponse`.
 
 Endpoints:
-  POST /v1/chat/completions  OpenAI's chat completions: model, messages, max_tokens (or
-      max_completion_tokens), temperature (default 1.0, as OpenAI's), top_p, stop (strings),
-      frequency_penalty, presence_penalty, n (1 only), stream (+ stream_options.include_usage),
-      plus `cartridges: [{"id": doc id}, ...]` (the openai client: `extra_body=`), composed in
-      order as the attention prefix. Unknown fields are ignored.
+  POST /v1/chat/completions  OpenAI's chat completions (fields: `serving_api`), plus
+      `cartridges: [{"id": doc id}, ...]` (the openai client: `extra_body=`), composed in order
+      as the attention prefix under `ServeConfig.geometry`, and `escape_special_tokens`.
       usage: prompt_tokens, completion_tokens, total_tokens (prompt + completion) and
       cartridge_tokens (the visible prefix tokens, counted apart).
-  GET /v1/models, GET /v1/cartridges (id, tokens, bytes, resident), GET /health.
+  GET /v1/models, GET /v1/cartridges (id, tokens, bytes, resident), GET /health (the engine's
+      counters: steps, pool shape, compiles, paging).
 
-Rendering is the project's one (`cas_jax.rendering`): the conversation without a system turn,
-after the cartridges. A system message is folded, not refused: if it is the first message, its
-text is rendered as the document block (`rendering.document`) between the cartridges and the
-conversation, which is exactly in-context learning of that text (the benchmark's ICL path); a
-system message anywhere else is a 400.
+A request's path: the body is refused with 413 past `max_body_bytes` before it is parsed (by
+Content-Length, or while it is read); the messages are rendered to prompt tokens on the
+tokenizer threads (`serving_prompt`: bounded, never on the engine thread); the engine
+(`serving_continuous`, or `serving_static`) queues it. The response starts once the request
+holds a row, so a request refused at admission still gets its HTTP status. A stream then sends
+the role chunk, one chunk per decode step that made text final (`serving_text`: whole UTF-8
+characters, stop strings never split), the finish chunk, the usage chunk if asked for, and
+`data: [DONE]`. A client that disconnects (streaming or not) cancels its request: its row is
+freed at the next step.
 
-Streaming is not token by token: the engine generates a whole batch in one jitted call
-(`serving_engine`), so a stream sends the role chunk at once, then the completion as one
-chunk, the finish chunk, the usage chunk if asked for, and `data: [DONE]`.
+Rendering is the project's one (`cas_jax.rendering`): a leading system (or developer) message
+is the document block between the cartridges and the conversation, which is exactly in-context
+learning of that text (the benchmark's ICL path).
 
-Errors use OpenAI's body {"error": {"message", "type", "param", "code"}}: 404 unknown
-cartridge or model, 422 corrupt cartridge or one made for another model, 400 malformed body,
-too many cartridges, over the window or the budget, n != 1.
+Errors use OpenAI's body {"error": {"message", "type", "param", "code"}}: 404 unknown cartridge
+or model, 422 corrupt or unreadable cartridge or one made for another model, 413 body too
+large, 400 malformed body, a field this server does not serve, too many or repeated
+cartridges, over the window or the budget. Messages never carry a server path.
 """
 
 from __future__ import annotations
@@ -37,109 +41,115 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import socket
 import threading
 import time
 import uuid
-from typing import Literal
+from concurrent.futures import ThreadPoolExecutor
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from cas_jax.loading import LoadedModel
-from cas_jax.serving_engine import Completion, Engine, Sampling, ServeConfig, ServeError
+from cas_jax.serving_api import ChatCompletionRequest, Responses, check_text
+from cas_jax.serving_continuous import ContinuousEngine
+from cas_jax.serving_engine import Handle, ServeConfig, ServeError
+from cas_jax.serving_prompt import PromptMaker
+from cas_jax.serving_static import StaticEngine
 from cas_jax.store import CartridgeStore
 
-__all__ = ["make_app", "serve", "ServerThread", "ServeConfig", "Engine"]
+__all__ = ["make_app", "serve", "ServerThread", "ServeConfig", "ContinuousEngine",
+           "StaticEngine"]
 
-
-class _TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class _Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[_TextPart]
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(
-            p.text for p in self.content)
-
-
-class _CartridgeRef(BaseModel):
-    id: str
-
-
-class _StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class ChatCompletionRequest(BaseModel):
-    """The accepted body of POST /v1/chat/completions (module doc)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
-    messages: list[_Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    n: int | None = None
-    stop: str | list[str] | None = None
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    stream: bool | None = False
-    stream_options: _StreamOptions | None = None
-    cartridges: list[_CartridgeRef] = []
-
-
-def _sampling(req: ChatCompletionRequest, default_max_tokens: int) -> Sampling:
-    if req.n not in (None, 1):
-        raise ServeError(400, f"n={req.n}: this server returns one choice per request (n=1)",
-                         param="n")
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stop) > 4 or not all(stop):
-        raise ServeError(400, "stop: up to 4 non-empty strings", param="stop")
-    return Sampling(
-        max_tokens=req.max_completion_tokens or req.max_tokens or default_max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p, stop=tuple(stop),
-        frequency_penalty=req.frequency_penalty or 0.0,
-        presence_penalty=req.presence_penalty or 0.0)
-
-
-def _usage(c: Completion) -> dict:
-    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-            "total_tokens": c.prompt_tokens + c.completion_tokens,
-            "cartridge_tokens": c.cartridge_tokens}
+_log = logging.getLogger(__name__)
 
 
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
+def _public(e: BaseException) -> ServeError:
+    """`e` as the error a client sees: a ServeError as it is, anything else as a 500 that
+    names only its type (the traceback goes to the log)."""
+    if isinstance(e, ServeError):
+        return e
+    _log.error("request failed", exc_info=e)
+    return ServeError(500, f"internal server error ({type(e).__name__})", type="server_error")
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over `limit` bytes, before the app reads it."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def _refuse(self, send) -> None:
+        body = json.dumps(ServeError(413, f"the request body is over {self.limit} bytes "
+                                     f"(--max_body_bytes)", code="request_too_large").body())
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body.encode()})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._refuse(send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await self._refuse(send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+async def _cancel_on_disconnect(request: Request, handle: Handle) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    handle.cancel()
+
+
 def make_app(model: LoadedModel, store: CartridgeStore, config: ServeConfig = ServeConfig()
              ) -> FastAPI:
     """The FastAPI app serving `model` with the cartridges of `store` (module doc). Its engine
     (`app.state.engine`) starts now and is closed when the app shuts down."""
-    engine = Engine(model, store, config)
+    engine = (ContinuousEngine if config.engine == "continuous" else StaticEngine)(
+        model, store, config)
     model_id = config.model_id or os.path.basename(model.path.rstrip("/")) or "cas_jax"
+    prompts = PromptMaker(model.tokenizer, model.config.max_position_embeddings)
+    tokenizer_pool = ThreadPoolExecutor(config.tokenizer_threads, "cas-serving-tokenizer")
+    fingerprint = f"cas_jax-{model.fingerprint[:16]}"
 
     @contextlib.asynccontextmanager
     async def lifespan(_):
         yield
         await run_in_threadpool(engine.close)
+        tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="cas_jax", lifespan=lifespan)
     app.state.engine = engine
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
 
     @app.exception_handler(ServeError)
     async def _serve_error(_, e: ServeError):
@@ -161,8 +171,8 @@ def make_app(model: LoadedModel, store: CartridgeStore, config: ServeConfig = Se
 
     @app.exception_handler(Exception)
     async def _internal(_, e: Exception):
-        return JSONResponse(ServeError(500, f"{type(e).__name__}: {e}", type="server_error").body(),
-                            status_code=500)
+        error = _public(e)
+        return JSONResponse(error.body(), status_code=error.status)
 
     @app.get("/health")
     def health():
@@ -175,51 +185,81 @@ def make_app(model: LoadedModel, store: CartridgeStore, config: ServeConfig = Se
 
     @app.get("/v1/cartridges")
     def cartridges():
-        return {"object": "list", "data": engine.catalogue(),
+        return {"object": "list", "data": engine.catalogue.rows(),
                 "budget_bytes": engine.budget.budget_bytes,
                 "max_cartridges": config.max_cartridges,
                 "max_cartridge_tokens": engine.max_cartridge_tokens}
 
+    def prepare(req: ChatCompletionRequest, listener) -> Handle:
+        """On a tokenizer thread: the prompt, then the engine's checks and queue."""
+        escape = (config.escape_special_tokens if req.escape_special_tokens is None
+                  else req.escape_special_tokens)
+        prompt = prompts(req.chat(), escape)
+        return engine.submit(prompt, [c.id for c in req.cartridges],
+                             req.sampling(config.default_max_tokens), listener)
+
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        check_text(req.model_dump(exclude_none=True))
+        req.check()
         if req.model != model_id:
             raise ServeError(404, f"model {req.model!r} is not served here; it serves "
                              f"{model_id!r}", type="not_found_error", param="model",
                              code="model_not_found")
-        params = _sampling(req, config.default_max_tokens)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        future = await run_in_threadpool(engine.submit, messages,
-                                         [c.id for c in req.cartridges], params)
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
-                "model": model_id}
-        if not req.stream:
-            c = await asyncio.wrap_future(future)
-            return {**head, "object": "chat.completion", "usage": _usage(c),
-                    "choices": [{"index": 0, "finish_reason": c.finish_reason, "logprobs": None,
-                                 "message": {"role": "assistant", "content": c.text}}]}
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        req.sampling(config.default_max_tokens)  # its 400s before any tokenisation
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
 
-        async def events():
-            chunk = {**head, "object": "chat.completion.chunk"}
+        def listener(kind, payload):
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody listens
+                loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
 
-            def choice(delta, finish=None):
-                return _sse({**chunk, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                                   "finish_reason": finish}]})
-            yield choice({"role": "assistant", "content": ""})
-            try:
-                c = await asyncio.wrap_future(future)
-            except Exception as e:
-                yield _sse(ServeError(500, f"{type(e).__name__}: {e}", type="server_error").body())
-                return
-            yield choice({"content": c.text})
-            yield choice({}, c.finish_reason)
-            if include_usage:
-                yield _sse({**chunk, "choices": [], "usage": _usage(c)})
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        handle = await loop.run_in_executor(tokenizer_pool, prepare, req, listener)
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, handle))
+        try:
+            kind, payload = await events.get()  # "start", or the error that refused it
+            if kind == "error":
+                raise payload
+            responses = Responses(model.tokenizer, {
+                "id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": model_id, "system_fingerprint": fingerprint})
+            if not req.stream:
+                completion = await asyncio.wrap_future(handle.future)
+                watcher.cancel()
+                return responses.completion(completion)
+        except BaseException:
+            watcher.cancel()
+            handle.cancel()
+            raise
+        return StreamingResponse(
+            _stream(events, responses, handle, watcher, req), media_type="text/event-stream")
 
     return app
+
+
+async def _stream(events: asyncio.Queue, responses: Responses, handle: Handle,
+                  watcher: asyncio.Task, req: ChatCompletionRequest):
+    """The SSE events of a started request (module doc)."""
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    try:
+        yield _sse(responses.chunk({"role": "assistant", "content": ""}))
+        while True:
+            kind, payload = await events.get()
+            if kind == "delta":
+                yield _sse(responses.delta(payload, bool(req.logprobs)))
+            elif kind == "done":
+                yield _sse(responses.chunk({}, payload.finish_reason))
+                if include_usage:
+                    yield _sse(responses.usage_chunk(payload))
+                yield "data: [DONE]\n\n"
+                return
+            elif kind == "error":
+                yield _sse(_public(payload).body())
+                return
+    finally:
+        watcher.cancel()
+        if not handle.future.done():
+            handle.cancel()
 
 
 def serve(model: LoadedModel, store: CartridgeStore, config: ServeConfig = ServeConfig(),

@@ -1,7 +1,7 @@
 """Serves a model and a cartridge store over an OpenAI-compatible HTTP API (`cas_jax.server`).
 
   python -m experiments.serve --store=runs/cas [--model=...] [--host=127.0.0.1] [--port=8000] \
-      [--budget_bytes=...] [--max_batch=16]
+      [--engine=continuous|static] [--geometry=serial] [--budget_bytes=...] [--max_batch=16]
 
 Then, e.g. with the openai client:
   client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
@@ -9,12 +9,13 @@ Then, e.g. with the openai client:
                                  extra_body={"cartridges": [{"id": "fr-geography"}]})
 """
 
+import json
 import os
 import sys
 
 from absl import app, flags
 
-from cas_jax import interop, loading, server, store as store_lib
+from cas_jax import attention, interop, loading, server, serving_engine, store as store_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("store", None, "CartridgeStore directory to serve cartridges from (a store "
@@ -22,33 +23,87 @@ flags.DEFINE_string("store", None, "CartridgeStore directory to serve cartridges
 flags.DEFINE_string("model", "", "HF folder or GGUF file; empty = embedded SmolLM2-135M-Instruct.")
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
 flags.DEFINE_integer("port", 8000, "Port to listen on.")
+flags.DEFINE_enum("engine", "continuous", list(serving_engine.ENGINES),
+                  "continuous: requests join the running batch at the next decode step; "
+                  "static: request-level batches (kept for comparison).")
+flags.DEFINE_string("geometry", str(attention.DEFAULT_GEOMETRY),
+                    "How a request's cartridges are composed (attention.Geometry.parse): "
+                    "serial or parallel, optionally ',temperature=X,scale=Y,count_power=Z'. "
+                    "Use the geometry the cartridges were trained under.")
 flags.DEFINE_integer("budget_bytes", 1 << 30, "Device bytes of resident cartridges.")
-flags.DEFINE_integer("max_batch", 16, "Most requests in one generate call.")
-flags.DEFINE_float("batch_wait_ms", 5.0,
-                   "Batch more pending requests until none arrives for this long.")
+flags.DEFINE_integer("max_batch", 16, "Most requests decoding at once (static: per call).")
+flags.DEFINE_float("batch_wait_ms", 5.0, "Static engine: batch more pending requests until "
+                   "none arrives for this long.")
 flags.DEFINE_integer("max_cartridges", 4, "Most cartridges per request.")
 flags.DEFINE_integer("max_cartridge_tokens", 0,
                      "Tokens of a bank slot; 0 = the largest cartridge in the store.")
+flags.DEFINE_integer("max_cache_tokens", 0, "Continuous engine: rows x KV slots per row of the "
+                     "pool; 0 = max(context window, max_batch * 1024).")
+flags.DEFINE_integer("prefill_tokens_per_step", 512, "Continuous engine: prompt tokens "
+                     "admitted between two decode steps.")
+flags.DEFINE_bool("warmup", True, "Continuous engine: compile the common shapes at start-up, "
+                  "in the background.")
+flags.DEFINE_bool("escape_special_tokens", False, "Tokenise message text that spells a special "
+                  "token (<|im_end|>) as plain text (a request's escape_special_tokens field "
+                  "overrides it).")
+flags.DEFINE_integer("max_body_bytes", 1 << 20, "Request bodies over this many bytes get 413.")
 flags.DEFINE_integer("default_max_tokens", 256, "Completion length when a request gives none.")
 flags.DEFINE_string("model_id", "", "Model name in the API; empty = the model file's name.")
 flags.mark_flag_as_required("store")
 
 
-def main(argv):
-    del argv
-    if not os.path.isdir(FLAGS.store):
-        sys.exit(f"error: --store={FLAGS.store} is not a directory")
-    model = loading.load_model(FLAGS.model or None)
-    config = server.ServeConfig(
-        budget_bytes=FLAGS.budget_bytes, max_batch=FLAGS.max_batch,
+def _check_marker(root: str) -> None:
+    """Exits unless root/STORE.json (when present) is a store of the format this code reads."""
+    marker = os.path.join(root, "STORE.json")
+    if not os.path.exists(marker):
+        return
+    try:
+        with open(marker) as f:
+            fmt = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        sys.exit(f"error: {marker} is unreadable ({type(e).__name__}: {e})")
+    fmt = fmt.get("format") if isinstance(fmt, dict) else None
+    if fmt != store_lib.STORE_FORMAT:
+        sys.exit(f"error: {marker} is a store of format {fmt!r}; this cas_jax serves stores of "
+                 f"format {store_lib.STORE_FORMAT!r}")
+
+
+def open_store(path: str, fingerprint: str) -> store_lib.CartridgeStore:
+    """The store at `path` (a store root or a train_collection folder); exits with a one-line
+    error, not a traceback, if there is none or it cannot be read."""
+    if not os.path.isdir(path):
+        sys.exit(f"error: --store={path} is not a directory")
+    for root in (path, os.path.join(path, "cartridges")):
+        _check_marker(root)
+    try:
+        return interop.open_store(path, fingerprint)
+    except (store_lib.CartridgeStoreError, OSError) as e:
+        sys.exit(f"error: --store={path}: {e}")
+
+
+def config_from_flags() -> serving_engine.ServeConfig:
+    try:
+        geometry = attention.Geometry.parse(FLAGS.geometry)
+    except ValueError as e:
+        raise app.UsageError(f"--geometry: {e}")
+    return serving_engine.ServeConfig(
+        budget_bytes=FLAGS.budget_bytes, engine=FLAGS.engine, max_batch=FLAGS.max_batch,
         batch_wait_ms=FLAGS.batch_wait_ms, max_cartridges=FLAGS.max_cartridges,
         max_cartridge_tokens=FLAGS.max_cartridge_tokens or None,
-        default_max_tokens=FLAGS.default_max_tokens, model_id=FLAGS.model_id or None)
-    try:
-        cartridges = interop.open_store(FLAGS.store, model.fingerprint)
-    except store_lib.CartridgeNotFoundError as e:
-        sys.exit(f"error: --store: {e}")
-    server.serve(model, cartridges, config, FLAGS.host, FLAGS.port)
+        default_max_tokens=FLAGS.default_max_tokens, model_id=FLAGS.model_id or None,
+        geometry=geometry, max_cache_tokens=FLAGS.max_cache_tokens or None,
+        prefill_tokens_per_step=FLAGS.prefill_tokens_per_step, warmup=FLAGS.warmup,
+        escape_special_tokens=FLAGS.escape_special_tokens, max_body_bytes=FLAGS.max_body_bytes)
+
+
+def main(argv):
+    del argv
+    config = config_from_flags()
+    for root in (FLAGS.store, os.path.join(FLAGS.store, "cartridges")):
+        _check_marker(root)  # before the model loads, so a bad store fails at once
+    model = loading.load_model(FLAGS.model or None)
+    server.serve(model, open_store(FLAGS.store, model.fingerprint), config, FLAGS.host,
+                 FLAGS.port)
 
 
 if __name__ == "__main__":
