@@ -130,26 +130,8 @@ async def _cancel_on_disconnect(request: Request, handle: Handle) -> None:
     handle.cancel()
 
 
-def make_app(model: LoadedModel, store: CartridgeStore, config: ServeConfig = ServeConfig()
-             ) -> FastAPI:
-    """The FastAPI app serving `model` with the cartridges of `store` (module doc). Its engine
-    (`app.state.engine`) starts now and is closed when the app shuts down."""
-    engine = (ContinuousEngine if config.engine == "continuous" else StaticEngine)(
-        model, store, config)
-    model_id = config.model_id or os.path.basename(model.path.rstrip("/")) or "cas_jax"
-    prompts = PromptMaker(model.tokenizer, model.config.max_position_embeddings)
-    tokenizer_pool = ThreadPoolExecutor(config.tokenizer_threads, "cas-serving-tokenizer")
-    fingerprint = f"cas_jax-{model.fingerprint[:16]}"
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_):
-        yield
-        await run_in_threadpool(engine.close)
-        tokenizer_pool.shutdown(wait=False, cancel_futures=True)
-
-    app = FastAPI(title="cas_jax", lifespan=lifespan)
-    app.state.engine = engine
-    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+def _install_error_handlers(app: FastAPI) -> None:
+    """OpenAI's error body for every error (module doc)."""
 
     @app.exception_handler(ServeError)
     async def _serve_error(_, e: ServeError):
@@ -174,6 +156,84 @@ def make_app(model: LoadedModel, store: CartridgeStore, config: ServeConfig = Se
         error = _public(e)
         return JSONResponse(error.body(), status_code=error.status)
 
+
+class _Chat:
+    """POST /v1/chat/completions (module doc)."""
+
+    def __init__(self, model: LoadedModel, engine, config: ServeConfig, model_id: str):
+        self.model, self.engine, self.config, self.model_id = model, engine, config, model_id
+        self.prompts = PromptMaker(model.tokenizer, model.config.max_position_embeddings)
+        self.tokenizer_pool = ThreadPoolExecutor(config.tokenizer_threads,
+                                                 "cas-serving-tokenizer")
+        self.fingerprint = f"cas_jax-{model.fingerprint[:16]}"
+
+    def _prepare(self, req: ChatCompletionRequest, listener) -> Handle:
+        """On a tokenizer thread: the prompt, then the engine's checks and queue."""
+        escape = (self.config.escape_special_tokens if req.escape_special_tokens is None
+                  else req.escape_special_tokens)
+        prompt = self.prompts(req.chat(), escape)
+        return self.engine.submit(prompt, [c.id for c in req.cartridges],
+                                  req.sampling(self.config.default_max_tokens), listener)
+
+    def _check(self, req: ChatCompletionRequest) -> None:
+        check_text(req.model_dump(exclude_none=True))
+        req.check()
+        if req.model != self.model_id:
+            raise ServeError(404, f"model {req.model!r} is not served here; it serves "
+                             f"{self.model_id!r}", type="not_found_error", param="model",
+                             code="model_not_found")
+        req.sampling(self.config.default_max_tokens)  # its 400s before any tokenisation
+
+    async def __call__(self, req: ChatCompletionRequest, request: Request):
+        self._check(req)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def listener(kind, payload):
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody listens
+                loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
+
+        handle = await loop.run_in_executor(self.tokenizer_pool, self._prepare, req, listener)
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, handle))
+        try:
+            kind, payload = await events.get()  # "start", or the error that refused it
+            if kind == "error":
+                raise payload
+            responses = Responses(self.model.tokenizer, {
+                "id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": self.model_id, "system_fingerprint": self.fingerprint})
+            if not req.stream:
+                completion = await asyncio.wrap_future(handle.future)
+                watcher.cancel()
+                return responses.completion(completion)
+        except BaseException:
+            watcher.cancel()
+            handle.cancel()
+            raise
+        return StreamingResponse(
+            _stream(events, responses, handle, watcher, req), media_type="text/event-stream")
+
+
+def make_app(model: LoadedModel, store: CartridgeStore, config: ServeConfig = ServeConfig()
+             ) -> FastAPI:
+    """The FastAPI app serving `model` with the cartridges of `store` (module doc). Its engine
+    (`app.state.engine`) starts now and is closed when the app shuts down."""
+    engine = (ContinuousEngine if config.engine == "continuous" else StaticEngine)(
+        model, store, config)
+    model_id = config.model_id or os.path.basename(model.path.rstrip("/")) or "cas_jax"
+    chat = _Chat(model, engine, config, model_id)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        yield
+        await run_in_threadpool(engine.close)
+        chat.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="cas_jax", lifespan=lifespan)
+    app.state.engine = engine
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    _install_error_handlers(app)
+
     @app.get("/health")
     def health():
         return {"status": "ok", "model": model_id, **engine.status()}
@@ -190,49 +250,9 @@ def make_app(model: LoadedModel, store: CartridgeStore, config: ServeConfig = Se
                 "max_cartridges": config.max_cartridges,
                 "max_cartridge_tokens": engine.max_cartridge_tokens}
 
-    def prepare(req: ChatCompletionRequest, listener) -> Handle:
-        """On a tokenizer thread: the prompt, then the engine's checks and queue."""
-        escape = (config.escape_special_tokens if req.escape_special_tokens is None
-                  else req.escape_special_tokens)
-        prompt = prompts(req.chat(), escape)
-        return engine.submit(prompt, [c.id for c in req.cartridges],
-                             req.sampling(config.default_max_tokens), listener)
-
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        check_text(req.model_dump(exclude_none=True))
-        req.check()
-        if req.model != model_id:
-            raise ServeError(404, f"model {req.model!r} is not served here; it serves "
-                             f"{model_id!r}", type="not_found_error", param="model",
-                             code="model_not_found")
-        req.sampling(config.default_max_tokens)  # its 400s before any tokenisation
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-
-        def listener(kind, payload):
-            with contextlib.suppress(RuntimeError):  # the loop closed: nobody listens
-                loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
-
-        handle = await loop.run_in_executor(tokenizer_pool, prepare, req, listener)
-        watcher = asyncio.create_task(_cancel_on_disconnect(request, handle))
-        try:
-            kind, payload = await events.get()  # "start", or the error that refused it
-            if kind == "error":
-                raise payload
-            responses = Responses(model.tokenizer, {
-                "id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
-                "model": model_id, "system_fingerprint": fingerprint})
-            if not req.stream:
-                completion = await asyncio.wrap_future(handle.future)
-                watcher.cancel()
-                return responses.completion(completion)
-        except BaseException:
-            watcher.cancel()
-            handle.cancel()
-            raise
-        return StreamingResponse(
-            _stream(events, responses, handle, watcher, req), media_type="text/event-stream")
+        return await chat(req, request)
 
     return app
 
