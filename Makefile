@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-v1
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo test test-fast bench clean-venv
 
 $(STAMP): setup.cfg Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# The inner loop: everything but the tests marked slow (real model, several processes, kills).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 clean-venv:
 	rm -rf $(VENV)

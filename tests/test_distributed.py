@@ -24,6 +24,8 @@ from cas_jax.store import CartridgeStore
 sys.path.insert(0, os.path.dirname(__file__))
 import distributed_worker as worker  # noqa: E402
 
+pytestmark = pytest.mark.slow  # several processes, gloo collectives, kills
+
 WORKER = [sys.executable, os.path.join(os.path.dirname(__file__), "distributed_worker.py")]
 TIMEOUT_S = 240
 

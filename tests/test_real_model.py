@@ -10,6 +10,8 @@ from cas_jax import checkpoints, config as config_lib, sampling, tokenizer as to
 from cas_jax.loading import default_model_path, load_model
 from cas_jax.model import forward_jit
 
+pytestmark = pytest.mark.slow  # the real 135M model
+
 
 def test_default_model_config(smollm):
     c = smollm.config

@@ -205,6 +205,7 @@ def _run(num_devices, steps=3):
     return np.asarray(step_losses), np.asarray(after.keys), np.asarray(after.values)
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_device(tmp_path):
     out = tmp_path / "run8.npz"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
@@ -225,6 +226,7 @@ class _Killed(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted_run(setup, tmp_path):
     params, examples = setup
     mesh = train_lib.make_mesh(1)

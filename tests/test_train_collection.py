@@ -90,6 +90,7 @@ def _cfg(**kw):
     return tc.CollectionConfig(**base)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_with_no_update_lost_or_repeated(setup, tmp_path):
     model, data, tcfg = setup
     straight, killed = str(tmp_path / "s"), str(tmp_path / "k")
