@@ -137,8 +137,11 @@ def _collection_methods(model, docs, data_dir, naive, isolated, ev, qs, cfg, cas
     p = dataclasses.replace(cfg.pipeline, steps=cas_steps, distractor_schedule=FLAGS.cas_schedule,
                             ramp_steps=FLAGS.cas_ramp_steps, grad_scope=FLAGS.cas_grad_scope,
                             p_iso=FLAGS.cas_p_iso, quiet=FLAGS.cas_quiet)
-    stamps = {"naive": isolated, "monolithic": isolated,
-              "cas": pipeline.stamp(p, distractors=FLAGS.cas_distractors)}
+    # Composed rows also depend on the geometry they are read by (absent: the default).
+    read_by = ({} if ev.config.geometry == attention.DEFAULT_GEOMETRY
+               else {"read_geometry": str(ev.config.geometry)})
+    stamps = {"naive": {**isolated, **read_by}, "monolithic": isolated,
+              "cas": pipeline.stamp(p, distractors=FLAGS.cas_distractors, **read_by)}
 
     def train_cas():
         cas, _ = pipeline.train_cartridges(model, docs, data_dir, os.path.join(out, "cas"), p,

@@ -69,13 +69,20 @@ hold their defaults, so the recorded results still match the configs that made t
 
 def stamp(cfg: PipelineConfig, **extra) -> dict:
     """What results read from cartridges trained under `cfg` depend on (`study.cached_method`),
-    JSON-able: every field (the geometry as its spec string) but LATER_FIELDS at defaults."""
+    JSON-able: every field (the geometry as its spec string) but LATER_FIELDS at defaults.
+    Without `distractors` in `extra` (or with 0) every row read one cartridge, so a geometry
+    that only moves the queries (no logit reshaping) trained nothing differently and is left
+    out too."""
     out = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if f.name in LATER_FIELDS and value == f.default:
             continue
-        out[f.name] = str(value) if isinstance(value, Geometry) else value
+        if isinstance(value, Geometry):
+            if not extra.get("distractors") and not value.reshapes_logits:
+                continue
+            value = str(value)
+        out[f.name] = value
     return {**json.loads(json.dumps(out)), **extra}
 
 

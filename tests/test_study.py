@@ -147,3 +147,20 @@ def test_cached_method_refuses_a_result_from_other_cartridges(tmp_path):
         study.cached_method(out, "naive_composed_k3", run, stamp={"steps": 936, "lr": 0.02})
     assert study.cached_method(out, "naive_composed_k3", run)["stamp"]["steps"] == 468
     assert runs == [1]
+
+
+def test_stamps_keep_recorded_results_readable_and_tell_geometries_apart():
+    import dataclasses
+
+    from cas_jax import attention
+
+    base = pipeline.PipelineConfig()
+    old = json.loads(json.dumps({k: v for k, v in dataclasses.asdict(base).items()
+                                 if k not in pipeline.LATER_FIELDS}))
+    assert pipeline.stamp(base) == old  # what results recorded before these fields carry
+    parallel = dataclasses.replace(base, geometry=attention.PARALLEL)
+    assert pipeline.stamp(parallel) == old  # isolated rows: the layout changes nothing
+    assert pipeline.stamp(parallel, distractors=3)["geometry"] == "parallel"
+    hot = dataclasses.replace(base, geometry=attention.Geometry("serial", temperature=0.8))
+    assert pipeline.stamp(hot)["geometry"] == "serial,temperature=0.8"
+    assert pipeline.stamp(dataclasses.replace(base, quiet=0.1))["quiet"] == 0.1
