@@ -27,35 +27,8 @@ import numpy as np
 from cas_jax import evaluate, pipeline, study, train
 from cas_jax.loading import LoadedModel
 from cas_jax.questions import Question
+from cas_jax.distractors import POSITIONS, composed_sets
 from cas_jax.results import EvalResult
-
-POSITIONS = ("first", "last", "random")
-
-
-def composed_sets(questions: Sequence[Question], doc_ids: Sequence[str], k: int, seed: int,
-                  position: str = "random") -> list[list[str]]:
-    """Per question: its document and k others drawn without replacement, in `position` order
-    (the true cartridge first, last, or at a random place). The drawn others depend only on
-    (seed, question index, k), not on `position`."""
-    if position not in POSITIONS:
-        raise ValueError(f"position {position!r}: expected one of {POSITIONS}")
-    ids = sorted(doc_ids)
-    if k >= len(ids):
-        raise ValueError(f"composing {k} other cartridges needs more than {len(ids)} documents")
-    sets = []
-    for i, q in enumerate(questions):
-        rng = np.random.default_rng([seed, i, k])
-        others = [d for d in ids if d != q.doc_id]
-        drawn = [others[j] for j in rng.choice(len(others), k, replace=False)]
-        if position == "first":
-            sets.append([q.doc_id] + drawn)
-        elif position == "last":
-            sets.append(drawn + [q.doc_id])
-        else:
-            at = int(np.random.default_rng([seed, i, k, 1]).integers(k + 1))
-            sets.append(drawn[:at] + [q.doc_id] + drawn[at:])
-    return sets
-
 
 def _lookup(questions: Sequence[Question], sets: list[list[str]]
             ) -> Callable[[Question], list[str]]:

@@ -5,7 +5,7 @@ A study folder (`benchmarks.quality --cas`) holds the questions, the isolated ca
 retraining:
 
   composed rows      per (source, geometry, k): each question's own cartridge plus k others
-                     drawn by `cas_study.composed_sets` (the same sets for every source and
+                     drawn by `distractors.composed_sets` (the same sets for every source and
                      geometry), composed by the geometry; k = 0 is the oracle. Cached as
                      eval/<source>_<geometry slug>_k<k>.json.
   composition curve  accuracy with 95% CIs and gold NLL against k, per (source, geometry),
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cas_jax import attention, cas_study, dataset, evaluate, model as model_lib, study
+from cas_jax import attention, dataset, distractors, evaluate, model as model_lib, study
 from cas_jax.loading import LoadedModel
 from cas_jax.questions import Question
 
@@ -53,7 +53,7 @@ def composed_row(model: LoadedModel, ev: evaluate.Evaluator, questions: Sequence
                                   dataclasses.replace(ev.config, geometry=geometry))
         if k == 0:
             return g_ev.oracle_cartridge(questions, source, name=name)
-        sets = cas_study.composed_sets(questions, ids, k, seed, "random")
+        sets = distractors.composed_sets(questions, ids, k, seed, "random")
         table = {id(q): s for q, s in zip(questions, sets)}
         return g_ev.cartridges(questions, source, lambda q: table[id(q)], name, slots=k + 1,
                                capacity=len(ids))

@@ -27,6 +27,7 @@ schedules draw as they always did).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -133,3 +134,34 @@ def plan_step(target_ids: list[str], all_ids: tuple[str, ...], schedule: Distrac
         if not quiet:
             targets[row] = slots[target]
     return StepPlan(tuple(slots), selection, selected, targets, quiet)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+POSITIONS = ("first", "last", "random")
+
+
+def composed_sets(questions: Sequence, doc_ids: Sequence[str], k: int, seed: int,
+                  position: str = "random") -> list[list[str]]:
+    """Per question (anything with a doc_id): its document and k others drawn without
+    replacement, in `position` order (the true cartridge first, last, or at a random place).
+    The drawn others depend only on (seed, question index, k), not on `position`; evaluation
+    reads the same sets for every cartridge source and geometry."""
+    if position not in POSITIONS:
+        raise ValueError(f"position {position!r}: expected one of {POSITIONS}")
+    ids = sorted(doc_ids)
+    if k >= len(ids):
+        raise ValueError(f"composing {k} other cartridges needs more than {len(ids)} documents")
+    sets = []
+    for i, q in enumerate(questions):
+        rng = np.random.default_rng([seed, i, k])
+        others = [d for d in ids if d != q.doc_id]
+        drawn = [others[j] for j in rng.choice(len(others), k, replace=False)]
+        if position == "first":
+            sets.append([q.doc_id] + drawn)
+        elif position == "last":
+            sets.append(drawn + [q.doc_id])
+        else:
+            at = int(np.random.default_rng([seed, i, k, 1]).integers(k + 1))
+            sets.append(drawn[:at] + [q.doc_id] + drawn[at:])
+    return sets

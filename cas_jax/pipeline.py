@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from cas_jax import evaluate, synthesis, train
 from cas_jax.corpus import Collection
 from cas_jax.attention import DEFAULT_GEOMETRY, Geometry
-from cas_jax.distractors import DistractorSchedule
+from cas_jax.distractors import DistractorSchedule, composed_sets
 from cas_jax.loading import LoadedModel
 from cas_jax.questions import Question
 from cas_jax.results import EvalResult
@@ -212,12 +212,19 @@ def evaluate_baselines(ev: evaluate.Evaluator, questions: Sequence[Question], to
 
 
 def evaluate_cartridges(ev: evaluate.Evaluator, questions: Sequence[Question], source,
-                        label: str, top_k: int,
+                        label: str, top_k: int, compose_k: int = 0, seed: int = 0,
                         on_result: Callable[[EvalResult], None] | None = None
                         ) -> list[EvalResult]:
-    """Oracle and BM25-retrieved cartridges of one cartridge source, named after `label`."""
-    return _each([lambda: ev.oracle_cartridge(questions, source,
-                                              name=f"oracle_cartridge_{label}"),
-                  lambda: ev.retrieval_cartridges(questions, source, top_k=top_k,
-                                                  name=f"retrieval_cartridges_{label}_k{top_k}")],
-                 on_result)
+    """Oracle, composed (each question's cartridge with `compose_k` others,
+    `distractors.composed_sets`; left out at 0) and BM25-retrieved cartridges of one
+    cartridge source, named after `label`."""
+    runs = [lambda: ev.oracle_cartridge(questions, source, name=f"oracle_cartridge_{label}")]
+    if compose_k:
+        ids = ev.collection.ids
+        sets = dict(zip(map(id, questions), composed_sets(questions, ids, compose_k, seed)))
+        runs.append(lambda: ev.cartridges(questions, source, lambda q: sets[id(q)],
+                                          f"composed_cartridges_{label}_k{compose_k}",
+                                          slots=compose_k + 1, capacity=len(ids)))
+    runs.append(lambda: ev.retrieval_cartridges(questions, source, top_k=top_k,
+                                                name=f"retrieval_cartridges_{label}_k{top_k}"))
+    return _each(runs, on_result)

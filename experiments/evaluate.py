@@ -22,7 +22,7 @@ import os
 
 from absl import app, flags
 
-from cas_jax import attention, cas_study, corpus, evaluate, loading
+from cas_jax import attention, corpus, distractors, evaluate, loading
 from cas_jax import questions as questions_lib, store
 from cas_jax.results import EvalResult, format_table, write_report
 
@@ -101,7 +101,7 @@ def _run(evaluator: evaluate.Evaluator, method: str, qs, source) -> EvalResult:
         if not 0 <= FLAGS.compose_k < len(ids):
             raise app.UsageError(f"--compose_k={FLAGS.compose_k}: needs 0 <= k < the "
                                  f"{len(ids)} documents of --documents")
-        sets = cas_study.composed_sets(qs, ids, FLAGS.compose_k, FLAGS.seed, "random")
+        sets = distractors.composed_sets(qs, ids, FLAGS.compose_k, FLAGS.seed, "random")
         table = {id(q): s for q, s in zip(qs, sets)}
         return evaluator.cartridges(qs, source, lambda q: table[id(q)],
                                     f"{method}_k{FLAGS.compose_k}{label}",

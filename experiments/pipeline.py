@@ -19,7 +19,8 @@ import time
 
 from absl import app, flags
 
-from cas_jax import corpus, evaluate, loading, pipeline, questions as questions_lib
+from cas_jax import attention, corpus, distractors, evaluate, loading, pipeline
+from cas_jax import questions as questions_lib
 from cas_jax.results import format_table, write_report
 
 DEFAULTS = pipeline.PipelineConfig()
@@ -51,6 +52,15 @@ flags.DEFINE_bool("baselines", False, "Also train cartridges in isolation (evalu
                   "naive composition) and one monolithic cartridge for the collection "
                   "(roughly triples the training time).")
 flags.DEFINE_integer("seed", DEFAULTS.seed, "Seed for synthesis, training and questions.")
+flags.DEFINE_string("geometry", str(DEFAULTS.geometry), "Composition geometry of training and "
+                    "evaluation (attention.Geometry spec: serial or parallel, optionally "
+                    "',temperature=T,scale=S,count_power=C').")
+flags.DEFINE_enum("schedule", DEFAULTS.distractor_schedule, list(distractors.SCHEDULES),
+                  "How CAS training draws k (distractors module doc).")
+flags.DEFINE_float("p_iso", DEFAULTS.p_iso, "Mixed schedule: share of rows read alone.")
+flags.DEFINE_float("quiet", DEFAULTS.quiet, "Share of quiet CAS steps (distilled toward the "
+                   "model with no cartridge).")
+flags.DEFINE_integer("compose_k", 3, "Other cartridges in the composed row (0 = no row).")
 
 
 def _stage(name: str) -> float:
@@ -70,10 +80,16 @@ def _eval_report(r):
 
 def main(argv):
     del argv
+    try:
+        geometry = attention.Geometry.parse(FLAGS.geometry)
+    except ValueError as e:
+        raise app.UsageError(f"--geometry: {e}")
     cfg = pipeline.PipelineConfig(
         conversations_per_doc=FLAGS.conversations_per_doc, tokens_per_doc=FLAGS.tokens_per_doc,
         distractors=FLAGS.distractors, steps=FLAGS.steps, batch=FLAGS.batch,
-        seq_len=FLAGS.seq_len, lr=FLAGS.lr, top_k=FLAGS.top_k, seed=FLAGS.seed, init=FLAGS.init)
+        seq_len=FLAGS.seq_len, lr=FLAGS.lr, top_k=FLAGS.top_k, seed=FLAGS.seed, init=FLAGS.init,
+        distractor_schedule=FLAGS.schedule, p_iso=FLAGS.p_iso, quiet=FLAGS.quiet,
+        geometry=geometry)
     out = FLAGS.out
     os.makedirs(out, exist_ok=True)
     t_all = time.perf_counter()
@@ -111,10 +127,12 @@ def main(argv):
     qs = questions_lib.generate_factbook_questions(list(docs.ids), FLAGS.questions_per_doc,
                                                    FLAGS.seed)
     questions_lib.write_questions(os.path.join(out, "questions.jsonl"), qs)
-    ev = evaluate.Evaluator(model, docs, evaluate.EvalConfig(max_new_tokens=FLAGS.max_new_tokens))
+    ev = evaluate.Evaluator(model, docs, evaluate.EvalConfig(max_new_tokens=FLAGS.max_new_tokens,
+                                                             geometry=cfg.geometry))
     results = pipeline.evaluate_baselines(ev, qs, cfg.top_k, on_result=_eval_report)
     for label, source in sources.items():
         results += pipeline.evaluate_cartridges(ev, qs, source, label, cfg.top_k,
+                                                compose_k=FLAGS.compose_k, seed=FLAGS.seed,
                                                 on_result=_eval_report)
     if FLAGS.baselines:
         results.append(pipeline.evaluate_monolithic(ev, qs, pipeline.StoreSource(mono)))
