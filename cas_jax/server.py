@@ -94,6 +94,7 @@ class BodyLimit:
                                      f"(--max_body_bytes)", code="request_too_large").body())
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body.encode()})
 
