@@ -202,8 +202,8 @@ class ContinuousEngine:
 
     def _try_admit(self, job: Job) -> bool:
         pool = self._pool
-        target = ((self.shapes.rows(1), self.shapes.slots(job.need), bool(job.infos))
-                  if pool is None else pool.target(self.shapes, job))
+        target = (self.shapes.new_pool(job) if pool is None
+                  else pool.target(self.shapes, job))
         if target is None:
             return False
         t = self.shapes.prompt(len(job.prompt))

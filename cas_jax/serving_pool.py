@@ -3,9 +3,12 @@ out.
 
 Shapes are bucketed so the kernels compile a bounded number of times (`Shapes`): rows are
 powers of two up to max_batch; KV slots per row are powers of two from min_cache_tokens,
-capped by the window and max_cache_tokens (rows x slots never exceed max_cache_tokens);
-prompts are powers of two (at least 16), capped by the window. A pool also has a prefix
-(C*P_max slots per row) once a row with cartridges joins.
+capped by the window and max_cache_tokens (rows x slots never exceed max_cache_tokens), and a
+pool has at least the slots of a short prompt answered at default_max_tokens (`base_slots`),
+so common requests share one slot bucket; prompts are powers of two (at least 16), capped by
+the window. A pool also has a prefix (C*P_max slots per row) once a row with cartridges joins.
+The slots of a pool only grow, and its rows shrink to a quarter once a quarter holds them;
+an idle pool is dropped.
 
 Ring slots: every row writes its decode step's K/V at one shared slot, the pointer, which
 advances by one per step (modulo S). A request admitted at pointer p with T prompt tokens and
@@ -72,15 +75,24 @@ class Shapes:
     def slots(self, need: int) -> int:
         return min(max(_pow2(need), self.config.min_cache_tokens), self.slot_cap)
 
+    @property
+    def base_slots(self) -> int:
+        return self.slots(64 + self.config.default_max_tokens)
+
+    def new_pool(self, job: "Job") -> tuple[int, int, bool]:
+        """The shape of a pool started for `job`."""
+        return self.rows(1), max(self.base_slots, self.slots(job.need)), bool(job.infos)
+
     def prompt(self, n: int) -> int:
         return min(max(_pow2(n), 16), self.prompt_cap)
 
     def warm_keys(self) -> list[tuple]:
         """The kernels of short prompts answered at default_max_tokens: every row bucket, its
         growth, its shrinking and its change to a pool with prefixes."""
-        s = self.slots(64 + self.config.default_max_tokens)
+        s = self.base_slots
         prefixes = (False, True) if self.config.max_cartridges else (False,)
-        keys = [("prefill", t, p) for t in (16, 32, 64) for p in prefixes]
+        keys = [("prefill", t, p) for t in (16, 32, 64, 128, 256) for p in prefixes
+                if t <= self.prompt_cap]
         r = 1
         while True:
             keys.append(("insert", r, s))
