@@ -8,8 +8,9 @@ Setup: the real embedded model; one CartridgeStore per run holding, per document
 documents: `sections` (top-level sections, each its first `--section_tokens` tokens, ~700) and
 `profiles` (whole profiles, their first `--profile_tokens` tokens, ~8k). The device budget
 holds `--budget_cartridges`, fewer than the store, so requests page. The server runs in this
-process on 127.0.0.1 (uvicorn thread, free port), once per engine, with the same
-`--max_batch`; clients are asyncio tasks in the same process (they share its CPU).
+process on 127.0.0.1 (uvicorn thread, free port), once per engine (continuous: `--max_batch`
+rows; static: `--static_max_batch` rows per call, by default the old server's 16); clients
+are asyncio tasks in the same process (they share its CPU).
 
 Modes, one question for all ("Summarize what the documents say."), greedy, `--max_tokens`,
 every request streamed:
@@ -67,7 +68,9 @@ flags.DEFINE_integer("section_tokens", 700, "Tokens of a section document.")
 flags.DEFINE_integer("profile_tokens", 7800, "Tokens of a profile document.")
 flags.DEFINE_integer("documents", 128, "Documents (cartridges) per set.")
 flags.DEFINE_integer("budget_cartridges", 64, "Device budget, in cartridges.")
-flags.DEFINE_integer("max_batch", 64, "Server: most requests decoding at once (both engines).")
+flags.DEFINE_integer("max_batch", 64, "Continuous engine: most requests decoding at once.")
+flags.DEFINE_integer("static_max_batch", 16, "Static engine: most rows per generate call "
+                     "(16: the server's default before the continuous engine).")
 flags.DEFINE_float("batch_wait_ms", 10.0, "Static engine: how long a request waits for others.")
 flags.DEFINE_bool("bars", True, "Also measure the issue's bars (module doc).")
 flags.DEFINE_integer("disconnect_clients", 64, "Bars: clients that disconnect mid-stream.")
@@ -276,8 +279,10 @@ async def _short_while_long(url: str) -> dict:
 
 
 async def _stream_200(url: str) -> dict:
+    """Two streams; the second (its shapes compiled) is reported."""
     async with httpx.AsyncClient(timeout=3600) as http:
-        r = await _one(http, url, _body(ESSAY, 200))
+        for _ in range(2):
+            r = await _one(http, url, _body(ESSAY, 200))
     return {"stream_tokens": r.tokens, "stream_chunks": r.chunks,
             "first_chunk_fraction": r.ttft / r.e2e, "stream_s": r.e2e}
 
@@ -370,12 +375,14 @@ def main(_):
               f"{FLAGS.cartridge_tokens} tokens ({per / 1e6:.1f} MB each, made in "
               f"{time.perf_counter() - t0:.0f} s); budget {FLAGS.budget_cartridges} cartridges; "
               f"documents {FLAGS.section_tokens} / {FLAGS.profile_tokens} tokens; max_tokens "
-              f"{FLAGS.max_tokens}; max_batch {FLAGS.max_batch}; {jax.devices()[0].device_kind}")
+              f"{FLAGS.max_tokens}; max_batch {FLAGS.max_batch} (static "
+              f"{FLAGS.static_max_batch}); {jax.devices()[0].device_kind}")
         results, bars = {}, {}
         print("\n" + _HEADER)
         for name in FLAGS.engines:
             config = server.ServeConfig(
-                engine=name, budget_bytes=budget, max_batch=FLAGS.max_batch,
+                engine=name, budget_bytes=budget,
+                max_batch=FLAGS.static_max_batch if name == "static" else FLAGS.max_batch,
                 batch_wait_ms=FLAGS.batch_wait_ms, max_cartridges=max(ks),
                 max_cartridge_tokens=FLAGS.cartridge_tokens, model_id="bench",
                 default_max_tokens=FLAGS.max_tokens)

@@ -6,7 +6,8 @@ so the kernels compile once per bucket, on a background thread: a request whose 
 compiled yet waits while the running rows keep decoding. Between two decode steps the engine
 thread
   1. drops cancelled requests (their rows, bank slots and pins are freed at once);
-  2. admits waiting requests in order (FIFO), up to prefill_tokens_per_step prompt tokens: pins
+  2. admits waiting requests in order, up to prefill_tokens_per_step prompt tokens (one that
+     must wait is passed by later ones, at most max_batch times, so none starves): pins
      the request's cartridges in the budget manager (it waits while pinned cartridges fill the
      budget), holds their bank slots, composes its prefix with `attention.compose` under
      `ServeConfig.geometry`, prefills its prompt at positions from `attention.query_start`
@@ -162,19 +163,26 @@ class ContinuousEngine:
     # ------------------------------------------------------------------ admission
 
     def _admit(self) -> None:
-        used = 0
-        while self._waiting and used < self.config.prefill_tokens_per_step:
-            job = self._waiting[0]
+        """Admits waiting requests in order; one that must wait (for pins, bank slots, rows or
+        a compile) is passed by later ones, until max_batch have passed it."""
+        used, skipped = 0, []
+        for job in list(self._waiting):
+            if used >= self.config.prefill_tokens_per_step or any(
+                    j.passed >= self.config.max_batch for j in skipped):
+                return
             try:
                 admitted = self._try_admit(job)
             except ServeError as e:
-                self._waiting.popleft()
+                self._waiting.remove(job)
                 job.handle.emit("error", e)
                 continue
             if not admitted:
-                return
-            self._waiting.popleft()
+                skipped.append(job)
+                continue
+            self._waiting.remove(job)
             used += len(job.prompt)
+            for j in skipped:
+                j.passed += 1
 
     def _kernels(self, keys: list[tuple]) -> list | None:
         """The compiled kernels of `keys`, or None while one is still compiling."""

@@ -5,10 +5,11 @@ Shapes are bucketed so the kernels compile a bounded number of times (`Shapes`):
 powers of two up to max_batch; KV slots per row are powers of two from min_cache_tokens,
 capped by the window and max_cache_tokens (rows x slots never exceed max_cache_tokens), and a
 pool has at least the slots of a short prompt answered at default_max_tokens (`base_slots`),
-so common requests share one slot bucket; prompts are powers of two (at least 16), capped by
-the window. A pool also has a prefix (C*P_max slots per row) once a row with cartridges joins.
-The slots of a pool only grow, and its rows shrink to a quarter once a quarter holds them;
-an idle pool is dropped.
+so common requests share one slot bucket; prompts are bucketed as `sampling.bucket` does
+(powers of two to 256, then multiples of 256), capped by the window. A pool also has a prefix
+(C*P_max slots per row) once a row with cartridges joins. A pool grows when a request needs
+more rows or slots; its rows shrink to a quarter once a quarter holds them, its slots to what
+its rows need (at least base_slots) once that is a quarter or less; an idle pool is dropped.
 
 Ring slots: every row writes its decode step's K/V at one shared slot, the pointer, which
 advances by one per step (modulo S). A request admitted at pointer p with T prompt tokens and
@@ -23,6 +24,7 @@ import dataclasses
 import jax
 import numpy as np
 
+from cas_jax import sampling
 from cas_jax.serving_cartridges import CartridgeInfo
 from cas_jax.serving_engine import Handle, Sampling, ServeConfig
 from cas_jax.serving_kernels import CHUNK, Kernels
@@ -54,6 +56,7 @@ class Job:
     detok: Detokenizer | None = None
     stops: StopText | None = None
     joined_step: int = -1  # decode steps run before it joined
+    passed: int = 0  # requests admitted before it while it waited
 
     @property
     def ids(self) -> list[str]:
@@ -84,14 +87,14 @@ class Shapes:
         return self.rows(1), max(self.base_slots, self.slots(job.need)), bool(job.infos)
 
     def prompt(self, n: int) -> int:
-        return min(max(_pow2(n), 16), self.prompt_cap)
+        return min(sampling.bucket(n), self.prompt_cap)
 
     def warm_keys(self) -> list[tuple]:
         """The kernels of short prompts answered at default_max_tokens: every row bucket, its
         growth, its shrinking and its change to a pool with prefixes."""
         s = self.base_slots
         prefixes = (False, True) if self.config.max_cartridges else (False,)
-        keys = [("prefill", t, p) for t in (16, 32, 64, 128, 256) for p in prefixes
+        keys = [("prefill", t, p) for t in (16, 32, 64, 128) for p in prefixes
                 if t <= self.prompt_cap]
         r = 1
         while True:
@@ -146,11 +149,14 @@ class Pool:
         return shape if shape[0] * shape[1] <= shapes.max_cache_tokens else None
 
     def shrunk(self, shapes: Shapes) -> tuple[int, int, bool] | None:
-        """A quarter of the rows, once the live rows fit them; else None."""
-        live = len(self.live())
-        if not live or live > self.rows // 4:
+        """A smaller shape that holds the live rows (module doc), or None."""
+        live = self.live()
+        if not live:
             return None
-        return shapes.rows(self.rows // 4), self.slots, self.prefixed
+        rows = shapes.rows(self.rows // 4) if len(live) <= self.rows // 4 else self.rows
+        slots = max(shapes.base_slots, shapes.slots(max(j.need for j in live)))
+        slots = slots if slots <= self.slots // 4 else self.slots
+        return None if (rows, slots) == (self.rows, self.slots) else (rows, slots, self.prefixed)
 
     def relayout(self, shape: tuple[int, int, bool], relayout) -> "Pool":
         """The live rows moved into a pool of `shape`: rows packed from 0, each row's slots at

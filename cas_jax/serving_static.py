@@ -138,7 +138,7 @@ class StaticEngine:
         key = pending[0].params.key
         batch, distinct = [], set()
         window = self.model.config.max_position_embeddings
-        for job in pending:
+        for job in list(pending):
             ids = distinct | set(job.ids)
             rows = batch + [job]
             padded = self._padded(max(len(j.prompt) for j in rows),

@@ -197,3 +197,19 @@ def test_composed_requests_read_cartridges_as_scoring_does(tiny, store, spec):
     # The tiny random model's logits barely depend on the prefix; still, the other geometry
     # is 10x further from the server's numbers than scoring under its own geometry.
     assert error < 2e-5 and np.abs(np.asarray(lp_other) - lp).max() > 10 * error, error
+
+
+def test_a_request_waiting_for_the_budget_is_passed_by_one_that_fits(warm, tiny):
+    """The budget holds b + c: while they are pinned, a request for a waits, and a later one
+    for b (already resident) joins at once."""
+    long_ev, wait_ev, fit_ev = _Events(warm), _Events(warm), _Events(warm)
+    long = warm.submit(_prompt(tiny, "Tell me a long story."), ["b", "c"], _greedy(100),
+                       long_ev)
+    while len(long_ev.deltas()) < 5:
+        time.sleep(0.005)
+    waiting = warm.submit(_prompt(tiny, "Q?"), ["a"], _greedy(4), wait_ev)
+    fits = warm.submit(_prompt(tiny, "Q?"), ["b"], _greedy(4), fit_ev)
+    fits.result(60)
+    assert not long.future.done()
+    waiting.result(60)
+    assert wait_ev.step_of("start") >= long_ev.step_of("done") > fit_ev.step_of("done")
