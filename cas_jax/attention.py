@@ -67,6 +67,12 @@ class Geometry:
     def reshapes_logits(self) -> bool:
         return (self.temperature, self.scale, self.count_power) != (1.0, 1.0, 0.0)
 
+    @property
+    def reshapes_one(self) -> bool:
+        """Whether a single cartridge is read otherwise than by the identity geometry (the
+        layout and count_power change nothing for one cartridge)."""
+        return (self.temperature, self.scale) != (1.0, 1.0)
+
     def __str__(self) -> str:
         """The spec `parse` reads: the layout, then any non-default logit settings."""
         extra = [f"{f}={getattr(self, f):g}" for f in ("temperature", "scale", "count_power")

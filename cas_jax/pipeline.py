@@ -71,15 +71,15 @@ def stamp(cfg: PipelineConfig, **extra) -> dict:
     """What results read from cartridges trained under `cfg` depend on (`study.cached_method`),
     JSON-able: every field (the geometry as its spec string) but LATER_FIELDS at defaults.
     Without `distractors` in `extra` (or with 0) every row read one cartridge, so a geometry
-    that only moves the queries (no logit reshaping) trained nothing differently and is left
-    out too."""
+    that reads one cartridge as the identity does (`Geometry.reshapes_one` False) trained
+    nothing differently and is left out too."""
     out = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if f.name in LATER_FIELDS and value == f.default:
             continue
         if isinstance(value, Geometry):
-            if not extra.get("distractors") and not value.reshapes_logits:
+            if not extra.get("distractors") and not value.reshapes_one:
                 continue
             value = str(value)
         out[f.name] = value

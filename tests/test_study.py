@@ -161,6 +161,8 @@ def test_stamps_keep_recorded_results_readable_and_tell_geometries_apart():
     parallel = dataclasses.replace(base, geometry=attention.PARALLEL)
     assert pipeline.stamp(parallel) == old  # isolated rows: the layout changes nothing
     assert pipeline.stamp(parallel, distractors=3)["geometry"] == "parallel"
+    counted = dataclasses.replace(base, geometry=attention.Geometry("parallel", count_power=1))
+    assert pipeline.stamp(counted) == old  # n_active = 1: count_power changes nothing alone
     hot = dataclasses.replace(base, geometry=attention.Geometry("serial", temperature=0.8))
     assert pipeline.stamp(hot)["geometry"] == "serial,temperature=0.8"
     assert pipeline.stamp(dataclasses.replace(base, quiet=0.1))["quiet"] == 0.1
