@@ -8,11 +8,12 @@ thread
   1. drops cancelled requests (their rows, bank slots and pins are freed at once);
   2. admits waiting requests in order, up to prefill_tokens_per_step prompt tokens (one that
      must wait is passed by later ones, at most max_batch times, so none starves): pins
-     the request's cartridges in the budget manager (it waits while pinned cartridges fill the
-     budget), holds their bank slots, composes its prefix with `attention.compose` under
+     each request's cartridges in the budget manager (it waits while pinned cartridges fill
+     the budget), holds their bank slots, composes its prefix with `attention.compose` under
      `ServeConfig.geometry`, prefills its prompt at positions from `attention.query_start`
-     (exactly the layout of training, scoring and `sampling.generate`), samples its first
-     token and writes its K/V into a free row, growing the pool when no row is free;
+     (exactly the layout of training, scoring and `sampling.generate`) together with up to
+     prefill_rows - 1 others of its prompt bucket, samples its first token and writes its K/V
+     into a free row, growing the pool when no row is free;
   3. runs one decode step of every row: per-row temperature, top-p, penalties and seed;
   4. hands each row's token to its detokeniser and stop-string matcher, emits the text made
      final, and finishes rows on a stop token, a stop string or max_tokens;
@@ -153,36 +154,46 @@ class ContinuousEngine:
             self._pool.jobs[job.row] = None
             job.row = -1
         if job.pinned:
-            self.bank.release(job.bank_slots)
-            with self.catalogue.lock:
-                self.budget.release(job.ids)
-            job.pinned = False
+            self._unpin([job])
         with self._lock:
             self.requests += 1
 
     # ------------------------------------------------------------------ admission
 
     def _admit(self) -> None:
-        """Admits waiting requests in order; one that must wait (for pins, bank slots, rows or
-        a compile) is passed by later ones, until max_batch have passed it."""
-        used, skipped = 0, []
+        """Admits waiting requests in order, those of one prefill key together (module doc). A
+        request that must wait is passed by later ones, until max_batch have passed it."""
+        used, skipped, group = 0, [], []
         for job in list(self._waiting):
-            if used >= self.config.prefill_tokens_per_step or any(
-                    j.passed >= self.config.max_batch for j in skipped):
-                return
-            try:
-                admitted = self._try_admit(job)
-            except ServeError as e:
+            if any(j.passed >= self.config.max_batch for j in skipped) or (
+                    group and used + len(job.prompt) > self.config.prefill_tokens_per_step):
+                break
+            if group and (self.shapes.prefill_key(job) != self.shapes.prefill_key(group[0])
+                          or len(group) >= self.config.prefill_rows):
+                continue  # the next admission takes it
+            if self._target(group + [job]) is None or not self._pin(job):
+                if job in self._waiting:  # not dropped by _pin
+                    skipped.append(job)
+                continue
+            group.append(job)
+            used += len(job.prompt)
+        try:
+            started = self._start(group, skipped) if group else []
+        except ServeError as e:  # the group's kernels failed to compile
+            self._unpin(group)
+            for job in group:
                 self._waiting.remove(job)
                 job.handle.emit("error", e)
-                continue
-            if not admitted:
-                skipped.append(job)
-                continue
+            started = []
+        order = {id(job): i for i, job in enumerate(self._waiting)}
+        for job in skipped:
+            job.passed += sum(order[id(s)] > order[id(job)] for s in started)
+        for job in started:
             self._waiting.remove(job)
-            used += len(job.prompt)
-            for j in skipped:
-                j.passed += 1
+
+    def _target(self, jobs: list[Job]) -> tuple[int, int, bool] | None:
+        return (self.shapes.new_pool(jobs) if self._pool is None
+                else self._pool.target(self.shapes, jobs))
 
     def _kernels(self, keys: list[tuple]) -> list | None:
         """The compiled kernels of `keys`, or None while one is still compiling."""
@@ -194,11 +205,16 @@ class ContinuousEngine:
         return None if any(k is None for k in kernels) else kernels
 
     def _pin(self, job: Job) -> bool:
-        """Pins the job's cartridges and holds their bank slots; False while they must wait."""
+        """Pins the job's cartridges and holds their bank slots; False while they must wait.
+        ServeError (emitted, the job dropped) if one cannot be read."""
         with self.catalogue.lock:
             try:
                 cartridges = self.catalogue.acquire(job.ids)
             except budget_lib.BudgetExceededError:
+                return False
+            except ServeError as e:
+                self._waiting.remove(job)
+                job.handle.emit("error", e)
                 return False
         slot_of = self.bank.place(dict(zip(job.ids, cartridges)))
         if slot_of is None:
@@ -208,34 +224,54 @@ class ContinuousEngine:
         job.bank_slots, job.pinned = [slot_of[i] for i in job.ids], True
         return True
 
-    def _try_admit(self, job: Job) -> bool:
-        pool = self._pool
-        target = (self.shapes.new_pool(job) if pool is None
-                  else pool.target(self.shapes, job))
-        if target is None:
-            return False
-        t = self.shapes.prompt(len(job.prompt))
-        keys = [("prefill", t, bool(job.infos)), ("reset", *target), ("insert", *target[:2]),
-                ("step", *target)]
-        if self._pool is not None and self._pool.shape != target:
-            keys.append(("relayout", self._pool.shape, target))
-        kernels = self._kernels(keys)
-        if kernels is None or not self._pin(job):
-            return False
+    def _unpin(self, jobs: list[Job]) -> None:
+        """Releases the jobs' bank slots and pins."""
+        for job in jobs:
+            self.bank.release(job.bank_slots)
+            with self.catalogue.lock:
+                self.budget.release(job.ids)
+            job.pinned = False
+
+    def _group_kernels(self, group: list[Job]) -> tuple[list[Job], tuple, list]:
+        """The longest head of `group` whose kernels are compiled (all of it, else its first
+        job alone), with its target shape and kernels: prefill, reset, insert, step and the
+        relayout to the target if the pool changes shape. ([], ...) while they compile."""
+        t, pfx = self.shapes.prefill_key(group[0])
+        for jobs in ([group, group[:1]] if len(group) > 1 else [group]):
+            target = self._target(jobs)
+            keys = [("prefill", self.shapes.prefill_rows(len(jobs)), t, pfx),
+                    ("reset", *target), ("insert", *target[:2]), ("step", *target)]
+            if self._pool is not None and self._pool.shape != target:
+                keys.append(("relayout", self._pool.shape, target))
+            kernels = self._kernels(keys)
+            if kernels is not None:
+                return jobs, target, kernels
+        return [], target, []
+
+    def _start(self, group: list[Job], skipped: list[Job]) -> list[Job]:
+        """Prefills `group`'s jobs (pinned) in one call and gives each a row; the jobs started.
+        Those whose kernels are still compiling are unpinned and join `skipped`."""
+        jobs, target, kernels = self._group_kernels(group)
+        self._unpin(group[len(jobs):])
+        skipped += group[len(jobs):]
+        if not jobs:
+            return []
+        n = self.shapes.prefill_rows(len(jobs))
         if self._pool is None:
             self._pool = Pool.empty(self.kernels, target)
         elif self._pool.shape != target:
             self._pool = self._pool.relayout(target, kernels[4])
-        composed = self._compose(job)
-        first = self._prefill(job, kernels[0], t, composed)
-        self._pool.place(job, composed, kernels[1], kernels[2], first[:2])
-        job.detok = Detokenizer(self.model.tokenizer)
-        job.stops = StopText(job.params.stop) if job.params.stop else None
-        job.joined_step = self.steps
+        composed = [self._compose(job) for job in jobs]
+        k, v, *first = self._prefill(jobs, kernels[0], n, composed)
+        for i, job in enumerate(jobs):
+            self._pool.place(job, composed[i], kernels[1], kernels[2], (k, v), i)
+            job.detok = Detokenizer(self.model.tokenizer)
+            job.stops = StopText(job.params.stop) if job.params.stop else None
+            job.joined_step = self.steps
+            job.handle.emit("start")
+            self._take(job, *(a[i] for a in first))
         self.largest_batch = max(self.largest_batch, len(self._pool.live()))
-        job.handle.emit("start")
-        self._take(job, *first[2:])
-        return True
+        return jobs
 
     def _compose(self, job: Job) -> dict:
         if not job.infos:
@@ -248,17 +284,25 @@ class ContinuousEngine:
         return self.kernels.compose(self.bank.bank, selection, selected,
                                     geometry=self.config.geometry)
 
-    def _prefill(self, job: Job, prefill, t: int, composed: dict) -> tuple:
-        n = len(job.prompt)
-        tokens = np.zeros((1, t), np.int32)
-        positions = np.full((1, t), -1, np.int32)
-        tokens[0, :n] = job.prompt
-        positions[0, :n] = job.start + np.arange(n)
-        rows = self._row_values([job], 1)
+    def _prefill(self, jobs: list[Job], prefill, n: int, composed: list[dict]) -> tuple:
+        """Keys and values [n, chunks, L, CHUNK, K, Dh] of the jobs' prompts (padded to the
+        call's n rows by repeating the last), and their first tokens, logprobs and top
+        alternatives (host arrays)."""
+        t = self.shapes.prompt(len(jobs[0].prompt))
+        tokens = np.zeros((n, t), np.int32)
+        positions = np.full((n, t), -1, np.int32)
+        last = np.zeros((n,), np.int32)
+        for i, job in enumerate(jobs):
+            m = len(job.prompt)
+            tokens[i, :m] = job.prompt
+            positions[i, :m] = job.start + np.arange(m)
+            last[i] = m - 1
+        padded = composed + composed[-1:] * (n - len(jobs))
+        rows = self._row_values(list(enumerate(jobs)), n)
         k, v, *first = prefill(
-            self.kernels.params, tokens, positions, composed if job.infos else None,
-            np.int32(n - 1), rows_tuple(rows, job.params.top_logprobs > 0))
-        return k, v, *(a[0] for a in jax.device_get(first))
+            self.kernels.params, tokens, positions, tuple(padded) if jobs[0].infos else None,
+            last, rows_tuple(rows, any(j.params.top_logprobs for j in jobs)))
+        return k, v, *jax.device_get(first)
 
     def _shrink(self) -> None:
         """Drops the pool when idle; a quarter of its rows once the live rows fit them."""
@@ -274,10 +318,11 @@ class ContinuousEngine:
 
     # ------------------------------------------------------------------ decoding
 
-    def _row_values(self, jobs: list[Job], n: int) -> dict[str, np.ndarray]:
+    @staticmethod
+    def _row_values(rows: list[tuple[int, Job]], n: int) -> dict[str, np.ndarray]:
+        """Per-row sampling arrays [n] with each (row, job)'s values."""
         arrays = row_arrays(n)
-        for i, job in enumerate(jobs):
-            r = i if n == 1 else job.row
+        for r, job in rows:
             p = job.params
             arrays["temperature"][r], arrays["top_p"][r] = p.temperature, p.top_p
             arrays["frequency"][r], arrays["presence"][r] = p.frequency_penalty, p.presence_penalty
@@ -294,7 +339,7 @@ class ContinuousEngine:
         want_top = any(j.params.top_logprobs for j in jobs)
         pool.cache, pool.counts, nxt, lp, top_ids, top_lp = step(
             self.kernels.unrolled, pool.cache, pool.prefix, pool.counts, tokens, positions,
-            np.int32(pool.pointer), rows_tuple(self._row_values(jobs, pool.rows), want_top))
+            np.int32(pool.pointer), rows_tuple(self._row_values([(j.row, j) for j in jobs], pool.rows), want_top))
         pool.advance()
         nxt, lp = jax.device_get((nxt, lp))
         top_ids, top_lp = jax.device_get((top_ids, top_lp)) if want_top else (None, None)

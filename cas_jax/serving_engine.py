@@ -52,6 +52,7 @@ class ServeConfig:
       window, max_batch * 1024). min_cache_tokens: the smallest KV slots per row.
     prefill_tokens_per_step (continuous): prompt tokens admitted between two decode steps
       (at least one request is), so joining requests do not stall the running ones for long.
+    prefill_rows (continuous): most prompts of one prompt bucket prefilled in one call.
     warmup (continuous): compile the common shapes at start-up, on a background thread.
     escape_special_tokens: the default of the request field of that name (`serving_prompt`).
     max_body_bytes: request bodies larger than this get 413 before they are parsed.
@@ -71,6 +72,7 @@ class ServeConfig:
     max_cache_tokens: int | None = None
     min_cache_tokens: int = 128
     prefill_tokens_per_step: int = 512
+    prefill_rows: int = 8
     warmup: bool = True
     escape_special_tokens: bool = False
     max_body_bytes: int = 1 << 20

@@ -13,8 +13,8 @@ before the row ends (`serving_continuous`).
 
 Kernels (each compiled once per key; `Kernels.compiled` counts them):
   ("step", R, S, pfx)       one decode step of every row, per-row sampling
-  ("prefill", T, pfx)       one prompt, T tokens (bucketed) -> its K/V in CHUNK-token chunks
-                            and its first token
+  ("prefill", N, T, pfx)    N prompts of T tokens (bucketed) -> their K/V in CHUNK-token
+                            chunks and their first tokens
   ("insert", R, S)          one chunk of a prompt's K/V into a row's slots
   ("reset", R, S, pfx)      clears a row and sets its prefix
   ("relayout", a, b)        gathers rows and slots of a pool of shape a into one of shape b
@@ -101,19 +101,24 @@ def _step(params, cache, prefix, counts, tokens, positions, pointer, rows, *, co
     return cache, counts, nxt, lp, top_ids, top_lp
 
 
-def _prefill(params, tokens, positions, prefix, last, rows, *, config):
-    """One prompt: tokens, positions [1, T] (-1 = padding), last = index of its last token ->
-    (keys, values [T / CHUNK, L, CHUNK, K, Dh], first token, logprob, top ids, top logprobs)."""
+def _prefill(params, tokens, positions, prefixes, last, rows, *, config):
+    """N prompts: tokens, positions [N, T] (-1 = padding), prefixes: None or N one-row
+    compositions, last [N] = index of each prompt's last token -> (keys, values [N, T / CHUNK,
+    L, CHUNK, K, Dh], first tokens, logprobs, top ids, top logprobs)."""
+    prefix = None if prefixes is None else {
+        name: jnp.concatenate([p[name] for p in prefixes], axis=1 if name in ("k", "v") else 0)
+        for name in prefixes[0]}
     hidden, kv = model_lib.forward(params, tokens, positions, None, prefix, config=config,
                                    return_hidden=True)
-    logits = model_lib.logits_from_hidden(params, hidden[:, last], config)
+    logits = model_lib.logits_from_hidden(params, hidden[jnp.arange(tokens.shape[0]), last],
+                                          config)
     counts = jnp.zeros(logits.shape, jnp.int32)
     first, lp, top_ids, top_lp = choose(logits, counts, rows)
 
-    def chunks(x):  # [L, 1, T, K, Dh] -> [T / CHUNK, L, CHUNK, K, Dh]
-        n_layers, _, t, kh, dh = x.shape
-        x = jnp.pad(x[:, 0], ((0, 0), (0, -t % CHUNK), (0, 0), (0, 0)))
-        return jnp.moveaxis(x.reshape(n_layers, -1, CHUNK, kh, dh), 1, 0)
+    def chunks(x):  # [L, N, T, K, Dh] -> [N, T / CHUNK, L, CHUNK, K, Dh]
+        n_layers, n, t, kh, dh = x.shape
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, -t % CHUNK), (0, 0), (0, 0)))
+        return jnp.moveaxis(x.reshape(n_layers, n, -1, CHUNK, kh, dh), 0, 2)
 
     return chunks(kv["k"]), chunks(kv["v"]), first, lp, top_ids, top_lp
 
@@ -230,11 +235,12 @@ class Kernels:
             return fn.lower(self.unrolled, cache, prefix, counts, vec, vec, i32,
                             self.rows_like(r))
         if kind == "prefill":
-            _, t, pfx = key
-            tok = jax.ShapeDtypeStruct((1, t), jnp.int32)
-            prefix = self.composed_like if pfx else None
+            _, n, t, pfx = key
+            tok = jax.ShapeDtypeStruct((n, t), jnp.int32)
+            prefixes = (self.composed_like,) * n if pfx else None
             fn = jax.jit(functools.partial(_prefill, config=cfg))
-            return fn.lower(self.params, tok, tok, prefix, i32, self.rows_like(1))
+            return fn.lower(self.params, tok, tok, prefixes, jax.ShapeDtypeStruct((n,), jnp.int32),
+                            self.rows_like(n))
         if kind == "insert":
             _, r, s = key
             cache = self.pool_like(r, s, False)[0]

@@ -82,9 +82,18 @@ class Shapes:
     def base_slots(self) -> int:
         return self.slots(64 + self.config.default_max_tokens)
 
-    def new_pool(self, job: "Job") -> tuple[int, int, bool]:
-        """The shape of a pool started for `job`."""
-        return self.rows(1), max(self.base_slots, self.slots(job.need)), bool(job.infos)
+    def new_pool(self, jobs: list["Job"]) -> tuple[int, int, bool]:
+        """The shape of a pool started for `jobs`."""
+        return (self.rows(len(jobs)), max(self.base_slots, *(self.slots(j.need) for j in jobs)),
+                any(j.infos for j in jobs))
+
+    def prefill_rows(self, n: int) -> int:
+        """Rows of a prefill call for n prompts."""
+        return min(_pow2(n), self.config.prefill_rows)
+
+    def prefill_key(self, job: "Job") -> tuple[int, bool]:
+        """Prompts with equal keys are prefilled together: (prompt bucket, has cartridges)."""
+        return self.prompt(len(job.prompt)), bool(job.infos)
 
     def prompt(self, n: int) -> int:
         return min(sampling.bucket(n), self.prompt_cap)
@@ -94,8 +103,9 @@ class Shapes:
         growth, its shrinking and its change to a pool with prefixes."""
         s = self.base_slots
         prefixes = (False, True) if self.config.max_cartridges else (False,)
-        keys = [("prefill", t, p) for t in (16, 32, 64, 128) for p in prefixes
-                if t <= self.prompt_cap]
+        keys = [("prefill", n, t, p) for t in (16, 32, 64, 128) for p in prefixes
+                for n in sorted({self.prefill_rows(2 ** i) for i in range(4)})
+                if t <= self.prompt_cap and (n == 1 or t < 128)]
         r = 1
         while True:
             keys.append(("insert", r, s))
@@ -137,15 +147,14 @@ class Pool:
     def live(self) -> list[Job]:
         return [j for j in self.jobs if j is not None]
 
-    def target(self, shapes: Shapes, job: Job) -> tuple[int, int, bool] | None:
-        """The shape that holds the live rows and `job`; None while it must wait."""
-        live = len(self.live())
-        rows = self.rows
-        if live == rows:
-            if live >= shapes.config.max_batch:
-                return None
-            rows = shapes.rows(live + 1)
-        shape = (rows, max(self.slots, shapes.slots(job.need)), self.prefixed or bool(job.infos))
+    def target(self, shapes: Shapes, jobs: list[Job]) -> tuple[int, int, bool] | None:
+        """The shape that holds the live rows and `jobs`; None while they must wait."""
+        live = len(self.live()) + len(jobs)
+        if live > shapes.config.max_batch:
+            return None
+        rows = self.rows if live <= self.rows else shapes.rows(live)
+        shape = (rows, max(self.slots, *(shapes.slots(j.need) for j in jobs)),
+                 self.prefixed or any(j.infos for j in jobs))
         return shape if shape[0] * shape[1] <= shapes.max_cache_tokens else None
 
     def shrunk(self, shapes: Shapes) -> tuple[int, int, bool] | None:
@@ -173,9 +182,10 @@ class Pool:
         return Pool(rows, slots, prefixed, cache, prefix, counts,
                     jobs + [None] * (rows - len(jobs)))
 
-    def place(self, job: Job, composed: dict, reset, insert, kv: tuple) -> None:
+    def place(self, job: Job, composed: dict, reset, insert, kv: tuple, i: int) -> None:
         """Gives `job` a free row with the prefix `composed` and writes its prefilled prompt
-        (kv: keys, values [chunks, L, CHUNK, K, Dh]) after the slots its decode steps use."""
+        (kv[0][i], kv[1][i]: keys, values [chunks, L, CHUNK, K, Dh]) after the slots its
+        decode steps use."""
         job.row = self.jobs.index(None)
         self.jobs[job.row] = job
         self.cache, self.prefix, self.counts = reset(self.cache, self.prefix, self.counts,
@@ -186,8 +196,8 @@ class Pool:
             idx = np.arange(c * CHUNK, (c + 1) * CHUNK)
             slots = np.where(idx < n, (base + idx) % self.slots, self.slots).astype(np.int32)
             positions = np.where(idx < n, job.start + idx, -1).astype(np.int32)
-            self.cache = insert(self.cache, np.int32(job.row), slots, kv[0][c], kv[1][c],
-                                positions)
+            self.cache = insert(self.cache, np.int32(job.row), slots, kv[0][i, c],
+                                kv[1][i, c], positions)
 
     def inputs(self) -> tuple[np.ndarray, np.ndarray]:
         """Each row's last token and its position [R] (-1: an empty row)."""
