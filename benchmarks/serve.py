@@ -19,16 +19,19 @@ every request streamed:
   icl k    the same k documents' text in the prompt (a leading system message: the document
            block); cells that cannot fit the window are skipped
 For each engine, set, mode and number of concurrent clients c (closed loop), max(--requests, c)
-requests are timed after an untimed warm-up round of min(c, max_batch) requests. Reported:
+requests are timed after untimed warm-up rounds of min(c, max_batch) requests (until one
+compiles nothing, at most three). Reported:
 completion tokens per second of wall time, time to first content token (TTFT) p50/p90, inter-
 token latency (ITL: a request's time from first to last token over its tokens - 1) p50,
 end-to-end latency p50, and compiles during the timed run (continuous: kernels; static:
 sampler).
 
-Bars (`--bars`, per engine): a 13-token request alone and sent 1 s into a 256-token one; one
-200-token stream's first content chunk over its total time and its chunk count; 64 clients
-(`--disconnect_clients`) disconnecting mid-stream, three times (RSS before and after, requests still running after); a short request
-while two clients POST 5 MB bodies in a loop (over the 1 MiB body limit), over its time alone.
+Bars (`--bars`, per engine, each pattern once untimed first so its shapes are compiled): a
+13-token request alone and sent 1 s into a 256-token one; one 200-token stream's first content
+chunk over its total time and its chunk count; 64 clients (`--disconnect_clients`) that
+disconnect mid-stream, three times (RSS before and after, requests still running after); a
+short request while two clients POST 5 MB bodies in a loop (over the 1 MiB body limit), over
+its time alone.
 
 Last line: `cartridge_vs_icl_throughput=X ttft_p50_s=Y continuous_vs_static=Z`: X = cart 1 /
 icl 1 tokens/s at the last document set (profiles by default) and the largest concurrency, on
@@ -234,8 +237,12 @@ def _table(url: str, engine, engine_name: str, model, docs_by_set: dict,
                 continue
             for c in clients:
                 n = max(FLAGS.requests, c)
-                warm = _bodies(mode, k, min(c, FLAGS.max_batch), docs, 10_000 + c)
-                asyncio.run(_run(url, warm, c))
+                for seed in range(3):  # until a round compiles nothing
+                    compiles = _compiles(engine)
+                    warm = _bodies(mode, k, min(c, FLAGS.max_batch), docs, 10_000 * (seed + 1) + c)
+                    asyncio.run(_run(url, warm, c))
+                    if _compiles(engine) == compiles:
+                        break
                 compiles = _compiles(engine)
                 wall, res = asyncio.run(_run(url, _bodies(mode, k, n, docs, FLAGS.seed + c), c))
                 cell = Cell(sum(r.tokens for r in res) / wall,
@@ -288,12 +295,13 @@ async def _stream_200(url: str) -> dict:
 
 
 async def _disconnects(url: str, engine, rounds: int = 3) -> dict:
-    """--disconnect_clients clients stream and go away after their first content chunk,
-    `rounds` times."""
+    """--disconnect_clients clients stream and go away after their first content chunk, once
+    untimed, then `rounds` times between two RSS readings."""
     n = FLAGS.disconnect_clients
-    before = _rss_mb()
     async with httpx.AsyncClient(timeout=3600, limits=httpx.Limits(max_connections=n)) as h:
-        for _ in range(rounds):
+        for i in range(rounds + 1):
+            if i == 1:
+                before = _rss_mb()
             await asyncio.gather(*(_one(h, url, _body(ESSAY, 256), stop_after=1)
                                    for _ in range(n)))
         deadline = time.monotonic() + 120

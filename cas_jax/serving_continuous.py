@@ -337,9 +337,10 @@ class ContinuousEngine:
         jobs = pool.live()
         tokens, positions = pool.inputs()
         want_top = any(j.params.top_logprobs for j in jobs)
+        rows = self._row_values([(j.row, j) for j in jobs], pool.rows)
         pool.cache, pool.counts, nxt, lp, top_ids, top_lp = step(
             self.kernels.unrolled, pool.cache, pool.prefix, pool.counts, tokens, positions,
-            np.int32(pool.pointer), rows_tuple(self._row_values([(j.row, j) for j in jobs], pool.rows), want_top))
+            np.int32(pool.pointer), rows_tuple(rows, want_top))
         pool.advance()
         nxt, lp = jax.device_get((nxt, lp))
         top_ids, top_lp = jax.device_get((top_ids, top_lp)) if want_top else (None, None)
