@@ -286,7 +286,13 @@ async def _stream(events: asyncio.Queue, responses: Responses, handle: Handle,
 def serve(model: LoadedModel, store: CartridgeStore, config: ServeConfig = ServeConfig(),
           host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Serves `make_app(model, store, config)` on host:port until interrupted."""
-    uvicorn.run(make_app(model, store, config), host=host, port=port, log_level=log_level)
+    run_app(make_app(model, store, config), host, port, log_level)
+
+
+def run_app(app: FastAPI, host: str = "127.0.0.1", port: int = 8000,
+            log_level: str = "info") -> None:
+    """Serves `app` (from `make_app`) on host:port until interrupted."""
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
 class ServerThread:

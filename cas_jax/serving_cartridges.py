@@ -42,6 +42,7 @@ class CartridgeInfo:
     bytes: int
     fingerprint: str
     shape: tuple[int, ...]  # keys [layers, tokens, kv_heads, head_dim]
+    geometry: str = "serial"  # the composition geometry it was trained under (its meta)
 
 
 def _refuse(status: int, message: str, code: str) -> ServeError:
@@ -56,8 +57,12 @@ class Catalogue:
         self.budget = budget_lib.BudgetManager(store, config.budget_bytes)
         self.lock = threading.Lock()  # the budget manager is used by one thread at a time
         self._manifests: dict[str, tuple[str, CartridgeInfo]] = {}  # id -> (version, info)
-        sizes = [i.tokens for i in self._infos().values() if isinstance(i, CartridgeInfo)]
-        self.max_cartridge_tokens = config.max_cartridge_tokens or max(sizes, default=128)
+        infos = [i for i in self._infos().values() if isinstance(i, CartridgeInfo)]
+        self.max_cartridge_tokens = config.max_cartridge_tokens or max(
+            (i.tokens for i in infos), default=128)
+        if config.geometry is None:
+            self.config = dataclasses.replace(config, geometry=recorded_geometry(infos))
+        self.geometry: attention.Geometry = self.config.geometry
 
     def public(self, message: str) -> str:
         """`message` with the store's root removed from the paths it names."""
@@ -78,8 +83,10 @@ class Catalogue:
             manifest = cartridge_files.read_manifest(
                 os.path.join(directory, version + ".json"), label)
             keys = next(a for a in manifest["arrays"] if a["name"] == "keys")
+            meta = manifest["meta"]
             info = CartridgeInfo(doc_id, int(keys["shape"][1]), 2 * int(keys["nbytes"]),
-                                 manifest["meta"]["model_fingerprint"], tuple(keys["shape"]))
+                                 meta["model_fingerprint"], tuple(keys["shape"]),
+                                 str(attention.Geometry.parse(meta.get("geometry", "serial"))))
         except store_lib.CartridgeNotFoundError:
             raise _refuse(404, f"no cartridge {doc_id!r} in the store",
                           "cartridge_not_found") from None
@@ -134,6 +141,21 @@ class Catalogue:
                           f"bank slots hold {self.max_cartridge_tokens} (--max_cartridge_tokens)",
                           "cartridge_too_long")
 
+    def check_geometry(self, infos: list[CartridgeInfo]) -> None:
+        """Refuses (422) composing cartridges trained under another geometry than the server's,
+        where that changes their prefix: a set of two or more, or one when either geometry
+        reshapes a lone cartridge's logits."""
+        server = self.geometry
+        other = [i for i in infos if attention.Geometry.parse(i.geometry) != server]
+        if not other:
+            return
+        if len(infos) > 1 or server.reshapes_one or any(
+                attention.Geometry.parse(i.geometry).reshapes_one for i in other):
+            trained = {i.id: i.geometry for i in other}
+            raise _refuse(422, f"cartridges {trained} were trained under another composition "
+                          f"geometry than this server's {str(server)!r} (--geometry); compose "
+                          f"them alone or serve them with their own", "cartridge_geometry_mismatch")
+
     def check_request(self, prompt: int, ids: list[str], max_tokens: int
                       ) -> list[CartridgeInfo]:
         """The infos of a request's cartridges, after every check that needs no device."""
@@ -148,11 +170,12 @@ class Catalogue:
         infos = [self.info(i) for i in ids]
         for info in infos:
             self.check_usable(info)
+        self.check_geometry(infos)
         need = sum(i.bytes for i in infos)
         if need > self.budget.budget_bytes:
             raise _refuse(400, f"cartridges {ids} need {need} bytes on the device; the budget "
                           f"is {self.budget.budget_bytes} (--budget_bytes)", "over_budget")
-        start = attention.query_start([i.tokens for i in infos], self.config.geometry)
+        start = attention.query_start([i.tokens for i in infos], self.geometry)
         window = self.model.config.max_position_embeddings
         if prompt + start + max_tokens > window:
             raise ServeError(400, f"prompt ({prompt} tokens) + cartridges ({start} positions) + "
@@ -175,6 +198,17 @@ class Catalogue:
     def close(self) -> None:
         with self.lock:
             self.budget.close()
+
+
+def recorded_geometry(infos: list[CartridgeInfo]) -> attention.Geometry:
+    """The one geometry `infos` were trained under (DEFAULT_GEOMETRY for none); ValueError
+    naming them when they disagree."""
+    specs = {i.geometry for i in infos}
+    if len(specs) > 1:
+        by = {s: sorted(i.id for i in infos if i.geometry == s) for s in sorted(specs)}
+        raise ValueError(f"the store's cartridges were trained under different composition "
+                         f"geometries {by}: name the one to serve with --geometry")
+    return attention.Geometry.parse(specs.pop()) if specs else attention.DEFAULT_GEOMETRY
 
 
 @functools.partial(jax.jit, donate_argnums=0)

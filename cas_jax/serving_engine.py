@@ -46,8 +46,9 @@ class ServeConfig:
       P_max-token cartridges `budget_bytes` holds (at least max_cartridges).
     default_max_tokens: completion length when a request gives none.
     model_id: the model's name in /v1/models and responses; None = the model file's name.
-    geometry: how a request's cartridges are composed (`attention.Geometry`): the one they
-      were trained under.
+    geometry: how a request's cartridges are composed (`attention.Geometry`); None = the one
+      the store's cartridges were trained under (their meta; they must agree). A set whose
+      recorded geometry differs is refused where that changes its prefix.
     max_cache_tokens (continuous): rows x KV slots per row of the pool; None = max(context
       window, max_batch * 1024). min_cache_tokens: the smallest KV slots per row.
     prefill_tokens_per_step (continuous): prompt tokens admitted between two decode steps
@@ -68,7 +69,7 @@ class ServeConfig:
     bank_slots: int | None = None
     default_max_tokens: int = 256
     model_id: str | None = None
-    geometry: attention.Geometry = attention.DEFAULT_GEOMETRY
+    geometry: attention.Geometry | None = None
     max_cache_tokens: int | None = None
     min_cache_tokens: int = 128
     prefill_tokens_per_step: int = 512

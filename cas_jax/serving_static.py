@@ -54,6 +54,7 @@ class StaticEngine:
                  config: ServeConfig = ServeConfig()):
         self.model, self.config = model, config
         self.catalogue = Catalogue(model, store, config)
+        self.config = config = self.catalogue.config  # its geometry resolved
         self.budget = self.catalogue.budget
         self.max_cartridge_tokens = self.catalogue.max_cartridge_tokens
         self.bank = BankSlots(self.catalogue)

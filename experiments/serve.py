@@ -1,7 +1,7 @@
 """Serves a model and a cartridge store over an OpenAI-compatible HTTP API (`cas_jax.server`).
 
   python -m experiments.serve --store=runs/cas [--model=...] [--host=127.0.0.1] [--port=8000] \
-      [--engine=continuous|static] [--geometry=serial] [--budget_bytes=...] [--max_batch=16]
+      [--engine=continuous|static] [--geometry=parallel] [--budget_bytes=...] [--max_batch=16]
 
 Then, e.g. with the openai client:
   client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
@@ -26,10 +26,10 @@ flags.DEFINE_integer("port", 8000, "Port to listen on.")
 flags.DEFINE_enum("engine", "continuous", list(serving_engine.ENGINES),
                   "continuous: requests join the running batch at the next decode step; "
                   "static: request-level batches (kept for comparison).")
-flags.DEFINE_string("geometry", str(attention.DEFAULT_GEOMETRY),
+flags.DEFINE_string("geometry", "",
                     "How a request's cartridges are composed (attention.Geometry.parse): "
                     "serial or parallel, optionally ',temperature=X,scale=Y,count_power=Z'. "
-                    "Use the geometry the cartridges were trained under.")
+                    "Default: the one the store's cartridges were trained under.")
 flags.DEFINE_integer("budget_bytes", 1 << 30, "Device bytes of resident cartridges.")
 flags.DEFINE_integer("max_batch", 16, "Most requests decoding at once (static: per call).")
 flags.DEFINE_float("batch_wait_ms", 5.0, "Static engine: batch more pending requests until "
@@ -83,7 +83,7 @@ def open_store(path: str, fingerprint: str) -> store_lib.CartridgeStore:
 
 def config_from_flags() -> serving_engine.ServeConfig:
     try:
-        geometry = attention.Geometry.parse(FLAGS.geometry)
+        geometry = attention.Geometry.parse(FLAGS.geometry) if FLAGS.geometry else None
     except ValueError as e:
         raise app.UsageError(f"--geometry: {e}")
     return serving_engine.ServeConfig(
@@ -102,8 +102,12 @@ def main(argv):
     for root in (FLAGS.store, os.path.join(FLAGS.store, "cartridges")):
         _check_marker(root)  # before the model loads, so a bad store fails at once
     model = loading.load_model(FLAGS.model or None)
-    server.serve(model, open_store(FLAGS.store, model.fingerprint), config, FLAGS.host,
-                 FLAGS.port)
+    store = open_store(FLAGS.store, model.fingerprint)
+    try:
+        app_ = server.make_app(model, store, config)
+    except ValueError as e:  # e.g. cartridges trained under different geometries
+        sys.exit(f"error: --store={FLAGS.store}: {e}")
+    server.run_app(app_, FLAGS.host, FLAGS.port)
 
 
 if __name__ == "__main__":

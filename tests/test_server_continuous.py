@@ -2,6 +2,7 @@
 joining at the next step, cancellation, per-row sampling, stop strings, logprobs, compiling
 off the engine's path, and composition through the one geometry."""
 
+import dataclasses
 import threading
 import time
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from cas_jax import attention, rendering, sampling, scoring, serving_continuous
-from cas_jax import serving_engine, serving_static, tokenizer as tok_lib
+from cas_jax import serving_engine, serving_static, store as store_lib, tokenizer as tok_lib
 from test_server import TOKENS, _config, _user, _wait_for_warmup, store, tiny  # noqa: F401
 
 
@@ -214,3 +215,30 @@ def test_a_request_waiting_for_the_budget_is_passed_by_one_that_fits(warm, tiny)
     assert not long.future.done()
     waiting.result(60)
     assert wait_ev.step_of("start") >= long_ev.step_of("done") > fit_ev.step_of("done")
+
+
+def test_the_server_composes_by_the_geometry_its_cartridges_were_trained_under(tiny, tmp_path):
+    from test_server import _cartridge
+    par = attention.Geometry.parse("parallel,count_power=0.5")
+    s = store_lib.CartridgeStore(str(tmp_path / "store"))
+    for doc_id in ("x", "y"):
+        c = _cartridge(tiny, doc_id, 8)
+        s.save(doc_id, c.replace(meta=dataclasses.replace(c.meta, geometry=str(par))))
+    engine = _engine(tiny, s)  # ServeConfig.geometry None: the cartridges' own
+    try:
+        assert engine.catalogue.geometry == par and engine.config.geometry == par
+        engine.catalogue.check_request(4, ["x", "y"], 4)
+    finally:
+        engine.close()
+    serial = _engine(tiny, s, geometry=attention.SERIAL)
+    try:
+        with pytest.raises(serving_engine.ServeError) as e:
+            serial.catalogue.check_request(4, ["x", "y"], 4)
+        assert (e.value.status, e.value.code) == (422, "cartridge_geometry_mismatch")
+        assert "'x'" in e.value.message and "'serial'" in e.value.message
+        serial.catalogue.check_request(4, ["x"], 4)  # alone, both geometries lay it out alike
+    finally:
+        serial.close()
+    s.save("z", _cartridge(tiny, "z", 8))  # trained under the default, serial
+    with pytest.raises(ValueError, match=r"different composition geometries.*'z'"):
+        _engine(tiny, s)
