@@ -22,12 +22,8 @@ def main(run: str) -> None:
     missing = [n for n in ("closed_book", "icl") if n not in res]
     if missing:
         sys.exit(f"{run}/eval: no {missing} (the table's references)")
-    rows = [study.method_row(n, o, res["closed_book"], res["icl"], None, None)
-            for n, o in res.items()]
-    for r in rows:
-        hit = cas_study.recall(res[r["method"]])
-        if hit is not None:
-            r["method"] += f" (recall {hit:.2f})"
+    rows = [study.method_row(n, o, res["closed_book"], res["icl"], None, None,
+                             recall=cas_study.recall(o)) for n, o in res.items()]
     print(study.format_rows(rows) + "\n\n" + cas_study.format_claims(cas_study.claims(res, k=3)))
 
 

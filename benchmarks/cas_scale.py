@@ -14,8 +14,8 @@ of `--budget_frac` of all cartridge bytes (raised to one step's bank of batch x 
 is more), then on the same questions: CAS oracle, CAS composed with k=3 others of the
 collection, retrieval + CAS and RAG over the whole collection (k = 1, 2, 4). Recorded per n:
 documents, document tokens, seconds per stage, peak RSS, the trainer's I/O-wait share and
-paging bandwidth (`scale.json`), the method table and claims (`report.md`). `<out>/report.md`
-puts the sizes side by side.
+paging bandwidth, accuracy with CI and retrieval recall per method (`scale.json`), the method
+table and claims (`report.md`). `<out>/report.md` puts the sizes side by side.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags
 
 from cas_jax import cas_study, corpus, evaluate, loading, pipeline, questions as questions_lib
-from cas_jax import splits, study
+from cas_jax import splits, study, study_runs
 
 FLAGS = flags.FLAGS
 D = pipeline.PipelineConfig()
@@ -56,14 +56,14 @@ flags.DEFINE_integer("seed", 0, "Seed of questions, extra documents, synthesis a
 def run_size(model, qs, ids, out, closed, icl, times) -> dict:
     """Self-study, CAS training and evaluation of one collection; returns its scale record."""
     docs = corpus.load_factbook_sections(documents=ids)
-    epoch_steps = -(-len(docs) * FLAGS.conversations_per_doc // D.batch)
+    one_epoch = study_runs.epoch_steps(len(docs), FLAGS.conversations_per_doc, D.batch)
     per_cartridge = cas_study.cartridge_bytes(model, D.tokens_per_doc, D.lr)
     total = len(docs) * per_cartridge
     bank = D.batch * (1 + FLAGS.distractors) * per_cartridge
     budget = max(int(FLAGS.budget_frac * total), bank)
     cfg = dataclasses.replace(
         D, conversations_per_doc=FLAGS.conversations_per_doc,
-        synthesis_batch=FLAGS.synthesis_batch, steps=max(1, round(FLAGS.epochs * epoch_steps)),
+        synthesis_batch=FLAGS.synthesis_batch, steps=study_runs.steps_for(FLAGS.epochs, one_epoch),
         grad_scope=FLAGS.grad_scope, budget_bytes=budget, seed=FLAGS.seed)
     tokens_of = {d: len(model.tokenizer(docs[d].text, add_special_tokens=False)["input_ids"])
                  for d in docs.ids}
@@ -109,9 +109,8 @@ def run_size(model, qs, ids, out, closed, icl, times) -> dict:
     median_doc = float(np.median([tokens_of[q.doc_id] for q in qs]))
     table = [study.method_row(n, o, closed, icl, median_doc, None) for n, o in
              (("closed_book", closed), ("icl", icl))]
-    table += [study.method_row(n, o, closed, icl, median_doc, c if n == "cas_oracle" else None)
-              for n, o, c in rows]
-    results = {n.split(" (recall")[0]: o for n, o, _ in rows}
+    table += cas_study.method_rows(rows, closed, icl, median_doc)
+    results = {n: o for n, o, _ in rows}
     claims = cas_study.claims(results, k=3)
     summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
     read_s = summary.get("read_s") or 0.0
@@ -127,14 +126,16 @@ def run_size(model, qs, ids, out, closed, icl, times) -> dict:
         "paging_read_mb_s": (summary["bytes_read"] / read_s / 2**20) if read_s else None,
         "bytes_paged_in": summary.get("bytes_paged_in"), "evictions": summary.get("evictions"),
         "accuracy": {r["method"]: r["accuracy"] for r in table},
-        "accuracy_ci": {r["method"]: r["accuracy_ci"] for r in table}}
+        "accuracy_ci": {r["method"]: r["accuracy_ci"] for r in table},
+        "recall": {r["method"]: r["recall"] for r in table if "recall" in r}}
     with open(os.path.join(out, "scale.json"), "w") as f:
         json.dump(record, f, indent=1, default=float)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(f"{len(docs)} documents ({doc_tokens} tokens), {len(qs)} questions\n\n"
                 + study.format_rows(table) + "\n\n" + cas_study.format_claims(claims)
                 + "\n\n" + json.dumps({k: v for k, v in record.items()
-                                       if k not in ("accuracy", "accuracy_ci")}, default=float)
+                                       if k not in ("accuracy", "accuracy_ci", "recall")},
+                                      default=float)
                 + "\n")
     return record
 

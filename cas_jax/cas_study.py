@@ -8,7 +8,7 @@
   monolithic           one cartridge of n_docs x P tokens on the same conversations, steps,
                        batch and learning rate (`monolithic/`)
   retrieval + CAS      the top-k documents by BM25 or dense retrieval, their CAS cartridges
-                       composed, with retrieval recall
+                       composed, with retrieval recall (the report row's "recall")
   RAG                  the top-k chunks by the same retrievers
 The other documents of a composed set are drawn per question from a seed that depends on the
 question and k only, so CAS and naive composition read the same sets.
@@ -42,6 +42,15 @@ def recall(obj: dict) -> float | None:
     return float(np.mean(hits)) if hits else None
 
 
+def method_rows(rows: Sequence[tuple[str, dict, int | None]], closed: dict, icl: dict,
+                doc_tokens: float | None) -> list[dict]:
+    """Report rows (`study.method_row`) of `collection_methods`' results, each with its
+    retrieval recall where its records hold one; compression only for the CAS oracle (one
+    cartridge per question)."""
+    return [study.method_row(n, o, closed, icl, doc_tokens, c if n == "cas_oracle" else None,
+                             recall=recall(o)) for n, o, c in rows]
+
+
 def cartridges_read(method: str) -> str | None:
     """Which cartridges a collection method reads: "cas", "naive", "monolithic" or None."""
     if method.startswith(("cas_", "retrieval_cas_")):
@@ -68,9 +77,7 @@ def collection_methods(ev: evaluate.Evaluator, questions: Sequence[Question], ou
 
     def add(name: str, run: Callable[[], EvalResult], cartridge_tokens: int | None):
         obj = study.cached_method(out, name, run, stamp=stamps.get(cartridges_read(name)))
-        hit = recall(obj)
-        rows.append((name if hit is None else f"{name} (recall {hit:.2f})", obj,
-                     cartridge_tokens))
+        rows.append((name, obj, cartridge_tokens))
 
     add("cas_oracle", lambda: ev.oracle_cartridge(questions, cas, name="cas_oracle"), tokens)
     capacity = len(ids)
@@ -120,8 +127,8 @@ def _best(results: Mapping[str, dict], prefix: str) -> str | None:
 
 def claims(results: Mapping[str, dict], k: int = 3) -> list[dict]:
     """Issue 12's bars as paired accuracy differences (method - reference, 95% CI over the
-    same questions resampled jointly), from `results`: method name (without the recall
-    suffix) -> `eval/<name>.json` object. "oracle_cartridge" is the study's isolated cartridge
+    same questions resampled jointly), from `results`: method name -> `eval/<name>.json`
+    object. "oracle_cartridge" is the study's isolated cartridge
     (the naive composition's own oracle). A claim whose methods are missing is left out.
 
       naive collapse      naive_composed_k{k} vs oracle_cartridge: bar diff <= -0.10
@@ -235,15 +242,25 @@ def collection_ids(question_docs: list[str], all_ids: list[str], size: int, seed
     return list(question_docs) + [others[i] for i in order[:size - len(question_docs)]]
 
 
+def _labelled(record: dict, key: str) -> dict:
+    """record[key] (method -> value) keyed by `study.method_label`: the method with the recall
+    the record holds for it (records written before "recall" had it in the method name)."""
+    recalls = record.get("recall", {})
+    return {study.method_label(m, recalls.get(m)): v for m, v in record[key].items()}
+
+
 def format_sizes(records: list[dict]) -> str:
-    """Accuracy [95% CI] per method (rows) and collection size (columns)."""
-    methods = [m for m in records[0]["accuracy"]] if records else []
+    """Accuracy [95% CI] per method (rows) and collection size (columns); the rows are the
+    first size's methods, each labelled with its retrieval recall where it has one."""
+    acc = [_labelled(r, "accuracy") for r in records]
+    acc_ci = [_labelled(r, "accuracy_ci") for r in records]
+    methods = list(acc[0]) if records else []
     lines = ["| method | " + " | ".join(f"{r['documents']} docs ({r['document_tokens']} tok)"
                                        for r in records) + " |", "|---" * (len(records) + 1) + "|"]
     for m in methods:
         cells = []
-        for r in records:
-            a, ci = r["accuracy"].get(m), r["accuracy_ci"].get(m)
+        for i in range(len(records)):
+            a, ci = acc[i].get(m), acc_ci[i].get(m)
             cells.append("-" if a is None else f"{a:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     for key, fmt in (("cas_steps", "{}"), ("budget_share", "{:.1%}"), ("peak_rss_mb", "{:.0f}"),

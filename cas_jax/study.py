@@ -266,10 +266,22 @@ def mc_accuracy(obj: dict) -> np.ndarray:
     return np.asarray([float(r["correct_ll"]) for r in obj["records"] if r["kind"] == "mc"])
 
 
+def method_label(method: str, recall: float | None) -> str:
+    """How a report shows a method: its name, with its retrieval recall where it has one."""
+    return method if recall is None else f"{method} (recall {recall:.2f})"
+
+
+def row_label(row: dict) -> str:
+    """`method_label` of a report row (rows recorded before the "recall" field existed hold
+    the label in "method")."""
+    return method_label(row["method"], row.get("recall"))
+
+
 def method_row(name: str, obj: dict, closed: dict, icl: dict, doc_tokens: float | None,
-               cartridge_tokens: float | None) -> dict:
+               cartridge_tokens: float | None, recall: float | None = None) -> dict:
     """One report row: accuracy (mc by option log-likelihood) with CI, gold NLL with CI, gain
-    recovered on accuracy and NLL (with paired CIs), compression, prompt tokens, KV bytes."""
+    recovered on accuracy and NLL (with paired CIs), compression, prompt tokens, KV bytes;
+    and "recall", the retrieval recall, where `recall` is given."""
     recs = obj["records"]
     acc = mc_accuracy(obj)
     nll = np.asarray([r["gold_nll"] for r in recs])
@@ -291,6 +303,8 @@ def method_row(name: str, obj: dict, closed: dict, icl: dict, doc_tokens: float 
            else None,
            "prompt_tokens": s["prompt_tokens"], "cartridge_tokens": s["cartridge_tokens"],
            "kv_bytes": s["kv_bytes"], "seconds_per_question": s["latency_s"]}
+    if recall is not None:
+        row["recall"] = recall
     return row
 
 
@@ -306,7 +320,7 @@ def format_rows(rows: Sequence[dict]) -> str:
              "|" + "---|" * 12]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['questions']} | {r['accuracy']:.3f} | {ci(r['accuracy_ci'])} "
+            f"| {row_label(r)} | {r['questions']} | {r['accuracy']:.3f} | {ci(r['accuracy_ci'])} "
             f"| {r['gold_nll']:.3f} | {ci(r['gold_nll_ci'])} | {num(r['recovered_acc'])} "
             f"| {num(r['recovered_nll'])} | {num(r['compression'], '{:.1f}x')} "
             f"| {r['prompt_tokens']:.0f} | {r['cartridge_tokens']:.0f} "
@@ -389,7 +403,7 @@ def format_sweep(rows: Sequence[dict], flat: Sequence[dict]) -> str:
     lines = ["| method | P | compression | accuracy | 95% CI | gold NLL | recovered (acc) "
              "| recovered (NLL) | KV MiB/q |", "|" + "---|" * 9]
     def line(r, size, compression):
-        return (f"| {r['method']} | {size} | {compression} | {r['accuracy']:.3f} "
+        return (f"| {row_label(r)} | {size} | {compression} | {r['accuracy']:.3f} "
                 f"| [{r['accuracy_ci'][0]:.3f}, {r['accuracy_ci'][1]:.3f}] | {r['gold_nll']:.3f} "
                 f"| {r['recovered_acc']:.3f} | {r['recovered_nll']:.3f} "
                 f"| {r['kv_bytes'] / 2**20:.2f} |")
@@ -420,7 +434,7 @@ def plot_sweep(rows: Sequence[dict], flat: Sequence[dict], png_path: str) -> Non
         axes[1].plot(x, [r["gold_nll"] for r in pts], marker="o", label=m, color=f"C{i}")
     for j, r in enumerate(flat, start=len(methods)):
         for ax, key in ((axes[0], "accuracy"), (axes[1], "gold_nll")):
-            ax.axhline(r[key], ls="--", lw=1, color=f"C{j % 10}", label=r["method"])
+            ax.axhline(r[key], ls="--", lw=1, color=f"C{j % 10}", label=row_label(r))
     for ax, name in ((axes[0], "multiple-choice accuracy"), (axes[1], "gold NLL (nats/token)")):
         ax.set_xscale("log")
         ax.set_xlabel("compression (median document tokens / P)")

@@ -70,3 +70,14 @@ def test_sizes_table_has_a_column_per_size_and_dashes_for_missing_values():
     assert "| icl | 0.800 [0.700, 0.900] | - |" in lines
     assert "| cas_oracle | 0.500 [0.400, 0.600] | 0.400 [0.300, 0.500] |" in lines
     assert "| io_wait_share | - | - |" in lines and "| cas_steps | 240 | 2400 |" in lines
+
+
+def test_sizes_table_labels_methods_with_their_recall_as_records_before_the_field_did():
+    new = {"documents": 40, "document_tokens": 400, "accuracy": {"rag_bm25_k1": 0.5},
+           "accuracy_ci": {"rag_bm25_k1": (0.4, 0.6)}, "recall": {"rag_bm25_k1": 0.8}}
+    old = {"documents": 40, "document_tokens": 400,
+           "accuracy": {"rag_bm25_k1 (recall 0.80)": 0.5},
+           "accuracy_ci": {"rag_bm25_k1 (recall 0.80)": (0.4, 0.6)}}
+    table = cas_scale.format_sizes([new])
+    assert "| rag_bm25_k1 (recall 0.80) | 0.500 [0.400, 0.600] |" in table.splitlines()
+    assert cas_scale.format_sizes([old]) == table

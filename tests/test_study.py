@@ -1,5 +1,6 @@
 """The quality study's statistics: bootstrap intervals and the share of ICL's gain recovered."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -166,3 +167,64 @@ def test_stamps_keep_recorded_results_readable_and_tell_geometries_apart():
     hot = dataclasses.replace(base, geometry=attention.Geometry("serial", temperature=0.8))
     assert pipeline.stamp(hot)["geometry"] == "serial,temperature=0.8"
     assert pipeline.stamp(dataclasses.replace(base, quiet=0.1))["quiet"] == 0.1
+
+
+def _result(correct, hits=None):
+    hits = hits or [None] * len(correct)
+    return {"summary": {"prompt_tokens": 10.0, "cartridge_tokens": 0.0, "kv_bytes": 2.0**20,
+                        "latency_s": 0.1, "free_match": None},
+            "records": [{"kind": "mc", "correct_ll": c, "gold_nll": 1.0 + c,
+                         "retrieval_hit": h} for c, h in zip(correct, hits)]}
+
+
+def test_recall_is_a_row_field_and_rows_that_named_it_render_the_same():
+    from cas_jax import cas_study
+
+    closed, icl = _result([0, 0, 1, 0]), _result([1, 1, 1, 0])
+    rag = _result([1, 0, 1, 0], hits=[True, True, False, True])
+    rows = cas_study.method_rows([("rag_bm25_k1", rag, None), ("cas_oracle", icl, 8)],
+                                 closed, icl, 16.0)
+    assert rows[0]["method"] == "rag_bm25_k1" and rows[0]["recall"] == 0.75
+    assert "recall" not in rows[1] and rows[1]["compression"] == 2.0
+    old = dict(rows[0], method="rag_bm25_k1 (recall 0.75)")  # as results before the field
+    del old["recall"]
+    table = study.format_rows(rows).splitlines()
+    assert table[2].startswith("| rag_bm25_k1 (recall 0.75) | 4 | 0.500 |")
+    assert study.format_rows([old]).splitlines()[2] == table[2]
+    assert study.row_label(rows[1]) == "cas_oracle"
+
+
+def test_training_length_in_epochs():
+    from cas_jax import study_runs
+
+    assert study_runs.epoch_steps(26, 24, 4) == 156
+    assert study_runs.epoch_steps(3, 5, 4) == 4  # 15 conversations: the last step is partial
+    assert study_runs.steps_for(6.0, 156) == 936 and study_runs.steps_for(0.1, 4) == 1
+
+
+def test_a_reused_study_lends_its_data_only_for_the_same_questions_and_synthesis(tmp_path):
+    from cas_jax import study_runs
+    from cas_jax.corpus import Collection
+
+    theirs, mine = tmp_path / "theirs", tmp_path / "mine"
+    for d in (theirs, mine):
+        d.mkdir()
+        (d / "questions.jsonl").write_text('{"q": 1}\n')
+    record = {f: 1 for f in study_runs.SYNTHESIS_SETTINGS}
+    (theirs / "config.json").write_text(json.dumps({"flags": {**record, "lr": 0.1}}))
+
+    def run(**kw):
+        return study_runs.QualityRun(
+            out=str(mine), config=study.StudyConfig(), questions=[], docs=Collection([]),
+            profiles=[], kinds=("mc",), split="dev", record={**record, "lr": 0.5},
+            reuse=str(theirs), **kw)
+
+    assert study_runs.selfstudy_dir(run()) == str(theirs / "selfstudy")
+    other = run().record | {"seed": 2}
+    assert study_runs.selfstudy_dir(dataclasses.replace(run(), record=other)) == str(
+        mine / "selfstudy")
+    assert study_runs.selfstudy_dir(dataclasses.replace(run(), reuse="")) == str(
+        mine / "selfstudy")
+    (theirs / "questions.jsonl").write_text('{"q": 2}\n')
+    with pytest.raises(study_runs.ReuseError, match="theirs: its questions.jsonl .*differs"):
+        study_runs.selfstudy_dir(run())
