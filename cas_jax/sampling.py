@@ -12,6 +12,9 @@ tokens, the stop ids and the repetition controls (`SamplingParams`) are traced v
 Repetition controls count only the tokens generated in this call, never the prompt or the
 prefix: in self-study the prompt/prefix holds the document chunk, and the model must stay free
 to quote it.
+
+The model runs through `decoder.Decoder`: `config` is a ModelConfig (cas_jax's own decoder) or
+any other Decoder, whose params are then its own pytree.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cas_jax import attention, model as model_lib
+from cas_jax import attention, decoder as decoder_lib, model as model_lib
 from cas_jax.config import ModelConfig
+from cas_jax.decoder import Decoder
 
 MAX_STOP_IDS = 8
 MAX_NGRAM = 8  # largest no_repeat_ngram_size; the n-gram ban is traced up to this n
@@ -132,17 +136,17 @@ def penalize_logits(logits: jax.Array, counts: jax.Array, out: jax.Array, step: 
 @functools.partial(jax.jit, static_argnames=("config", "cache_size", "out_len"),
                    donate_argnames=())
 def _generate(params, tokens, positions, prefix, rng, temperature, top_p, max_new, stop_ids,
-              penalties, *, config: ModelConfig, cache_size: int, out_len: int):
+              penalties, *, config: ModelConfig | Decoder, cache_size: int, out_len: int):
     """tokens/positions [B, Tp] left-padded; penalties as in `penalize_logits`; returns (new
     tokens [B, out_len], lengths [B])."""
     b = tokens.shape[0]
-    dtype = params["embed"].dtype
+    decoder = model_lib.as_decoder(config)
+    dtype = decoder_lib.kv_dtype(params)
     # Prefill without the (empty) cache, so its attention spans the prompt only, then write
     # the prompt's K/V into slots [0, Tp) of a fresh cache.
     # Only the last position's logits are needed: [B, Tp, V] would dwarf everything else.
-    hidden, kv = model_lib.forward(params, tokens, positions, None, prefix, config=config,
-                                   return_hidden=True)
-    last_logits = model_lib.logits_from_hidden(params, hidden[:, -1], config)
+    hidden, kv = decoder.forward(params, tokens, positions, None, prefix)
+    last_logits = decoder.logits(params, hidden[:, -1])
     cache = model_lib.init_cache(config, b, cache_size, dtype)
     cache = {"k": cache["k"].at[:, :, :tokens.shape[1]].set(kv["k"].astype(dtype)),
              "v": cache["v"].at[:, :, :tokens.shape[1]].set(kv["v"].astype(dtype)),
@@ -160,11 +164,10 @@ def _generate(params, tokens, positions, prefix, rng, temperature, top_p, max_ne
     def is_stop(tok):
         return jnp.any(tok[:, None] == stop_ids[None, :], axis=1)
 
-    # The decode loop runs the layers unrolled (model doc): per-layer weights, cache and
-    # prefix arrays are split off once here, outside the loop.
-    params = model_lib.unroll_layers(params)
-    cache = model_lib.unroll_layers(cache)
-    prefix = None if prefix is None else model_lib.unroll_layers(prefix)
+    # The decode loop runs on the decoder's decode layout, made once here, outside the loop
+    # (cas_jax's own: the layers unrolled, model doc).
+    if hasattr(decoder, "decode_layout"):
+        params, cache, prefix = decoder.decode_layout(params, cache, prefix)
     out = out.at[:, 0].set(first)
     counts = counts.at[rows, first].add(1)
     done = is_stop(first) | (max_new <= 1)
@@ -177,8 +180,9 @@ def _generate(params, tokens, positions, prefix, rng, temperature, top_p, max_ne
     def body(state):
         step, cache, out, counts, tok, done, lengths, rng = state
         pos = (last_pos + step)[:, None]
-        logits, cache = model_lib.forward(params, tok[:, None], pos, cache, prefix, config=config)
-        logits = penalize_logits(logits[:, 0], counts, out, step, penalties)
+        hidden, cache = decoder.forward(params, tok[:, None], pos, cache, prefix)
+        logits = penalize_logits(decoder.logits(params, hidden)[:, 0], counts, out, step,
+                                 penalties)
         rng, sub = jax.random.split(rng)
         nxt = sample_logits(logits, sub, temperature, top_p)
         nxt = jnp.where(done, 0, nxt)
@@ -191,6 +195,13 @@ def _generate(params, tokens, positions, prefix, rng, temperature, top_p, max_ne
     state = (jnp.int32(1), cache, out, counts, first, done, lengths, rng)
     _, _, out, _, _, _, lengths, _ = jax.lax.while_loop(cond, body, state)
     return out, lengths
+
+
+def compiled_programs() -> int:
+    """How many programs the jitted generation has compiled so far (one per bucketed shape,
+    config and prefix layout): what a caller checks to see that a change of values did not
+    recompile."""
+    return _generate._cache_size()
 
 
 def left_pad(prompts: list[list[int]], length: int, n_prefix: np.ndarray, pad_id: int = 0
@@ -227,7 +238,7 @@ def _pad_rows(x, rows: int, axis: int = 0):
     return jnp.concatenate([x, jnp.repeat(last, pad, axis=axis)], axis=axis)
 
 
-def generate(params, config: ModelConfig, prompts: list[list[int]],
+def generate(params, config: ModelConfig | Decoder, prompts: list[list[int]],
              sampling: SamplingParams = SamplingParams(), *, prefix=None, seed: int = 0
              ) -> list[list[int]]:
     """Generates a continuation for each prompt (lists of token ids), batched.

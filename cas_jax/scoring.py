@@ -5,6 +5,9 @@ Rows go through one jitted forward in buckets: row count `rows_per_call` (fewer 
 prefix is long, to bound memory), token length rounded by `sampling.bucket`, padding at
 position -1. Prefixes come from a `CartridgeBank` with a fixed slot count per row, so which and
 how many cartridges a row uses changes values, not shapes, and never recompiles.
+
+The model runs through `decoder.Decoder`: `LoadedModel.config` may be any Decoder (its
+`params` then its own pytree); the tokenizer is read only to decode generated answers.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cas_jax import attention, model as model_lib, progress, sampling
+from cas_jax import attention, decoder as decoder_lib, model as model_lib, progress, sampling
 from cas_jax import tokenizer as tok_lib
 from cas_jax.cartridge import Cartridge, CartridgeMeta
 from cas_jax.loading import LoadedModel
@@ -36,11 +39,11 @@ def _score_rows(params, bank, selection, selected, tokens, lengths, starts, *,
     n_prefix = attention.num_prefix_tokens(prefix, b)
     idx = jnp.arange(t)[None, :]
     positions = jnp.where(idx < lengths[:, None], n_prefix[:, None] + idx, -1)
-    hidden, _ = model_lib.forward(params, tokens, positions, None, prefix, config=config,
-                                  return_hidden=True)
+    decoder = model_lib.as_decoder(config)
+    hidden, _ = decoder.forward(params, tokens, positions, None, prefix)
     target_idx = starts[:, None] + jnp.arange(num_targets)[None, :]
     h = jnp.take_along_axis(hidden, jnp.clip(target_idx - 1, 0, t - 1)[..., None], axis=1)
-    logp = jax.nn.log_softmax(model_lib.logits_from_hidden(params, h, config), axis=-1)
+    logp = jax.nn.log_softmax(decoder.logits(params, h), axis=-1)
     targets = jnp.take_along_axis(tokens, jnp.clip(target_idx, 0, t - 1), axis=1)
     lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     return jnp.where(target_idx < lengths[:, None], lp, 0.0)
@@ -55,8 +58,7 @@ def _prefill_step(params, tokens, positions, cache, *, config, visible: int):
     """
     head = {"k": cache["k"][:, :, :visible], "v": cache["v"][:, :, :visible],
             "pos": cache["pos"][:, :visible], "index": cache["index"]}
-    _, head = model_lib.forward(params, tokens, positions, head, config=config,
-                                return_hidden=True)
+    _, head = model_lib.as_decoder(config).forward(params, tokens, positions, head)
     return {"k": cache["k"].at[:, :, :visible].set(head["k"]),
             "v": cache["v"].at[:, :, :visible].set(head["v"]),
             "pos": cache["pos"].at[:, :visible].set(head["pos"]), "index": head["index"]}
@@ -201,7 +203,7 @@ def prefill_contexts(model: LoadedModel, contexts: Sequence[list[int]], names: S
         group = group[:max(1, min(b, prefix_tokens_per_call // s))]
         rows = [contexts[i] for i in group]
         tokens, positions = sampling.right_pad(rows, s)
-        cache = model_lib.init_cache(cfg, len(rows), s, model.params["embed"].dtype)
+        cache = model_lib.init_cache(cfg, len(rows), s, decoder_lib.kv_dtype(model.params))
         for c0 in range(0, s, chunk_tokens):
             cache = _prefill_step(model.params, jnp.asarray(tokens[:, c0:c0 + chunk_tokens]),
                                   jnp.asarray(positions[:, c0:c0 + chunk_tokens]), cache,

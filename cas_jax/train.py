@@ -23,7 +23,8 @@ TrainState (a pytree; every leaf replicated over the mesh):
                 attention sink): token order is frozen tokens, then trainable ones.
   opt_state     state of `make_optimizer`: Adam moments for the "trainable" leaves only.
 Gradients are taken w.r.t. `cartridges` only; the model params are a separate, non-differentiated
-argument. The optimizer gives the "frozen" leaves zero updates (`optax.set_to_zero` under
+argument. The model runs through `decoder.Decoder`: `config` is a ModelConfig (cas_jax's own
+decoder) or any other Decoder, whose params are then its own pytree. The optimizer gives the "frozen" leaves zero updates (`optax.set_to_zero` under
 `optax.multi_transform`), so the sink never changes.
 
 Sharding: a 1-D `Mesh` with axis "data"; batch arrays are sharded on their leading (batch) axis,
@@ -56,6 +57,7 @@ from cas_jax.attention import (DEFAULT_GEOMETRY, CartridgeBank, Geometry, compos
                                num_prefix_tokens)
 from cas_jax.cartridge import Cartridge
 from cas_jax.config import ModelConfig
+from cas_jax.decoder import Decoder
 
 DATA_AXIS = "data"
 BATCH_KEYS = ("tokens", "length", "loss_mask", "teacher_ids", "teacher_logprobs", "selection",
@@ -196,7 +198,7 @@ def batch_positions(length: jax.Array, n_prefix: jax.Array, seq_len: int) -> jax
     return jnp.where(t < length[:, None], n_prefix[:, None] + t, -1)
 
 
-def closed_book_targets(params: Any, batch: dict, *, config: ModelConfig) -> dict:
+def closed_book_targets(params: Any, batch: dict, *, config: ModelConfig | Decoder) -> dict:
     """`batch` with its teacher replaced by the frozen model reading NO document: its top-k
     (k = the batch's teacher width) log-probabilities for every token, computed here without
     gradients. The target of quiet rows (`distractors`: a cartridge must not change the
@@ -204,13 +206,14 @@ def closed_book_targets(params: Any, batch: dict, *, config: ModelConfig) -> dic
     tokens = batch["tokens"]
     t = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
     positions = jnp.where(t < batch["length"][:, None], t, -1)
-    logits, _ = model_lib.forward(params, tokens, positions, config=config)
-    logp = jax.nn.log_softmax(jax.lax.stop_gradient(logits), axis=-1)
+    decoder = model_lib.as_decoder(config)
+    hidden, _ = decoder.forward(params, tokens, positions)
+    logp = jax.nn.log_softmax(jax.lax.stop_gradient(decoder.logits(params, hidden)), axis=-1)
     top_lp, top_ids = jax.lax.top_k(logp, batch["teacher_ids"].shape[-1])
     return dict(batch, teacher_ids=top_ids.astype(jnp.int32), teacher_logprobs=top_lp)
 
 
-def loss_fn(cartridges: dict, params: Any, batch: dict, *, config: ModelConfig,
+def loss_fn(cartridges: dict, params: Any, batch: dict, *, config: ModelConfig | Decoder,
             train_config: TrainConfig) -> tuple[jax.Array, jax.Array]:
     """(mean loss over masked tokens, number of masked tokens) of the student on `batch`."""
     keys, values = merge_cartridges(cartridges)
@@ -218,21 +221,22 @@ def loss_fn(cartridges: dict, params: Any, batch: dict, *, config: ModelConfig,
     tokens = batch["tokens"]
     positions = batch_positions(batch["length"], num_prefix_tokens(prefix, tokens.shape[0]),
                                 tokens.shape[1])
-    hidden, _ = model_lib.forward(params, tokens, positions, prefix=prefix, config=config,
-                                  return_hidden=True, remat=train_config.remat)
+    decoder = model_lib.as_decoder(config)
+    hidden, _ = decoder.forward(params, tokens, positions, prefix=prefix,
+                                remat=train_config.remat)
     if train_config.loss == losses.NEXT_TOKEN:
         targets = {"next_ids": losses.next_token_targets(tokens)}
     else:
         targets = {"teacher_ids": batch["teacher_ids"],
                    "teacher_logprobs": batch["teacher_logprobs"]}
     total, count = losses.masked_loss_from_hidden(
-        lambda h: model_lib.logits_from_hidden(params, h, config), hidden, targets,
+        lambda h: decoder.logits(params, h), hidden, targets,
         batch["loss_mask"], losses.token_loss_fn(train_config.loss, train_config.topk_mass),
         train_config.logits_chunk)
     return total / jnp.maximum(count, 1.0), count
 
 
-def train_step(state: TrainState, params: Any, batch: dict, *, config: ModelConfig,
+def train_step(state: TrainState, params: Any, batch: dict, *, config: ModelConfig | Decoder,
                train_config: TrainConfig) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimisation step (optimizer: `make_optimizer(train_config)`); returns the new state
     and {loss, grad_norm (before clipping), loss_tokens}."""
@@ -278,7 +282,7 @@ def device_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
 
 
 @functools.lru_cache(maxsize=16)
-def make_train_step(config: ModelConfig, train_config: TrainConfig, mesh: Mesh) -> Callable:
+def make_train_step(config: ModelConfig | Decoder, train_config: TrainConfig, mesh: Mesh) -> Callable:
     """`train_step` jitted: (state, params, batch) -> (state, metrics); the state is donated.
 
     in/out shardings: state and params replicated, batch sharded over "data", metrics replicated.
@@ -288,25 +292,6 @@ def make_train_step(config: ModelConfig, train_config: TrainConfig, mesh: Mesh) 
     rep = replicated(mesh)
     return jax.jit(step, in_shardings=(rep, rep, batch_sharding(mesh)),
                    out_shardings=(rep, rep), donate_argnums=0)
-
-
-@functools.lru_cache(maxsize=16)
-def make_eval_step(config: ModelConfig, train_config: TrainConfig, mesh: Mesh) -> Callable:
-    """`loss_fn` jitted: (cartridges, params, batch) -> (mean loss, masked-token count)."""
-    fn = functools.partial(loss_fn, config=config, train_config=train_config)
-    rep = replicated(mesh)
-    return jax.jit(fn, in_shardings=(rep, rep, batch_sharding(mesh)), out_shardings=(rep, rep))
-
-
-def evaluate(eval_step: Callable, cartridges: dict, params: Any,
-             batches: Sequence[dict[str, np.ndarray]], mesh: Mesh) -> float:
-    """Mean loss over all masked tokens of `batches` (host batches)."""
-    total = count = 0.0
-    for batch in batches:
-        loss, n = jax.device_get(eval_step(cartridges, params, device_batch(batch, mesh)))
-        total += float(loss) * float(n)
-        count += float(n)
-    return total / max(count, 1.0)
 
 
 def checkpoint_manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
@@ -354,7 +339,7 @@ class StepReport:
     elapsed_s: float
 
 
-def train(state: TrainState, params: Any, data: DataIterator, *, config: ModelConfig,
+def train(state: TrainState, params: Any, data: DataIterator, *, config: ModelConfig | Decoder,
           train_config: TrainConfig, mesh: Mesh, num_steps: int,
           checkpoint_dir: str | None = None, save_every: int = 100, log_every: int = 10,
           on_report: Callable[[StepReport], None] | None = None, length_bucket: int = dataset.LENGTH_BUCKET

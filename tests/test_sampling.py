@@ -98,11 +98,11 @@ def test_new_prompt_lengths_in_a_bucket_do_not_recompile():
     params = _params()
     sp = sampling.SamplingParams(max_new_tokens=5)
     sampling.generate(params, CFG, [[1, 2, 3]], sp)
-    before = sampling._generate._cache_size()
+    before = sampling.compiled_programs()
     sampling.generate(params, CFG, [[1, 2, 3, 4, 5, 6]], sp)
     sampling.generate(params, CFG, [[7, 7, 7, 7], [1]], sampling.SamplingParams(
         max_new_tokens=4, temperature=0.5))
-    assert sampling._generate._cache_size() == before
+    assert sampling.compiled_programs() == before
 
 
 def test_generation_honors_prefix():
@@ -199,11 +199,11 @@ def test_penalties_count_generated_tokens_only():
 def test_changing_penalty_values_does_not_recompile():
     params = _params()
     sampling.generate(params, CFG, [[1, 2]], sampling.SamplingParams(max_new_tokens=5))
-    before = sampling._generate._cache_size()
+    before = sampling.compiled_programs()
     for sp in [sampling.SamplingParams(max_new_tokens=5, repetition_penalty=1.3),
                sampling.SamplingParams(max_new_tokens=5, frequency_penalty=0.5,
                                        presence_penalty=0.1, no_repeat_ngram_size=3),
                sampling.SamplingParams(max_new_tokens=5, no_repeat_ngram_size=8,
                                        temperature=1.0)]:
         sampling.generate(params, CFG, [[1, 2]], sp)
-    assert sampling._generate._cache_size() == before
+    assert sampling.compiled_programs() == before
