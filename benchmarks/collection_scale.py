@@ -10,7 +10,7 @@ float32) on a self-study-FORMAT dataset that is built cheaply instead of synthes
   Dataset. For each of the N documents, `--conversations_per_doc` conversations. Conversation i
   of a document draws a real chunk of `--chunk_tokens` tokens of the document's text (start
   seeded by (seed, doc, i)) and is [user: a question about the document's title, assistant: the
-  chunk's text], tokenised with the real SmolLM2 chat template (`SelfStudy._views`, the code
+  chunk's text], tokenised with the real SmolLM2 chat template (`SelfStudy.views`, the code
   real self-study uses, so student tokens and loss_mask align exactly as in real data). Teacher
   top-k targets (k = `--topk`), per `--teacher`:
     onehot (default): next-token distillation: the true next token with log-prob 0, then k-1
@@ -19,7 +19,7 @@ float32) on a self-study-FORMAT dataset that is built cheaply instead of synthes
       a real teacher pass over 261 x 2 conversations takes tens of minutes on this 2-core
       machine under load.
     model: a real teacher forward of the model with the chunk in its system prompt
-      (`SelfStudy._teacher_targets`, as real self-study computes them).
+      (`SelfStudy.teacher_targets`, as real self-study computes them).
   The header line and the table say which one was used. Batch shapes are those of real data.
 
   Store. One cartridge of P = `--tokens_per_doc` tokens per document, initialised from its
@@ -79,7 +79,7 @@ import time
 
 from absl import app, flags
 
-from benchmarks.fileio import drop_page_cache, files_under
+from benchmarks.fileio import drop_page_cache, files_under, live_data_files
 from cas_jax.distractors import SCHEDULES
 
 flags.DEFINE_string("workdir", None, "Where the dataset and store go (default: a fresh temp dir, "
@@ -115,16 +115,6 @@ def _rss_mib() -> tuple[float, float]:
     with open("/proc/self/status") as f:
         cur = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
     return cur / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _live_data_files(store) -> list[str]:
-    """The live `.bin` of every cartridge in a CartridgeStore: what paging one in reads."""
-    paths = []
-    for doc_id in store.list():
-        directory = store.cartridge_dir(doc_id)
-        with open(os.path.join(directory, "CURRENT")) as f:
-            paths.append(os.path.join(directory, f.read().strip() + ".bin"))
-    return paths
 
 
 def _raw_read(paths: list[str]) -> tuple[int, float]:
@@ -193,9 +183,9 @@ def build_dataset(model, docs, data_dir: str) -> dict:
             plan = synthesis.Plan(synthesis.WorkItem(doc_id, i, key), (start, end), "synthetic",
                                   "", synthesis.chunk_system_prompt(doc.title, chunk), conv)
             plans.append(plan)
-            views.append(study._views(plan))
+            views.append(study.views(plan))
         if FLAGS.teacher == "model":
-            targets = study._teacher_targets([(t, tg) for t, tg, _, _ in views])
+            targets = study.teacher_targets([(t, tg) for t, tg, _, _ in views])
         else:
             targets = []
             for _, _, student, mask in views:
@@ -379,7 +369,7 @@ def main(_):
             print(f"  init: {n}/{len(todo)} cartridges, {dt:.0f} s ({dt / n:.2f} s each), "
                   f"load {_loadavg()}", flush=True)
     init_s = time.perf_counter() - t0
-    files = _live_data_files(main_store)
+    files = live_data_files(main_store)
     file_bytes = sum(os.path.getsize(p) for p in files)
     c, o, _ = main_store.load(main_store.list()[0], tc_lib.opt_template_fn(optimizer))
     per_cart = c.nbytes + sum(x.nbytes for x in jax.tree.leaves(o))

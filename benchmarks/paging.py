@@ -35,7 +35,7 @@ import time
 
 from absl import app, flags
 
-from benchmarks.fileio import drop_page_cache, files_under
+from benchmarks.fileio import drop_page_cache, files_under, live_data_files
 
 flags.DEFINE_integer("num_cartridges", 128, "Cartridges in the store.")
 flags.DEFINE_integer("tokens", 128, "Tokens per cartridge.")
@@ -72,16 +72,6 @@ def _raw_read_seconds(paths: list[str], how: str) -> float:
             with open(path, "rb", buffering=0) as f:
                 f.readinto(buf)
     return time.perf_counter() - t0
-
-
-def _data_files(store, ids: list[str]) -> list[str]:
-    """The live data file of each id: what a load of the cartridge and its state reads."""
-    paths = []
-    for doc_id in ids:
-        directory = store.cartridge_dir(doc_id)
-        with open(os.path.join(directory, "CURRENT")) as f:
-            paths.append(os.path.join(directory, f.read().strip() + ".bin"))
-    return paths
 
 
 def _make_workload(compute_ms: float):
@@ -175,7 +165,7 @@ def main(_):
           f"budget {budget / 2**20:.0f} MiB; device {jax.devices()[0].platform}; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
-    files = _data_files(store, ids)
+    files = live_data_files(store, ids)
     all_files = files_under(root)
     raw_bytes = sum(os.path.getsize(p) for p in files)
     rows = {}

@@ -65,7 +65,7 @@ def main(_):
         # As `SelfStudy.run_batch`: the system messages (the chunks) are prefilled once and are
         # the prefix of the rest of each prompt. Counted in each agent's time here, though
         # synthesis runs it once for both agents and the teacher.
-        context = study._system_context(plans)
+        context = study.system_context(plans)
         rest = [context.strip(i, p) for i, p in enumerate(prompts)]
         return sampling.generate(m.params, m.config, rest, sampling.SamplingParams(n),
                                  prefix=context.prefix(0, len(rest)))

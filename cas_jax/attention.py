@@ -227,11 +227,3 @@ def num_prefix_tokens(prefix: dict | None, batch: int) -> jax.Array:
         start = jnp.sum(prefix["mask"], axis=1).astype(jnp.int32)
     # A shared prefix (batch 1) gives every row the same count.
     return jnp.broadcast_to(start, (batch,))
-
-
-def single_prefix(cartridge: Cartridge, batch: int) -> dict:
-    """The prefix for one cartridge shared by every row."""
-    k = jnp.broadcast_to(cartridge.keys[:, None], (cartridge.keys.shape[0], batch)
-                         + cartridge.keys.shape[1:])
-    v = jnp.broadcast_to(cartridge.values[:, None], k.shape)
-    return {"k": k, "v": v, "mask": jnp.ones((batch, cartridge.num_tokens), bool)}

@@ -101,7 +101,9 @@ def check_compatible(cartridge: Cartridge, model_fingerprint: str, num_layers: i
             f"kv_heads={want[1]}, head_dim={want[2]}]")
 
 
-def _check_frozen(num_tokens: int, num_frozen: int) -> None:
+def check_frozen(num_tokens: int, num_frozen: int) -> None:
+    """Raises ValueError unless a cartridge of `num_tokens` can freeze its first `num_frozen`
+    (at least one trainable token must remain)."""
     if not 0 <= num_frozen < num_tokens:
         raise ValueError(f"a cartridge of {num_tokens} tokens cannot freeze {num_frozen}: "
                          f"need 0 <= num_frozen < num_tokens")
@@ -129,7 +131,7 @@ def init_from_tokens(config: ModelConfig, params: Any, token_ids, *, fingerprint
     if len(token_ids) < p:
         raise ValueError(f"document {doc_id!r} has {len(token_ids)} tokens, fewer than the "
                          f"{p} the cartridge needs")
-    _check_frozen(p, num_frozen)
+    check_frozen(p, num_frozen)
     k, v = kv_of_tokens(config, params, token_ids[:p])
     return Cartridge(k, v, CartridgeMeta(fingerprint, doc_id, num_frozen, "first_tokens"))
 
@@ -137,7 +139,7 @@ def init_from_tokens(config: ModelConfig, params: Any, token_ids, *, fingerprint
 def init_random_tokens(config: ModelConfig, params: Any, num_tokens: int, key: jax.Array, *,
                        fingerprint: str, doc_id: str = "", num_frozen: int = 1) -> Cartridge:
     """The K/V of `num_tokens` tokens drawn uniformly from the vocabulary (positions 0..P-1)."""
-    _check_frozen(num_tokens, num_frozen)
+    check_frozen(num_tokens, num_frozen)
     token_ids = jax.random.randint(key, (num_tokens,), 0, config.vocab_size, jnp.int32)
     k, v = kv_of_tokens(config, params, token_ids)
     return Cartridge(k, v, CartridgeMeta(fingerprint, doc_id, num_frozen, "random_tokens"))
@@ -153,7 +155,7 @@ def init_random_vectors(config: ModelConfig, params: Any, num_tokens: int, key: 
     deviation per (layer, kv head, head dim) entry, taken over the R tokens; every cartridge
     entry, the sink included, is drawn independently from that normal distribution.
     """
-    _check_frozen(num_tokens, num_frozen)
+    check_frozen(num_tokens, num_frozen)
     reference_tokens = np.asarray(reference_tokens, np.int32).reshape(-1)
     if len(reference_tokens) < 2:
         raise ValueError("init_random_vectors needs at least 2 reference tokens for a std")

@@ -195,13 +195,6 @@ def factbook_profiles(cache_dir: str | os.PathLike | None = None) -> Mapping[str
     return _load_profiles(_package_key(cache_dir))
 
 
-def factbook_raw(doc_id: str, cache_dir: str | os.PathLike | None = None) -> dict:
-    """The parsed JSON of one Factbook profile (read-only; shared between callers)."""
-    profiles = factbook_profiles(cache_dir)
-    _check_factbook_ids([doc_id], profiles)
-    return profiles[doc_id]
-
-
 def factbook_titles(cache_dir: str | os.PathLike | None = None) -> Mapping[str, str]:
     """doc_id -> display name ("France", "Atlantic Ocean")."""
     return _load_titles(_package_key(cache_dir))

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cas_jax import model as model_lib
-from cas_jax.cartridge import Cartridge, CartridgeMeta, _check_frozen
+from cas_jax.cartridge import Cartridge, CartridgeMeta, check_frozen
 from cas_jax.config import ModelConfig
 
 
@@ -42,8 +42,8 @@ def key_scores(params, tokens: jax.Array, *, config: ModelConfig, window: int | 
 
     def body(x, lp):
         h = model_lib.rms_norm(x, lp["attn_norm"], config.rms_norm_eps)
-        q = model_lib._linear(h, lp["q"], lp.get("q_bias")).reshape(1, t, config.num_heads, dh)
-        k = model_lib._linear(h, lp["k"], lp.get("k_bias")).reshape(1, t, kh, dh)
+        q = model_lib.linear(h, lp["q"], lp.get("q_bias")).reshape(1, t, config.num_heads, dh)
+        k = model_lib.linear(h, lp["k"], lp.get("k_bias")).reshape(1, t, kh, dh)
         if config.qk_norm:
             q = model_lib.rms_norm(q, lp["q_norm"], config.rms_norm_eps)
             k = model_lib.rms_norm(k, lp["k_norm"], config.rms_norm_eps)
@@ -56,7 +56,7 @@ def key_scores(params, tokens: jax.Array, *, config: ModelConfig, window: int | 
         p = jax.nn.softmax(jnp.where(visible[None, None], s, -1e30), axis=-1)
         seen = jnp.maximum(visible.sum(0), 1).astype(jnp.float32)  # [T]
         score = p.sum(axis=(1, 2)) / seen[None]  # [K, T]
-        x, (kk, vv) = model_lib._layer(config, inv_freq, x, positions, lp, None, None, None)
+        x, (kk, vv) = model_lib.layer(config, inv_freq, x, positions, lp, None, None, None)
         return x, (kk[0], vv[0], score)
 
     _, (keys, values, scores) = jax.lax.scan(body, x, params["layers"])
@@ -91,7 +91,7 @@ def init_from_document_kv(config: ModelConfig, params, token_ids, num_tokens: in
 
     token_ids [T] int: the document block's tokens (T >= P; T == P gives `init_from_tokens`).
     """
-    _check_frozen(num_tokens, num_frozen)
+    check_frozen(num_tokens, num_frozen)
     ids = np.asarray(token_ids, np.int32).reshape(-1)
     keys, values, scores = key_scores(params, jnp.asarray(ids), config=config, window=window)
     keep = select_positions(np.asarray(scores), num_tokens, pool)  # [L, K, P]

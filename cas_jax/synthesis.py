@@ -331,7 +331,7 @@ class SelfStudy:
         """The document block alone: the shared start of both agents' and the teacher's input."""
         return self.render.document(plan.passage)
 
-    def _system_context(self, plans: Sequence[Plan]) -> SystemContext:
+    def system_context(self, plans: Sequence[Plan]) -> SystemContext:
         """Prefills the plans' document blocks (one row each; a block shared by several rows,
         e.g. a whole short document, is prefilled once)."""
         ids = [tuple(self.system_tokens(p)) for p in plans]
@@ -361,7 +361,7 @@ class SelfStudy:
         """Synthesises one batch; returns its conversations (item order) and tokens generated."""
         cfg = self.config
         plans = [self.plan(it) for it in items]
-        context = self._system_context(plans)
+        context = self.system_context(plans)
         generated = 0
         talk = [i for i, p in enumerate(plans) if p.family != SPANS]  # span plans are complete
         if talk:
@@ -382,8 +382,8 @@ class SelfStudy:
                 for i, out in zip(talk, outs):
                     plans[i].conversation.append({"role": "assistant",
                                                   "content": self.message_text(out)})
-        views = [self._views(p) for p in plans]
-        teacher = self._teacher_targets([(t, tg) for t, tg, _, _ in views], context)
+        views = [self.views(p) for p in plans]
+        teacher = self.teacher_targets([(t, tg) for t, tg, _, _ in views], context)
         convs = []
         for p, (_, _, student, mask), (ids, logprobs) in zip(plans, views, teacher):
             convs.append(dataset.Conversation(
@@ -393,7 +393,7 @@ class SelfStudy:
                 messages=json.dumps(p.conversation)))
         return convs, generated
 
-    def _views(self, plan: Plan):
+    def views(self, plan: Plan):
         """(teacher tokens [Tt], teacher target indices [M], student tokens [T], loss_mask [T])."""
         conv = plan.conversation
         student = self.render.conversation(conv, add_generation_prompt=False)
@@ -410,7 +410,7 @@ class SelfStudy:
         return (np.asarray(teacher, np.int32), np.flatnonzero(mask) + offset,
                 np.asarray(student, np.int32), mask)
 
-    def _teacher_targets(self, rows: list[tuple[np.ndarray, np.ndarray]],
+    def teacher_targets(self, rows: list[tuple[np.ndarray, np.ndarray]],
                          context: SystemContext | None = None
                          ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per row (teacher tokens, target indices [M]) -> (ids [M, k], logprobs [M, k]).

@@ -20,7 +20,9 @@ def cache_dir() -> str:
                                                             "cas_jax")
 
 
-def _file_key(path: str) -> str:
+def file_key(path: str) -> str:
+    """The name of a GGUF file's converted tokenizer under `cache_dir()/tokenizers`: a hash of
+    its absolute path, size and modification time (a changed file gets a new key)."""
     st = os.stat(path)
     return hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()
                           ).hexdigest()[:16]
@@ -37,7 +39,7 @@ def load_tokenizer(path: str):
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such model file or folder")
-    cached = os.path.join(cache_dir(), "tokenizers", _file_key(path))
+    cached = os.path.join(cache_dir(), "tokenizers", file_key(path))
     if os.path.isfile(os.path.join(cached, "tokenizer.json")):
         return AutoTokenizer.from_pretrained(cached, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),

@@ -1,13 +1,88 @@
-"""Shared fixtures: the real embedded model is loaded once per test session."""
+"""Shared fixtures and factories.
 
+  smollm             the real embedded model, loaded once per test session
+  tokenizer          the real SmolLM2 tokenizer, loaded once per test session
+  tiny_config()      the tests' tiny random Llama config (2 layers, hidden 32, 4 heads, 2 KV
+                     heads, head dim 8; the real tokenizer's vocabulary unless `vocab_size`
+                     is given); keyword overrides change any other field
+  tiny_model()       that config with random params (PRNGKey(0)) and the real tokenizer, as a
+                     LoadedModel
+  tiny               the fixture of `tiny_model()`, one per test module
+  make_cartridge()   a random Cartridge of a given size, dtype and shape
+  cartridge_prefix() one cartridge as a model prefix (`model.forward`'s `prefix`), batch 1
+
+Test modules import the factories with `from conftest import ...` (tests/ is on sys.path).
+"""
+
+import functools
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import jax
-import pytest
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+TINY_FINGERPRINT = "tiny-test"
+CARTRIDGE_FINGERPRINT = "tiny-fp"
+CARTRIDGE_SHAPE = (3, 2, 4)  # layers, kv heads, head dim
+
+
+@functools.cache
+def real_tokenizer():
+    """The embedded model's tokenizer (loaded once per process)."""
+    from cas_jax import loading, tokenizer as tok_lib
+
+    return tok_lib.load_tokenizer(loading.default_model_path())
+
+
+def tiny_config(vocab_size: int | None = None, **overrides):
+    """The tiny random Llama's ModelConfig; `vocab_size` None: the real tokenizer's."""
+    from cas_jax.config import ModelConfig
+
+    fields = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_layers=2,
+                  num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=2048)
+    return ModelConfig(vocab_size=len(real_tokenizer()) if vocab_size is None else vocab_size,
+                       **{**fields, **overrides})
+
+
+def tiny_model(fingerprint: str = TINY_FINGERPRINT, path: str = "", **overrides):
+    """`tiny_config(**overrides)` with params from PRNGKey(0) and the real tokenizer."""
+    from cas_jax import loading, model as model_lib
+
+    config = tiny_config(**overrides)
+    params = model_lib.init_params(config, jax.random.PRNGKey(0))
+    return loading.LoadedModel(config, params, real_tokenizer(), fingerprint, path)
+
+
+def make_cartridge(p=16, dtype=np.float32, num_frozen=1, doc_id="doc", seed=0,
+                   shape=CARTRIDGE_SHAPE, fingerprint=CARTRIDGE_FINGERPRINT):
+    """A cartridge of `p` tokens of standard normal K and V ([layers, p, kv heads, head dim]
+    from `shape`) in `dtype`, seeded, its first `num_frozen` tokens frozen."""
+    from cas_jax.cartridge import Cartridge, CartridgeMeta
+
+    rng = np.random.default_rng(seed)
+    layers, heads, head_dim = shape
+    return Cartridge(keys=rng.standard_normal((layers, p, heads, head_dim)).astype(dtype),
+                     values=rng.standard_normal((layers, p, heads, head_dim)).astype(dtype),
+                     meta=CartridgeMeta(fingerprint, doc_id, num_frozen, "first_tokens"))
+
+
+def assert_bitwise_equal(a, b):
+    """Two cartridges hold the same bytes, dtype and shape, and freeze as many tokens."""
+    for x, y in ((a.keys, b.keys), (a.values, b.values)):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+    assert a.meta.num_frozen == b.meta.num_frozen
+
+
+def cartridge_prefix(cartridge) -> dict:
+    """One cartridge as the prefix of a batch of one row, every token visible."""
+    return {"k": jnp.asarray(cartridge.keys)[:, None], "v": jnp.asarray(cartridge.values)[:, None],
+            "mask": jnp.ones((1, cartridge.num_tokens), bool)}
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +91,15 @@ def smollm():
     from cas_jax.loading import load_model
 
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The real SmolLM2 tokenizer."""
+    return real_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """`tiny_model()`: the tiny random Llama with the real tokenizer."""
+    return tiny_model()

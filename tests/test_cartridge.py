@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 
 from cas_jax import attention, cartridge as cart_lib, loading, model as model_lib, store
-from cas_jax.config import ModelConfig
+from conftest import cartridge_prefix, tiny_config
 
-CONFIG = ModelConfig(model_type="llama", vocab_size=61, hidden_size=32, intermediate_size=48,
-                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-                     max_position_embeddings=512)
+CONFIG = tiny_config(vocab_size=61, intermediate_size=48, max_position_embeddings=512)
 FP = "tiny-fp"
 
 
@@ -43,11 +41,11 @@ def test_first_tokens_cartridge_equals_text_in_context(params):
     full = np.concatenate([text, query])[None]
     want, _ = model_lib.forward_jit(params, jnp.asarray(full), jnp.arange(33)[None],
                                     config=CONFIG)
-    got = _forward_after_prefix(params, attention.single_prefix(c, 1), query[None])
+    got = _forward_after_prefix(params, cartridge_prefix(c), query[None])
     np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0, 24:]), atol=1e-5)
     # Positions matter: queries placed at 0 instead of after the prefix give other logits.
     wrong, _ = model_lib.forward_jit(params, jnp.asarray(query[None]), jnp.arange(9)[None],
-                                     prefix=attention.single_prefix(c, 1), config=CONFIG)
+                                     prefix=cartridge_prefix(c), config=CONFIG)
     assert np.abs(np.asarray(wrong) - np.asarray(got)).max() > 1e-3
 
 
@@ -109,7 +107,7 @@ def test_composed_cartridges_equal_one_cartridge_of_their_concatenation(params):
     assert int(attention.num_prefix_tokens(prefix, 1)[0]) == 5 + 7 + 12 - 2
     got = _forward_after_prefix(params, prefix, query)
     order = [carts[2], carts[0], carts[1]]
-    want = _forward_after_prefix(params, attention.single_prefix(_concatenation(order), 1),
+    want = _forward_after_prefix(params, cartridge_prefix(_concatenation(order)),
                                  query)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 

@@ -99,7 +99,8 @@ def test_factbook_has_every_profile_rendered(factbook_cache):
     assert "{" not in fr.text and "> text" not in fr.text
     assert all(doc.text.count("\n") >= 20 for doc in fb.values())
     assert fb["gm"].title == "Germany" and fb["xx"].title == "World" and fb["cc"].title == "Curacao"
-    assert corpus.factbook_raw("fr", factbook_cache)["Government"]["Capital"]["name"]["text"] == "Paris"
+    assert corpus.factbook_profiles(factbook_cache)["fr"]["Government"]["Capital"]["name"][
+        "text"] == "Paris"
 
 
 def test_factbook_second_call_uses_the_cache(factbook_cache, monkeypatch):

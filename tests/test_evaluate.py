@@ -2,17 +2,16 @@ from __future__ import annotations
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cas_jax import attention, evaluate as ev, loading, model as model_lib, scoring
-from cas_jax import prompts, results as results_lib, tokenizer as tok_lib
+from cas_jax import prompts, results as results_lib
 from cas_jax.cartridge import Cartridge, CartridgeMeta
-from cas_jax.config import ModelConfig
 from cas_jax.corpus import Collection, Document
 from cas_jax.questions import Question, read_questions
+from conftest import tiny_model
 
 FINGERPRINT = "tiny-test"
 DOCS = Collection([
@@ -28,23 +27,14 @@ MC = Question("zo", "What is the capital of Zorbania?", "Quillton",
 FREE = Question("ve", "What is the highest point of Vexland?", "Mount Brel")
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tok_lib.load_tokenizer(loading.default_model_path())
-
-
-def _tiny(tokenizer, **overrides) -> loading.LoadedModel:
-    fields = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=32,
-                  intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-                  tie_embeddings=True, max_position_embeddings=2048)
-    cfg = ModelConfig(**{**fields, **overrides})
-    params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
-    return loading.LoadedModel(cfg, params, tokenizer, FINGERPRINT, "tiny")
+def _tiny(**overrides) -> loading.LoadedModel:
+    """conftest's tiny model with tied embeddings (unless overridden)."""
+    return tiny_model(FINGERPRINT, "tiny", **{"tie_embeddings": True, **overrides})
 
 
 @pytest.fixture(scope="module")
-def tiny(tokenizer):
-    return _tiny(tokenizer)
+def tiny():
+    return _tiny()
 
 
 def _kv_cartridge(model, tokens, doc_id) -> Cartridge:
@@ -99,7 +89,7 @@ def test_loglik_picks_the_option_the_model_was_made_to_prefer(tokenizer):
     """A model whose head boosts only "Rome" (and " Rome" a bit more, so greedy generation
     writes " Rome Rome ...") must pick Rome, by log-likelihood (mean and sum, options listed or
     not) and by generation."""
-    model = _tiny(tokenizer, tie_embeddings=False)
+    model = _tiny(tie_embeddings=False)
     params = model.params
     layers = dict(params["layers"], o=jnp.zeros_like(params["layers"]["o"]),
                   down=jnp.zeros_like(params["layers"]["down"]))

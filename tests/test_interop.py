@@ -12,28 +12,15 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from cas_jax import interop, store as store_lib, train
-from cas_jax.cartridge import Cartridge, CartridgeMeta, CartridgeMismatchError
+from cas_jax.cartridge import CartridgeMeta, CartridgeMismatchError
 from cas_jax.interop import CartridgeFormatError
 from cas_jax.train_collection import opt_template_fn
+from conftest import CARTRIDGE_FINGERPRINT, CARTRIDGE_SHAPE, assert_bitwise_equal, make_cartridge
 
-FP = "tiny-fp"
-L, P, K, DH = 3, 7, 2, 4  # layers, tokens, kv heads, head dim
-SHAPE = (L, K, DH)
+FP = CARTRIDGE_FINGERPRINT
+L, K, DH = SHAPE = CARTRIDGE_SHAPE  # layers, kv heads, head dim
+P = 7  # tokens
 REFERENCE_KEYS = ("trainable_keys", "trainable_values", "frozen_keys", "frozen_values")
-
-
-def make_cartridge(dtype=np.float32, num_frozen=1, doc_id="doc", seed=0) -> Cartridge:
-    rng = np.random.default_rng(seed)
-    return Cartridge(keys=rng.standard_normal((L, P, K, DH)).astype(dtype),
-                     values=rng.standard_normal((L, P, K, DH)).astype(dtype),
-                     meta=CartridgeMeta(FP, doc_id, num_frozen, "first_tokens"))
-
-
-def assert_bitwise_equal(a: Cartridge, b: Cartridge):
-    for x, y in ((a.keys, b.keys), (a.values, b.values)):
-        x, y = np.asarray(x), np.asarray(y)
-        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
-    assert a.meta.num_frozen == b.meta.num_frozen
 
 
 def write(path, data):
@@ -58,7 +45,7 @@ def reference_dict(num_frozen=1, layers=L, heads=K, tokens=P, dtype=torch.float3
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
 @pytest.mark.parametrize("num_frozen", [1, 3, 0])
 def test_round_trip_is_bitwise(tmp_path, dtype, num_frozen):
-    c = make_cartridge(dtype, num_frozen)
+    c = make_cartridge(P, dtype, num_frozen)
     path = str(tmp_path / "cartridge.pt")
     interop.save_reference_cartridge(c, path)
     back = interop.load_reference_cartridge(path, model_fingerprint=FP, doc_id="doc",
@@ -71,7 +58,7 @@ def test_round_trip_is_bitwise(tmp_path, dtype, num_frozen):
 @pytest.mark.parametrize("dtype,torch_dtype", [(np.float32, torch.float32),
                                                (ml_dtypes.bfloat16, torch.bfloat16)])
 def test_file_has_the_reference_layout(tmp_path, dtype, torch_dtype):
-    c = make_cartridge(dtype, num_frozen=2)
+    c = make_cartridge(P, dtype, num_frozen=2)
     path = str(tmp_path / "cartridge.pt")
     interop.save_reference_cartridge(c, path)
     data = torch.load(path, weights_only=True)
@@ -124,7 +111,7 @@ def test_reads_pre_august_2025_fixed_names(tmp_path, num_frozen):
 
 @pytest.mark.parametrize("names", ["fixed", "frozen"])
 def test_writes_either_names(tmp_path, names):
-    c = make_cartridge(num_frozen=2)
+    c = make_cartridge(P, num_frozen=2)
     path = str(tmp_path / "c.pt")
     interop.save_reference_cartridge(c, path, names=names)
     data = torch.load(path, weights_only=True)
@@ -156,7 +143,7 @@ def test_frozen_and_fixed_names_together_or_neither_are_refused(tmp_path):
 @pytest.mark.parametrize("shape", [(L + 1, K, DH), (L, K * 2, DH), (L, K, DH * 2)])
 def test_other_models_shape_is_rejected(tmp_path, shape):
     path = str(tmp_path / "cartridge.pt")
-    interop.save_reference_cartridge(make_cartridge(), path)
+    interop.save_reference_cartridge(make_cartridge(P), path)
     with pytest.raises(CartridgeMismatchError, match="cartridge.pt.*expected the model's"):
         interop.load_reference_cartridge(path, model_fingerprint=FP, expected_shape=shape)
 
@@ -165,7 +152,7 @@ def test_unreadable_files_are_named(tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a torch file" * 8)
     good = tmp_path / "good.pt"
-    interop.save_reference_cartridge(make_cartridge(), str(good))
+    interop.save_reference_cartridge(make_cartridge(P), str(good))
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:200])
     for path in (garbage, truncated):
@@ -227,7 +214,7 @@ def test_malformed_contents_give_clear_errors(tmp_path):
 
 def test_store_round_trip_through_the_launchers(tmp_path):
     src = store_lib.CartridgeStore(str(tmp_path / "src"), FP)
-    c = make_cartridge(ml_dtypes.bfloat16, num_frozen=1, doc_id="fr")
+    c = make_cartridge(P, ml_dtypes.bfloat16, num_frozen=1, doc_id="fr")
     src.save("fr", c)
     pt = str(tmp_path / "fr.pt")
     common = dict(model_fingerprint=FP, expected_shape=SHAPE)
@@ -260,7 +247,7 @@ def test_store_round_trip_through_the_launchers(tmp_path):
 
 
 def test_export_from_a_cartridge_directory_checks_the_model(tmp_path):
-    c = make_cartridge()
+    c = make_cartridge(P)
     store_lib.save_cartridge(str(tmp_path / "train_out" / "cartridge"), c)
     pt = str(tmp_path / "c.pt")
     for source in ("train_out", "train_out/cartridge"):  # output_dir or the cartridge itself

@@ -19,29 +19,14 @@ from safetensors.numpy import save_file  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from cas_jax import attention, interop, model as model_lib, store as store_lib  # noqa: E402
-from cas_jax.cartridge import Cartridge, CartridgeMeta, CartridgeMismatchError  # noqa: E402
-from cas_jax.config import ModelConfig  # noqa: E402
+from cas_jax.cartridge import CartridgeMeta, CartridgeMismatchError  # noqa: E402
 from cas_jax.interop import CartridgeFormatError  # noqa: E402
+from conftest import (CARTRIDGE_FINGERPRINT, CARTRIDGE_SHAPE, assert_bitwise_equal,  # noqa: E402
+                      cartridge_prefix, make_cartridge, real_tokenizer, tiny_config)
 
-FP = "tiny-fp"
-L, K, DH = 3, 2, 4  # layers, kv heads, head dim
-SHAPE = (L, K, DH)
+FP = CARTRIDGE_FINGERPRINT
+L, K, DH = SHAPE = CARTRIDGE_SHAPE  # layers, kv heads, head dim
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def make_cartridge(p=16, dtype=np.float32, num_frozen=1, doc_id="doc", seed=0, shape=SHAPE):
-    rng = np.random.default_rng(seed)
-    layers, heads, head_dim = shape
-    return Cartridge(keys=rng.standard_normal((layers, p, heads, head_dim)).astype(dtype),
-                     values=rng.standard_normal((layers, p, heads, head_dim)).astype(dtype),
-                     meta=CartridgeMeta(FP, doc_id, num_frozen, "first_tokens"))
-
-
-def assert_bitwise_equal(a: Cartridge, b: Cartridge):
-    for x, y in ((a.keys, b.keys), (a.values, b.values)):
-        x, y = np.asarray(x), np.asarray(y)
-        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
-    assert a.meta.num_frozen == b.meta.num_frozen
 
 
 def load(path, fmt, shape=SHAPE):
@@ -329,9 +314,7 @@ def test_export_of_several_ids_is_the_composition(tmp_path, fmt):
 def test_composed_file_reads_as_cas_jax_composes():
     """Read as one prefix with the queries after it (what every single-cartridge consumer
     does), the composed cartridge gives cas_jax's logits for the composed set."""
-    config = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
-                         num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-                         max_position_embeddings=128)
+    config = tiny_config(vocab_size=64, max_position_embeddings=128)
     params = model_lib.init_params(config, jax.random.PRNGKey(0))
     parts = [make_cartridge(p=p, doc_id=d, seed=i, shape=(2, 2, 8))
              for i, (p, d) in enumerate([(6, "a"), (4, "b"), (5, "c")])]
@@ -343,12 +326,12 @@ def test_composed_file_reads_as_cas_jax_composes():
     one = interop.compose_one_sink(parts)
     assert one.num_tokens == start == 13
     got, _ = model_lib.forward(params, tokens, start + jnp.arange(7)[None],
-                               prefix=attention.single_prefix(one, 1), config=config)
+                               prefix=cartridge_prefix(one), config=config)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
     every_sink = parts[0].replace(keys=np.concatenate([p.keys for p in parts], axis=1),
                                   values=np.concatenate([p.values for p in parts], axis=1))
     other, _ = model_lib.forward(params, tokens, 15 + jnp.arange(7)[None],
-                                 prefix=attention.single_prefix(every_sink, 1), config=config)
+                                 prefix=cartridge_prefix(every_sink), config=config)
     assert np.abs(np.asarray(other) - np.asarray(want)).max() > 1e-3  # PEFT's keep-all differs
 
 
@@ -380,12 +363,10 @@ def _run(module, *args):
 
 
 def test_launchers_round_trip_a_composed_bf16_peft_adapter(tmp_path):
-    from cas_jax import checkpoints, loading, tokenizer as tok_lib
+    from cas_jax import checkpoints, loading
 
-    tok = tok_lib.load_tokenizer(loading.default_model_path())
-    config = ModelConfig(model_type="llama", vocab_size=len(tok), hidden_size=32,
-                         intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                         head_dim=8, max_position_embeddings=128)
+    tok = real_tokenizer()
+    config = tiny_config(max_position_embeddings=128)
     folder = str(tmp_path / "model")
     checkpoints.save_hf(folder, config, model_lib.init_params(config, jax.random.PRNGKey(0)),
                         tokenizer=tok)

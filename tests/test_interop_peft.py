@@ -15,6 +15,7 @@ import transformers  # noqa: E402
 from cas_jax import attention, cartridge as cart_lib, checkpoints, interop  # noqa: E402
 from cas_jax.cartridge import CartridgeMeta  # noqa: E402
 from cas_jax import model as model_lib  # noqa: E402
+from conftest import cartridge_prefix  # noqa: E402
 
 FP = "tiny-hf"
 T = 9  # input tokens after the cartridge
@@ -76,7 +77,7 @@ def test_peft_adapter_gives_cas_jax_logits_and_imports_back_bitwise(models, tmp_
     interop.save(c, adapter, "peft")
     m = peft_model(hf, adapter)
     tokens = np.random.default_rng(2).integers(0, config.vocab_size, (1, T))
-    want = cas_logits(config, params, attention.single_prefix(c, 1), tokens)
+    want = cas_logits(config, params, cartridge_prefix(c), tokens)
     got = peft_logits(m, tokens)
     assert np.abs(got - want).max() <= 1e-3
     assert np.abs(peft_logits(hf, tokens) - want).max() > 0.1  # the cartridge matters
@@ -101,7 +102,7 @@ def test_peft_loads_a_bf16_export(models, tmp_path):
     interop.save(interop.cast(c, "bf16"), adapter, "peft")
     rounded = interop.cast(interop.cast(c, "bf16"), "f32")
     tokens = np.random.default_rng(4).integers(0, config.vocab_size, (1, T))
-    want = cas_logits(config, params, attention.single_prefix(rounded, 1), tokens)
+    want = cas_logits(config, params, cartridge_prefix(rounded), tokens)
     assert np.abs(peft_logits(peft_model(hf, adapter), tokens) - want).max() <= 1e-3
     back = interop.load(adapter, "peft", model_fingerprint=FP)
     assert back.keys.dtype == ml_dtypes.bfloat16
@@ -137,7 +138,7 @@ def test_generate_limit_and_the_documented_workaround(models, tmp_path):
     m = peft_model(hf, adapter)
     prompt = np.random.default_rng(7).integers(0, config.vocab_size, (1, T))
     n = 6
-    want = _cas_greedy(config, params, attention.single_prefix(c, 1), prompt, n)
+    want = _cas_greedy(config, params, cartridge_prefix(c), prompt, n)
     assert want != _cas_greedy(config, params, None, prompt, n)  # the cartridge changes it
 
     ids = torch.tensor(prompt)

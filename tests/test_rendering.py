@@ -75,7 +75,7 @@ def test_every_path_renders_the_same_way(tok):
     study.render, study._doc_tokens = r, {}
     plan = study.plan(synthesis.work_items(["zo"], 1, seed=0)[0])
     assert plan.family == synthesis.SPANS and len(plan.conversation) == 4
-    teacher, targets, student, mask = study._views(plan)
+    teacher, targets, student, mask = study.views(plan)
     assert student.tolist() == r.conversation(plan.conversation, add_generation_prompt=False)
     assert teacher.tolist() == r.document(plan.passage) + student.tolist()
     assert np.array_equal(teacher[targets], student[np.flatnonzero(mask)])

@@ -1,4 +1,5 @@
-"""Self-study synthesis with a tiny random model and the real SmolLM2 tokenizer."""
+"""Self-study synthesis with a tiny random model and the real SmolLM2 tokenizer (the `tiny`
+fixture of conftest.py)."""
 
 import json
 
@@ -6,25 +7,13 @@ import jax
 import numpy as np
 import pytest
 
-from cas_jax import dataset, loading, model as model_lib, rendering, synthesis
-from cas_jax import tokenizer as tok_lib
-from cas_jax.config import ModelConfig
+from cas_jax import dataset, model as model_lib, rendering, synthesis
 from cas_jax.corpus import Document
 
 # Small enough that every prompt fits one length bucket and every batch pads to 4 rows, so the
 # sampler compiles once for the whole module.
 CONFIG = synthesis.SynthesisConfig(chunk_min=16, chunk_max=32, max_user_tokens=6,
                                    max_answer_tokens=10, topk=5)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    tok = tok_lib.load_tokenizer(loading.default_model_path())
-    config = ModelConfig(model_type="llama", vocab_size=len(tok), hidden_size=32,
-                         intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                         head_dim=8, max_position_embeddings=2048)
-    params = model_lib.init_params(config, jax.random.PRNGKey(0))
-    return loading.LoadedModel(config, params, tok, "tiny-test", "")
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +62,7 @@ def test_batch_alignment_spans_and_teacher_logprobs(tiny, documents):
     # The batch ran with the document blocks prefilled once: the teacher rows checked below
     # came from that path.
     plans = [study.plan(it) for it in items]
-    context = study._system_context(plans)
+    context = study.system_context(plans)
     assert context is not None
     assert context.lengths.tolist() == [len(study.system_tokens(p)) for p in plans]
     prompt = study.user_prompt(plans[0])
