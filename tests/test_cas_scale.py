@@ -8,8 +8,8 @@ import types
 import pytest
 
 from cas_jax import cas_study as cas_scale
-from cas_jax.config import ModelConfig
 from cas_jax.questions import Question
+from conftest import tiny_config
 
 QDOCS = ["fr-geography", "de-geography"]
 ALL = QDOCS + [f"x{i}-economy" for i in range(20)]
@@ -28,8 +28,8 @@ def test_collections_are_nested_and_start_with_the_question_documents():
 
 
 def test_cartridge_bytes_are_kv_plus_adam_moments_of_the_trainable_positions():
-    cfg = ModelConfig(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=32,
-                      num_layers=3, num_heads=4, num_kv_heads=2, head_dim=4)
+    cfg = tiny_config(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=3,
+                      head_dim=4)
     model = types.SimpleNamespace(config=cfg)
     kv = 3 * 8 * 2 * 4 * 2 * 4  # layers x P x kv heads x head dim x (K, V) x float32
     got = cas_scale.cartridge_bytes(model, 8, lr=1e-2)

@@ -5,14 +5,13 @@ import pytest
 import jax
 
 from cas_jax import cartridge as cart_lib, dataset, model as model_lib, train
-from cas_jax.config import ModelConfig
 from cas_jax.distractors import DistractorSchedule, plan_step
 from cas_jax.loading import LoadedModel
 from cas_jax.store import CartridgeStore
 from cas_jax import train_collection as tc
+from conftest import tiny_config
 
-CFG = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
-                  num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+CFG = tiny_config(vocab_size=64, max_position_embeddings=8192)
 DOCS = ["a", "b", "c", "d", "e", "f", "g", "h"]
 P = 6
 
