@@ -456,13 +456,27 @@ class Progress:
 
     @property
     def tokens_per_s(self) -> float:
+        """Tokens the agents generated per second (0 for span conversations: built from the
+        document's own lines, they generate nothing)."""
         return self.generated_tokens / max(self.elapsed_s, 1e-9)
+
+    @property
+    def conversations_per_s(self) -> float:
+        """Conversations this run finished per second."""
+        return (self.conversations_done - self.conversations_resumed) / max(self.elapsed_s, 1e-9)
+
+    def rate(self) -> str:
+        """The rate that means something for this run: generated tokens per second where the
+        agents generated any, else conversations per second (span conversations)."""
+        if self.generated_tokens:
+            return f"{self.tokens_per_s:.1f} generated tok/s"
+        return f"{self.conversations_per_s:.2f} conversations/s"
 
     @property
     def eta_s(self) -> float:
         """Seconds left at this run's conversation rate."""
-        rate = (self.conversations_done - self.conversations_resumed) / max(self.elapsed_s, 1e-9)
-        return (self.conversations_total - self.conversations_done) / max(rate, 1e-9)
+        return ((self.conversations_total - self.conversations_done)
+                / max(self.conversations_per_s, 1e-9))
 
 
 def run_shard(study: SelfStudy, items: Sequence[WorkItem], data_dir: str, *, batch_size: int,

@@ -132,6 +132,10 @@ def test_handwritten_question_file_with_free_answers(tiny, tmp_path):
     md, js = results_lib.write_report(results, str(tmp_path / "out"))
     table = open(md).read()
     assert table == results_lib.format_table(results) + "\n" and "| icl | 3 |" in table
+    assert "acc (gen)" not in table  # near 0 with a 135M model: shown only when asked
+    shown = results_lib.format_table(results, generation=True).splitlines()
+    assert "| acc (LL) | acc (gen) | free match |" in shown[0]
+    assert len(shown[2].split("|")) == len(table.splitlines()[2].split("|")) + 1
     saved = json.load(open(js))
     assert [m["method"] for m in saved["methods"]] == ["closed_book", "icl"]
     assert saved["records"]["icl"][0]["gold"] == "Mount Brel"

@@ -164,3 +164,11 @@ def test_shards_partition_the_work(tiny, documents, tmp_path):
     keys = sorted((r.doc_id, r.conversation_index) for r in _records(str(tmp_path)))
     assert keys == sorted((it.doc_id, it.conversation_index) for it in items)
     assert dataset.doc_ids(str(tmp_path)) == ("doc0", "doc1", "doc2")
+
+
+def test_progress_rate_is_generated_tokens_or_for_spans_conversations():
+    talk = synthesis.Progress(conversations_done=6, conversations_total=10,
+                              conversations_resumed=2, generated_tokens=300, elapsed_s=2.0)
+    assert talk.rate() == "150.0 generated tok/s" and talk.eta_s == 2.0  # 4 left at 2/s
+    spans = synthesis.Progress(6, 10, 2, 0, 2.0)  # span conversations generate nothing
+    assert spans.tokens_per_s == 0 and spans.rate() == "2.00 conversations/s"
