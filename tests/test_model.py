@@ -8,7 +8,7 @@ import jax.numpy as jnp
 torch = pytest.importorskip("torch")
 import transformers  # noqa: E402
 
-from cas_jax import checkpoints, model as model_lib  # noqa: E402
+from cas_jax import checkpoints, decoder, model as model_lib  # noqa: E402
 
 BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             max_position_embeddings=256, rms_norm_eps=1e-5)
@@ -104,6 +104,31 @@ def test_prefix_of_own_kv_equals_concatenated_forward(hf_pair):
     tail, _ = model_lib.forward_jit(params, tokens[:, 18:], pos[:, 18:], prefix=prefix,
                                 config=config)
     np.testing.assert_allclose(tail, full[:, 18:], atol=1e-4)
+
+
+@pytest.mark.parametrize("hf_pair", SUBSET[:1], indirect=True)
+def test_llama_decoder_is_the_forward(hf_pair):
+    """cas_jax's own decoder through the `decoder.Decoder` contract (what the trainers,
+    scoring and the sampler call) gives `forward`'s numbers."""
+    _, config, params = hf_pair
+    dec = model_lib.as_decoder(config)
+    assert isinstance(dec, decoder.Decoder) and model_lib.as_decoder(dec) is dec
+    assert (dec.num_layers, dec.num_kv_heads, dec.head_dim, dec.vocab_size,
+            dec.max_position_embeddings) == (config.num_layers, config.num_kv_heads,
+                                             config.head_dim, config.vocab_size,
+                                             config.max_position_embeddings)
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, config.vocab_size, (2, 12)))
+    pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    want, want_kv = model_lib.forward_jit(params, tokens, pos, config=config)
+
+    @jax.jit
+    def through_contract(params, tokens, pos):
+        hidden, kv = dec.forward(params, tokens, pos)
+        return dec.logits(params, hidden), kv
+
+    got, got_kv = through_contract(params, tokens, pos)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    jax.tree.map(np.testing.assert_array_equal, got_kv, want_kv)
 
 
 @pytest.mark.parametrize("hf_pair", SUBSET, indirect=True)
