@@ -209,10 +209,6 @@ def layer(config: ModelConfig, inv_freq, x, positions, lp, pre, cache_l, cache_p
     return x, (k, v)
 
 
-_linear = linear  # removed once kv_compression uses linear
-_layer = layer  # removed once kv_compression uses layer
-
-
 def forward(params: Params, tokens: jax.Array, positions: jax.Array,
             kv_cache: KVCache | None = None, prefix: Prefix | None = None, *,
             config: ModelConfig, return_hidden: bool = False, remat: bool = False):

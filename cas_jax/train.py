@@ -24,8 +24,9 @@ TrainState (a pytree; every leaf replicated over the mesh):
   opt_state     state of `make_optimizer`: Adam moments for the "trainable" leaves only.
 Gradients are taken w.r.t. `cartridges` only; the model params are a separate, non-differentiated
 argument. The model runs through `decoder.Decoder`: `config` is a ModelConfig (cas_jax's own
-decoder) or any other Decoder, whose params are then its own pytree. The optimizer gives the "frozen" leaves zero updates (`optax.set_to_zero` under
-`optax.multi_transform`), so the sink never changes.
+decoder) or any other Decoder, whose params are then its own pytree. The optimizer gives the
+"frozen" leaves zero updates (`optax.set_to_zero` under `optax.multi_transform`), so the sink
+never changes.
 
 Sharding: a 1-D `Mesh` with axis "data"; batch arrays are sharded on their leading (batch) axis,
 the cartridges, optimizer state and model params are replicated. The mean loss is over the global
@@ -282,7 +283,8 @@ def device_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
 
 
 @functools.lru_cache(maxsize=16)
-def make_train_step(config: ModelConfig | Decoder, train_config: TrainConfig, mesh: Mesh) -> Callable:
+def make_train_step(config: ModelConfig | Decoder, train_config: TrainConfig,
+                    mesh: Mesh) -> Callable:
     """`train_step` jitted: (state, params, batch) -> (state, metrics); the state is donated.
 
     in/out shardings: state and params replicated, batch sharded over "data", metrics replicated.
