@@ -13,11 +13,11 @@ import jax
 import openai
 import pytest
 
-from cas_jax import attention, cartridge as cart_lib, loading, model as model_lib, rendering
+from cas_jax import attention, cartridge as cart_lib, rendering
 from cas_jax import sampling, server, serving_cartridges, serving_continuous, serving_engine
 from cas_jax import serving_prompt, serving_static, store as store_lib
 from cas_jax import tokenizer as tok_lib
-from cas_jax.config import ModelConfig
+from conftest import tiny_model
 
 TOKENS = {"a": 8, "b": 12, "c": 16}  # good cartridges and their tokens
 P_MAX = 16
@@ -27,12 +27,8 @@ MODEL_ID = "tiny"
 
 @pytest.fixture(scope="module")
 def tiny():
-    tok = tok_lib.load_tokenizer(loading.default_model_path())
-    config = ModelConfig(model_type="llama", vocab_size=len(tok), hidden_size=32,
-                         intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                         head_dim=8, max_position_embeddings=WINDOW)
-    params = model_lib.init_params(config, jax.random.PRNGKey(0))
-    return loading.LoadedModel(config, params, tok, "tiny-test", "")
+    """conftest's tiny random model with a window of WINDOW positions."""
+    return tiny_model(max_position_embeddings=WINDOW)
 
 
 def _cartridge(model, doc_id, n, fingerprint=None):
