@@ -20,8 +20,13 @@ $(VENV): $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m experiments.pipeline
 
+# stderr goes to a file and is shown at the end, so that a crash in native code ends the log
+# with the test it happened in and the crashing thread's stack (faulthandler's first entry).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	PYTHONPATH=tests $(BIN)/python -m pytest -q -p crashlog tests 2>.pytest-stderr; rc=$$?; \
+	cat .pytest-stderr >&2; \
+	if [ $$rc -ne 0 ]; then echo "pytest exited with $$rc, in $$(cat .pytest-last)"; \
+	  grep -m1 -A30 '^\(Current thread\|Fatal Python\)' .pytest-stderr; fi; exit $$rc
 
 # The inner loop: everything but the tests marked slow (real model, several processes, kills).
 test-fast: $(STAMP)
