@@ -183,14 +183,14 @@ def test_different_cartridge_sets_reuse_one_compiled_sampler(tiny, store):
     try:
         run([["a"], ["b"], ["a", "b"], []])  # compiles B=4 and the slot writes of 8 and 12
         run([["c"], ["c", "a"], ["a"], []])  # and 16
-        sizes = (sampling._generate._cache_size(), serving_static._compose._cache_size(),
+        sizes = (sampling.compiled_programs(), serving_static._compose._cache_size(),
                  serving_cartridges._put_slot._cache_size())
         batches = engine.batches
         for sets in ([["b", "a"], [], ["b"], ["a", "b"]], [["a", "c"], ["c"], [], ["c", "a"]]):
             got = run(sets)
             assert got == [chat_path(tiny, store, s, f"Q{i}?", 6) for i, s in enumerate(sets)]
         assert engine.batches == batches + 2  # one generate call per round
-        assert (sampling._generate._cache_size(), serving_static._compose._cache_size(),
+        assert (sampling.compiled_programs(), serving_static._compose._cache_size(),
                 serving_cartridges._put_slot._cache_size()) == sizes
     finally:
         engine.close()
