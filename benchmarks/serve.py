@@ -194,7 +194,7 @@ async def _run(url: str, bodies: list[dict], clients: int) -> tuple[float, list[
 def _compiles(engine) -> int:
     if hasattr(engine, "kernels"):
         return sum(engine.kernels.compiled.values())
-    return sampling._generate._cache_size()
+    return sampling.compiled_programs()
 
 
 def _fits(model, mode: str, k: int, docs: dict[str, str]) -> bool:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cas_jax import attention, budget as budget_lib, cartridge_files
+from cas_jax import attention, budget as budget_lib
 from cas_jax import store as store_lib
 from cas_jax.cartridge import Cartridge, CartridgeMismatchError
 from cas_jax.loading import LoadedModel
@@ -71,17 +71,14 @@ class Catalogue:
     def info(self, doc_id: str) -> CartridgeInfo:
         """The manifest facts of `doc_id`; ServeError 404 if unknown, 422 if unreadable."""
         try:
-            directory = self.store.cartridge_dir(doc_id)
+            self.store.cartridge_dir(doc_id)
         except ValueError as e:
             raise _refuse(404, f"no cartridge {doc_id!r}: {e}", "cartridge_not_found") from None
-        label = f"cartridge {doc_id!r}"
         try:
-            version = cartridge_files.read_current(directory, label)
+            version, manifest = self.store.manifest(doc_id)
             cached = self._manifests.get(doc_id)
             if cached is not None and cached[0] == version:
                 return cached[1]
-            manifest = cartridge_files.read_manifest(
-                os.path.join(directory, version + ".json"), label)
             keys = next(a for a in manifest["arrays"] if a["name"] == "keys")
             meta = manifest["meta"]
             info = CartridgeInfo(doc_id, int(keys["shape"][1]), 2 * int(keys["nbytes"]),

@@ -22,7 +22,7 @@ from cas_jax.cartridge import Cartridge, CartridgeMismatchError
 from cas_jax.cartridge_files import (
     CURRENT, CartridgeNotFoundError, CartridgeStoreError, CorruptCartridgeError,
     OptStateMismatchError, OptTemplate, cached_opt_template, collect_garbage, link_version,
-    load_cartridge, read_version, save_cartridge, write_version)
+    load_cartridge, read_current, read_manifest, read_version, save_cartridge, write_version)
 
 # The store is the persistence API: it also hands out the one-directory functions and errors.
 __all__ = ["CURRENT", "STORE_FORMAT", "CartridgeNotFoundError", "CartridgeStore",
@@ -159,6 +159,15 @@ class CartridgeStore:
             return read_version(self.cartridge_dir(doc_id), f"cartridge {doc_id!r}",
                                 expected_fingerprint, read_opt_state, opt_template, doc_id,
                                 known)
+
+    def manifest(self, doc_id: str) -> tuple[str, dict[str, Any]]:
+        """(version, manifest) of `doc_id`'s live version, without reading its arrays: the
+        manifest's "meta" (CartridgeMeta fields) and "arrays" (name, shape, dtype, nbytes).
+        Raises ValueError for an id no directory can hold, CartridgeNotFoundError, or
+        CorruptCartridgeError (a garbled CURRENT or manifest)."""
+        directory, label = self.cartridge_dir(doc_id), f"cartridge {doc_id!r}"
+        version = read_current(directory, label)
+        return version, read_manifest(os.path.join(directory, version + ".json"), label)
 
     def load_cartridge(self, doc_id: str, expected_fingerprint: str | None = None) -> Cartridge:
         """The Cartridge alone of `doc_id` (its optimizer state is not read); see `load`."""

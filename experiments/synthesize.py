@@ -64,7 +64,7 @@ def _report(shard: str):
     def report(p: synthesis.Progress) -> None:
         minutes, seconds = divmod(int(p.eta_s), 60)
         print(f"[{shard}] {p.conversations_done}/{p.conversations_total} conversations, "
-              f"{p.tokens_per_s:.1f} generated tok/s, ETA {minutes // 60}h{minutes % 60:02d}m"
+              f"{p.rate()}, ETA {minutes // 60}h{minutes % 60:02d}m"
               f"{seconds:02d}s", flush=True)
     return report
 
