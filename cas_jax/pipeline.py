@@ -28,72 +28,166 @@ SPANS_ONLY = tuple(float(f == synthesis.SPANS) for f in synthesis.FAMILIES)
 """Family weights (`synthesis.FAMILIES` order) that synthesise span conversations only."""
 
 
-@dataclasses.dataclass(frozen=True)
-class PipelineConfig:
-    """Sizes of every stage; defaults are the 2-core CPU demo and the recipe of BUILD_NOTES.md
-    ("Cartridges that work"): span conversations only (the 135M model's generated answers
-    carry little of the document), whole short documents as chunks, P=64."""
+SYNTHESIS = synthesis.SynthesisConfig(chunk_min=1024, chunk_max=1024, max_user_tokens=48,
+                                      max_answer_tokens=96, family_weights=SPANS_ONLY,
+                                      no_repeat_ngram_size=4)
+COLLECTION = CollectionConfig(tokens_per_doc=64, batch_size=4, seq_len=320, steps=48,
+                              distractors=DistractorSchedule(k_max=2))
+TRAIN = train.TrainConfig(lr=2e-2)
+"""The sections of the default PipelineConfig."""
 
+FLAT = {
+    "conversations_per_doc": "conversations_per_doc", "chunk_min": "synthesis.chunk_min",
+    "chunk_max": "synthesis.chunk_max", "max_user_tokens": "synthesis.max_user_tokens",
+    "max_answer_tokens": "synthesis.max_answer_tokens", "synthesis_batch": "synthesis_batch",
+    "tokens_per_doc": "collection.tokens_per_doc", "distractors": "collection.distractors.k_max",
+    "steps": "collection.steps", "batch": "collection.batch_size",
+    "seq_len": "collection.seq_len", "lr": "train.lr",
+    "budget_bytes": "collection.budget_bytes", "top_k": "top_k", "seed": "seed",
+    "family_weights": "synthesis.family_weights", "span_turns": "synthesis.span_turns",
+    "no_repeat_ngram_size": "synthesis.no_repeat_ngram_size",
+    "repetition_penalty": "synthesis.repetition_penalty", "init": "collection.init",
+    "distractor_schedule": "collection.distractors.kind",
+    "ramp_steps": "collection.distractors.ramp_steps", "grad_scope": "collection.grad_scope",
+    "p_iso": "collection.distractors.p_iso", "quiet": "collection.distractors.quiet",
+    "geometry": "train.geometry"}
+"""The flat view: short name -> field path. These names are read as attributes
+(`cfg.steps`), accepted as keyword arguments of PipelineConfig and `dataclasses.replace`, name
+the launchers' flags, and are the keys of `stamp` (in this order, that of the flat
+PipelineConfig that recorded results were stamped with)."""
+
+DERIVED = ("collection.seed", "collection.checkpoint_every", "train.total_steps")
+"""Section fields the pipeline sets itself: every stage uses the run's `seed`, checkpoints 4
+times per run and schedules the learning rate over `collection.steps`."""
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class PipelineConfig:
+    """Settings of every stage, as the stages' own configs: `synthesis` (self-study),
+    `collection` (CAS training: P, batch, steps, the distractor schedule, budget) and `train`
+    (optimisation, composition geometry), plus what the pipeline alone reads. Defaults are
+    the 2-core CPU demo and the recipe of BUILD_NOTES.md ("Cartridges that work"): span
+    conversations only (the 135M model's generated answers carry little of the document),
+    whole short documents as chunks, P=64.
+
+    Built with keywords: section fields, and the flat names of `FLAT` (`steps=10`, applied
+    after the sections); `DERIVED` fields follow `seed` and `collection.steps`."""
+
+    synthesis: synthesis.SynthesisConfig = SYNTHESIS
+    collection: CollectionConfig = COLLECTION
+    train: train.TrainConfig = TRAIN
     conversations_per_doc: int = 24
-    chunk_min: int = 1024
-    chunk_max: int = 1024
-    max_user_tokens: int = 48
-    max_answer_tokens: int = 96
+    """Self-study conversations per document."""
     synthesis_batch: int = 16
-    tokens_per_doc: int = 64
-    distractors: int = 2
-    steps: int = 48
-    batch: int = 4
-    seq_len: int = 320
-    lr: float = 2e-2
-    budget_bytes: int = 1 << 30
+    """Conversations generated together."""
     top_k: int = 2
+    """Documents / chunks retrieved per question."""
     seed: int = 0
-    family_weights: tuple[float, ...] | None = SPANS_ONLY
-    span_turns: int = 4
-    no_repeat_ngram_size: int = 4
-    repetition_penalty: float = 1.0
-    init: str = "first_tokens"  # train_collection.INITS
-    distractor_schedule: str = "uniform"  # distractors.SCHEDULES
-    ramp_steps: int = 100
-    grad_scope: str = "target"  # train_collection.GRAD_SCOPES
-    p_iso: float = 0.0  # the mixed schedule's share of isolated rows
-    quiet: float = 0.0  # share of quiet steps (distractors module doc)
-    geometry: Geometry = DEFAULT_GEOMETRY  # how composed cartridges stand (attention.Geometry)
+    """Seed of synthesis, training (`collection.seed`) and questions."""
+
+    def __init__(self, **kw):
+        own = {f.name for f in dataclasses.fields(PipelineConfig)}
+        unknown = sorted(set(kw) - own - set(FLAT))
+        if unknown:
+            raise TypeError(f"PipelineConfig: unknown settings {unknown}")
+        for f in dataclasses.fields(PipelineConfig):
+            object.__setattr__(self, f.name, kw.get(f.name, f.default))
+        changes: dict = {}
+        for name, value in kw.items():
+            if name not in own:
+                *parents, leaf = FLAT[name].split(".")
+                node = changes
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[leaf] = value
+        changes.setdefault("collection", {})["seed"] = self.seed
+        for name, sub in changes.items():
+            object.__setattr__(self, name, _with(getattr(self, name), sub))
+        steps = self.collection.steps
+        object.__setattr__(self, "collection", _with(
+            self.collection, {"checkpoint_every": max(steps // 4, 1)}))
+        object.__setattr__(self, "train", _with(self.train, {"total_steps": steps}))
+
+
+def _with(obj, changes: dict):
+    """`obj` with nested `changes` ({field: value or {field: ...}}), each dataclass replaced
+    once (so its validation sees all its changes together)."""
+    if not isinstance(changes, dict):
+        return changes
+    out = {k: _with(getattr(obj, k), v) for k, v in changes.items()}
+    if all(getattr(obj, k) == v for k, v in out.items()):
+        return obj
+    return dataclasses.replace(obj, **out)
+
+
+def _get(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+for _name, _path in FLAT.items():
+    if "." in _path:
+        setattr(PipelineConfig, _name, property(lambda self, _p=_path: _get(self, _p),
+                                                doc=f"`{_path}` (the flat view, FLAT)"))
 
 
 LATER_FIELDS = ("p_iso", "quiet", "geometry")
-"""PipelineConfig fields added after results were recorded: `stamp` leaves them out while they
-hold their defaults, so the recorded results still match the configs that made them."""
+"""Flat settings added after results were recorded: `stamp` leaves them out while they hold
+their defaults, so the recorded results still match the configs that made them."""
 
 
 def stamp(cfg: PipelineConfig, **extra) -> dict:
     """What results read from cartridges trained under `cfg` depend on (`study.cached_method`),
-    JSON-able: every field (the geometry as its spec string) but LATER_FIELDS at defaults.
-    Without `distractors` in `extra` (or with 0) every row read one cartridge, so a geometry
-    that reads one cartridge as the identity does (`Geometry.reshapes_one` False) trained
-    nothing differently and is left out too."""
-    out = {}
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if f.name in LATER_FIELDS and value == f.default:
+    JSON-able: every flat setting (`FLAT`; the geometry as its spec string) but LATER_FIELDS at
+    defaults, and then every other section field (by path, `DERIVED` aside) whose value differs
+    from the default config's. Without `distractors` in `extra` (or with 0) every row read one
+    cartridge, so a geometry that reads one cartridge as the identity does
+    (`Geometry.reshapes_one` False) trained nothing differently and is left out too."""
+    default, out = PipelineConfig(), {}
+    for name, path in FLAT.items():
+        value = _get(cfg, path)
+        if name in LATER_FIELDS and value == _get(default, path):
             continue
         if isinstance(value, Geometry):
             if not extra.get("distractors") and not value.reshapes_one:
                 continue
             value = str(value)
-        out[f.name] = value
+        out[name] = value
+    for path in _leaf_paths(cfg):
+        if (path not in FLAT.values() and path not in DERIVED
+                and _get(cfg, path) != _get(default, path)):
+            value = _get(cfg, path)
+            out[path] = str(value) if isinstance(value, Geometry) else value
     return {**json.loads(json.dumps(out)), **extra}
+
+
+def _leaf_paths(obj, prefix: str = "") -> list[str]:
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, Geometry):
+            out += _leaf_paths(value, f"{prefix}{f.name}.")
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+def collection_config(cfg: PipelineConfig, tokens_per_doc: int, distractors: int
+                      ) -> CollectionConfig:
+    """`cfg.collection` for cartridges of `tokens_per_doc` tokens trained with at most
+    `distractors` others (0: in isolation, the uniform schedule with no quiet steps)."""
+    schedule = cfg.collection.distractors
+    return dataclasses.replace(cfg.collection, tokens_per_doc=tokens_per_doc,
+                               distractors=DistractorSchedule(
+        distractors, schedule.kind if distractors else "uniform", schedule.ramp_steps,
+        p_iso=schedule.p_iso, quiet=schedule.quiet if distractors else 0.0))
 
 
 def synthesize(model: LoadedModel, docs: Collection, data_dir: str, cfg: PipelineConfig,
                on_batch: Callable[[synthesis.Progress], None] | None = None) -> str:
     """Self-study conversations for every document into `data_dir` (resumed if present)."""
-    study = synthesis.SelfStudy(model, docs, synthesis.SynthesisConfig(
-        chunk_min=cfg.chunk_min, chunk_max=cfg.chunk_max, max_user_tokens=cfg.max_user_tokens,
-        max_answer_tokens=cfg.max_answer_tokens, family_weights=cfg.family_weights,
-        span_turns=cfg.span_turns, no_repeat_ngram_size=cfg.no_repeat_ngram_size,
-        repetition_penalty=cfg.repetition_penalty))
+    study = synthesis.SelfStudy(model, docs, cfg.synthesis)
     items = synthesis.work_items(docs.ids, cfg.conversations_per_doc, cfg.seed)
     synthesis.run_shard(study, items, data_dir, batch_size=cfg.synthesis_batch,
                         on_batch=on_batch)
@@ -104,17 +198,11 @@ def _train(model: LoadedModel, data_dir: str, store_dir: str, cfg: PipelineConfi
            tokens_per_doc: int, distractors: int, texts: dict[str, str],
            cartridge_of: dict[str, str] | None,
            on_report: Callable[[CollectionReport], None] | None) -> tuple[CartridgeStore, dict]:
-    """`train_collection` with the pipeline's steps, batch, budget, learning rate and seed, so
-    CAS and both baselines see the same data and token budget."""
-    ccfg = CollectionConfig(
-        tokens_per_doc=tokens_per_doc, init=cfg.init, batch_size=cfg.batch, seq_len=cfg.seq_len,
-        steps=cfg.steps, distractors=DistractorSchedule(
-            distractors, cfg.distractor_schedule if distractors else "uniform", cfg.ramp_steps,
-            p_iso=cfg.p_iso, quiet=cfg.quiet if distractors else 0.0),
-        grad_scope=cfg.grad_scope, budget_bytes=cfg.budget_bytes,
-        checkpoint_every=max(cfg.steps // 4, 1), seed=cfg.seed)
-    tcfg = train.TrainConfig(lr=cfg.lr, total_steps=cfg.steps, geometry=cfg.geometry)
-    summary = train_collection(model, data_dir, store_dir, ccfg, tcfg, texts=texts,
+    """`train_collection` with the pipeline's collection and train sections, so CAS and both
+    baselines see the same data and token budget."""
+    summary = train_collection(model, data_dir, store_dir,
+                               collection_config(cfg, tokens_per_doc, distractors), cfg.train,
+                               texts=texts,
                                cartridge_of=cartridge_of, on_report=on_report)
     return CartridgeStore(os.path.join(store_dir, "cartridges"), model.fingerprint), summary
 
@@ -125,9 +213,11 @@ def train_cartridges(model: LoadedModel, docs: Collection, data_dir: str, store_
                      on_report: Callable[[CollectionReport], None] | None = None
                      ) -> tuple[CartridgeStore, dict]:
     """CAS training of one cartridge per document (distractors=0: trained in isolation)."""
+    if distractors is None:
+        distractors = cfg.collection.distractors.k_max
     return _train(model, data_dir, store_dir, cfg,
-                  tokens_per_doc=tokens_per_doc or cfg.tokens_per_doc,
-                  distractors=cfg.distractors if distractors is None else distractors,
+                  tokens_per_doc=tokens_per_doc or cfg.collection.tokens_per_doc,
+                  distractors=distractors,
                   texts=docs.texts, cartridge_of=None, on_report=on_report)
 
 
@@ -136,9 +226,9 @@ def initial_store(model: LoadedModel, docs: Collection, store_dir: str, cfg: Pip
     """The store `train_cartridges` starts from: every document's first-P-token cartridge with
     fresh optimizer state (created where missing), i.e. the cartridges at step 0."""
     store = CartridgeStore(os.path.join(store_dir, "cartridges"), model.fingerprint)
-    optimizer = train.make_optimizer(train.TrainConfig(lr=cfg.lr, total_steps=cfg.steps))
-    initialise_store(store, model, docs.texts, cfg.tokens_per_doc, optimizer, init=cfg.init,
-                     geometry=str(cfg.geometry))
+    initialise_store(store, model, docs.texts, cfg.collection.tokens_per_doc,
+                     train.make_optimizer(cfg.train), init=cfg.collection.init,
+                     geometry=str(cfg.train.geometry))
     return store
 
 
@@ -171,7 +261,8 @@ def train_monolithic(model: LoadedModel, docs: Collection, data_dir: str, store_
     """The monolithic baseline: ONE cartridge of n_docs x P tokens (the same total as the
     per-document cartridges) trained on every document's conversations, with the same steps,
     batch and learning rate, so the same data and token budget. Stored as `MONOLITHIC_ID`."""
-    texts, cartridge_of, n = monolithic_inputs(model, docs, cfg.tokens_per_doc, cfg.seq_len)
+    texts, cartridge_of, n = monolithic_inputs(model, docs, cfg.collection.tokens_per_doc,
+                                               cfg.collection.seq_len)
     return _train(model, data_dir, store_dir, cfg, tokens_per_doc=n, distractors=0,
                   texts=texts, cartridge_of=cartridge_of, on_report=on_report)
 

@@ -10,7 +10,8 @@
    closed-book, ICL, the oracle cartridge, retrieval-selected cartridges and RAG on them;
    `--baselines` adds naive composition of cartridges trained in isolation.
 Every stage resumes from what is already complete in --out. Larger runs are flags away
-(--documents, --conversations_per_doc, --steps, --tokens_per_doc).
+(--documents, --conversations_per_doc, --steps, --tokens_per_doc); every `PipelineConfig`
+setting is a flag (`CONFIG`).
 """
 
 import json
@@ -19,11 +20,12 @@ import time
 
 from absl import app, flags
 
-from cas_jax import attention, corpus, distractors, evaluate, loading, pipeline
+from cas_jax import (config_flags, corpus, distractors, evaluate, loading, losses, pipeline,
+                     rendering)
 from cas_jax import questions as questions_lib
 from cas_jax.results import format_table, write_report
+from cas_jax.train_collection import GRAD_SCOPES, INITS
 
-DEFAULTS = pipeline.PipelineConfig()
 # Geography sections of eight test profiles (cas_jax.splits): 414-771-token documents whose
 # fields (area, coastline, elevation extremes, land use, ...) the generated questions ask about.
 DEMO_DOCUMENTS = tuple(f"{p}-geography" for p in ("ws", "ti", "mj", "ly", "mo", "wa", "ne", "tw"))
@@ -33,16 +35,6 @@ flags.DEFINE_string("collection", "factbook_sections", "'factbook_sections' (a d
                     "profile section), 'factbook' (whole profiles) or a folder of files.")
 flags.DEFINE_list("documents", list(DEMO_DOCUMENTS), "Document ids of --collection.")
 flags.DEFINE_string("out", "runs/demo", "Output folder (resumed if present).")
-flags.DEFINE_integer("conversations_per_doc", DEFAULTS.conversations_per_doc,
-                     "Self-study conversations per document.")
-flags.DEFINE_integer("tokens_per_doc", DEFAULTS.tokens_per_doc, "Cartridge tokens P per document.")
-flags.DEFINE_integer("distractors", DEFAULTS.distractors, "Most distractor cartridges per example.")
-flags.DEFINE_integer("steps", DEFAULTS.steps, "CAS training steps.")
-flags.DEFINE_integer("batch", DEFAULTS.batch, "Conversations per training step.")
-flags.DEFINE_integer("seq_len", DEFAULTS.seq_len, "Training sequence length (tokens).")
-flags.DEFINE_float("lr", DEFAULTS.lr, "Adam learning rate.")
-flags.DEFINE_enum("init", DEFAULTS.init, ["first_tokens", "document_kv"],
-                  "Cartridge initialisation (train_collection.initialise_store).")
 flags.DEFINE_integer("questions_per_doc", 6, "Multiple-choice questions per document (a "
                      "geography section holds up to 13 question fields).")
 flags.DEFINE_integer("max_new_tokens", 24, "Greedy generation length of the evaluation "
@@ -51,20 +43,35 @@ flags.DEFINE_bool("show_generation", False, "Show the acc (gen) column (multiple
                   "greedy generation) in the table; near 0 for every method, ICL included, "
                   "with the 135M default model, so left out by default (results.json holds "
                   "it either way).")
-flags.DEFINE_integer("top_k", DEFAULTS.top_k, "Documents / chunks retrieved per question.")
 flags.DEFINE_bool("baselines", False, "Also train cartridges in isolation (evaluated as a "
                   "naive composition) and one monolithic cartridge for the collection "
                   "(roughly triples the training time).")
-flags.DEFINE_integer("seed", DEFAULTS.seed, "Seed for synthesis, training and questions.")
-flags.DEFINE_string("geometry", str(DEFAULTS.geometry), "Composition geometry of training and "
-                    "evaluation (attention.Geometry spec: serial or parallel, optionally "
-                    "',temperature=T,scale=S,count_power=C').")
-flags.DEFINE_enum("schedule", DEFAULTS.distractor_schedule, list(distractors.SCHEDULES),
-                  "How CAS training draws k (distractors module doc).")
-flags.DEFINE_float("p_iso", DEFAULTS.p_iso, "Mixed schedule: share of rows read alone.")
-flags.DEFINE_float("quiet", DEFAULTS.quiet, "Share of quiet CAS steps (distilled toward the "
-                   "model with no cartridge).")
 flags.DEFINE_integer("compose_k", 3, "Other cartridges in the composed row (0 = no row).")
+CONFIG = config_flags.define(
+    pipeline.PipelineConfig(), skip=pipeline.DERIVED,
+    names={**{path: name for name, path in pipeline.FLAT.items()},
+           "collection.distractors.kind": "schedule"},
+    helps={"collection.tokens_per_doc": "Cartridge tokens P per document.",
+           "collection.distractors.k_max": "Most distractor cartridges per example.",
+           "collection.steps": "CAS training steps.",
+           "collection.batch_size": "Conversations per training step.",
+           "collection.seq_len": "Training sequence length (tokens).",
+           "train.lr": "Adam learning rate.",
+           "collection.init": "Cartridge initialisation (train_collection.initialise_store).",
+           "seed": "Seed for synthesis, training and questions.",
+           "train.geometry": "Composition geometry of training and evaluation "
+                             "(attention.Geometry spec: serial or parallel, optionally "
+                             "',temperature=T,scale=S,count_power=C').",
+           "collection.distractors.kind": "How CAS training draws k (distractors module doc).",
+           "collection.distractors.p_iso": "Mixed schedule: share of rows read alone.",
+           "collection.distractors.quiet": "Share of quiet CAS steps (distilled toward the "
+                                           "model with no cartridge)."},
+    choices={"collection.init": INITS, "collection.grad_scope": GRAD_SCOPES,
+             "collection.distractors.kind": distractors.SCHEDULES,
+             "synthesis.format": rendering.FORMATS, "train.loss": losses.LOSS_KINDS,
+             "train.schedule": ("constant", "cosine")})
+"""Every PipelineConfig setting (`DERIVED` aside): the flat names of `pipeline.FLAT` (the
+distractor schedule as --schedule), the other section fields by path (`--train.schedule`)."""
 
 
 def _stage(name: str) -> float:
@@ -85,15 +92,9 @@ def _eval_report(r):
 def main(argv):
     del argv
     try:
-        geometry = attention.Geometry.parse(FLAGS.geometry)
-    except ValueError as e:
-        raise app.UsageError(f"--geometry: {e}")
-    cfg = pipeline.PipelineConfig(
-        conversations_per_doc=FLAGS.conversations_per_doc, tokens_per_doc=FLAGS.tokens_per_doc,
-        distractors=FLAGS.distractors, steps=FLAGS.steps, batch=FLAGS.batch,
-        seq_len=FLAGS.seq_len, lr=FLAGS.lr, top_k=FLAGS.top_k, seed=FLAGS.seed, init=FLAGS.init,
-        distractor_schedule=FLAGS.schedule, p_iso=FLAGS.p_iso, quiet=FLAGS.quiet,
-        geometry=geometry)
+        cfg = CONFIG.value()
+    except config_flags.ConfigError as e:
+        raise app.UsageError(str(e)) from e
     out = FLAGS.out
     os.makedirs(out, exist_ok=True)
     t_all = time.perf_counter()
@@ -121,7 +122,7 @@ def main(argv):
         sources["naive"] = pipeline.StoreSource(iso)
         print(f"  done in {time.perf_counter() - t:.0f}s", flush=True)
         t = _stage(f"2c. baseline: one monolithic cartridge of {len(docs)} x "
-                   f"{cfg.tokens_per_doc} tokens")
+                   f"{cfg.collection.tokens_per_doc} tokens")
         mono, _ = pipeline.train_monolithic(model, docs, data_dir,
                                             os.path.join(out, "monolithic"), cfg,
                                             on_report=_train_report)
@@ -129,14 +130,14 @@ def main(argv):
 
     t = _stage("3. evaluation")
     qs = questions_lib.generate_factbook_questions(list(docs.ids), FLAGS.questions_per_doc,
-                                                   FLAGS.seed)
+                                                   cfg.seed)
     questions_lib.write_questions(os.path.join(out, "questions.jsonl"), qs)
     ev = evaluate.Evaluator(model, docs, evaluate.EvalConfig(max_new_tokens=FLAGS.max_new_tokens,
-                                                             geometry=cfg.geometry))
+                                                             geometry=cfg.train.geometry))
     results = pipeline.evaluate_baselines(ev, qs, cfg.top_k, on_result=_eval_report)
     for label, source in sources.items():
         results += pipeline.evaluate_cartridges(ev, qs, source, label, cfg.top_k,
-                                                compose_k=FLAGS.compose_k, seed=FLAGS.seed,
+                                                compose_k=FLAGS.compose_k, seed=cfg.seed,
                                                 on_result=_eval_report)
     if FLAGS.baselines:
         results.append(pipeline.evaluate_monolithic(ev, qs, pipeline.StoreSource(mono)))
