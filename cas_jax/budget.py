@@ -1,4 +1,7 @@
-"""Budget manager: pages cartridges and their optimizer state between a CartridgeStore and devices.
+"""Budget manager: pages cartridges and their optimizer state between a store and devices.
+
+The store is any `store.BackingStore` (load and save by id): a `CartridgeStore`, or the
+collection trainer's `pending_store.PendingStore`.
 
 At most `budget_bytes` of cartridge K/V plus optimizer-state arrays are held on the device(s) at
 any time (bytes of the logical arrays: under a replicated sharding each device holds a copy).
@@ -37,7 +40,7 @@ import jax
 import numpy as np
 
 from cas_jax.cartridge import Cartridge
-from cas_jax.store import CartridgeStore, CartridgeStoreError, OptTemplate
+from cas_jax.store import BackingStore, CartridgeStoreError, OptTemplate
 
 
 class BudgetExceededError(RuntimeError):
@@ -113,6 +116,7 @@ def _delete(tree: Any) -> None:
 class BudgetManager:
     """Keeps at most `budget_bytes` of cartridges plus optimizer state on the device(s).
 
+    store: where cartridges are read from and written back to (`store.BackingStore`).
     opt_template: how to restore each cartridge's optimizer state (see `CartridgeStore.load`),
       e.g. `store.cached_opt_template(optimizer.init)`; None pages cartridges alone (their
       optimizer state is not read, and a write-back stores what `update` was given).
@@ -122,7 +126,7 @@ class BudgetManager:
       before `acquire` blocks on it (default: `budget_bytes`).
     """
 
-    def __init__(self, store: CartridgeStore, budget_bytes: int, opt_template: OptTemplate = None,
+    def __init__(self, store: BackingStore, budget_bytes: int, opt_template: OptTemplate = None,
                  sharding: jax.sharding.Sharding | None = None, io_threads: int = 1,
                  max_pending_write_bytes: int | None = None):
         self.store = store

@@ -59,6 +59,7 @@ from cas_jax.attention import (DEFAULT_GEOMETRY, CartridgeBank, Geometry, compos
 from cas_jax.cartridge import Cartridge
 from cas_jax.config import ModelConfig
 from cas_jax.decoder import Decoder
+from cas_jax.hooks import Hooks, StepInfo
 
 DATA_AXIS = "data"
 BATCH_KEYS = ("tokens", "length", "loss_mask", "teacher_ids", "teacher_logprobs", "selection",
@@ -344,14 +345,15 @@ class StepReport:
 def train(state: TrainState, params: Any, data: DataIterator, *, config: ModelConfig | Decoder,
           train_config: TrainConfig, mesh: Mesh, num_steps: int,
           checkpoint_dir: str | None = None, save_every: int = 100, log_every: int = 10,
-          on_report: Callable[[StepReport], None] | None = None, length_bucket: int = dataset.LENGTH_BUCKET
-          ) -> TrainState:
+          on_report: Callable[[StepReport], None] | None = None, length_bucket: int = dataset.LENGTH_BUCKET,
+          hooks: Hooks | None = None) -> TrainState:
     """Trains until `state.step == num_steps`, resuming from `checkpoint_dir` if it holds one.
 
     `state` is the step-0 state (used as the layout template when resuming); it is donated.
     Saves a checkpoint every `save_every` steps and at the end. Raises StopIteration if the
     data ends first. Each batch is cut to its longest row rounded up to `length_bucket`
-    tokens (`dataset.trim_batch`; 0 keeps the iterator's width).
+    tokens (`dataset.trim_batch`; 0 keeps the iterator's width). `hooks` (`cas_jax.hooks`) are
+    called after the steps they are due at.
     """
     rep = replicated(mesh)
     params = jax.device_put(params, rep)
@@ -374,6 +376,8 @@ def train(state: TrainState, params: Any, data: DataIterator, *, config: ModelCo
             state, metrics = step_fn(state, params, batch)
             done = step + 1
             pbar.update(1)
+            if hooks is not None:
+                hooks.fire(done, lambda: StepInfo.of(done, num_steps, metrics, t0))
             if on_report is not None:
                 pending.append(metrics)
                 if done % log_every == 0 or done == num_steps:
