@@ -7,6 +7,10 @@ where <quoted id> is `urllib.parse.quote(doc_id, safe="")` with a leading "." wr
 Reading or writing one cartridge touches only its directory. One process writes a store; within
 it, calls are thread-safe (one lock per cartridge id). A reader in another process keeps reading
 the version it started with unless two more saves of that cartridge complete meanwhile.
+
+`BackingStore` is the interface `budget.BudgetManager` pages through (load and save by id):
+a `CartridgeStore` is one, and so is `pending_store.PendingStore` (a store whose writes wait
+for a checkpoint).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import json
 import os
 import threading
 import urllib.parse
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from cas_jax.cartridge import Cartridge, CartridgeMismatchError
 from cas_jax.cartridge_files import (
@@ -25,9 +29,10 @@ from cas_jax.cartridge_files import (
     load_cartridge, read_current, read_manifest, read_version, save_cartridge, write_version)
 
 # The store is the persistence API: it also hands out the one-directory functions and errors.
-__all__ = ["CURRENT", "STORE_FORMAT", "CartridgeNotFoundError", "CartridgeStore",
-           "CartridgeStoreError", "CorruptCartridgeError", "OptStateMismatchError", "OptTemplate",
-           "VerifyReport", "cached_opt_template", "load_cartridge", "save_cartridge"]
+__all__ = ["CURRENT", "STORE_FORMAT", "BackingStore", "CartridgeNotFoundError",
+           "CartridgeStore", "CartridgeStoreError", "CorruptCartridgeError",
+           "OptStateMismatchError", "OptTemplate", "VerifyReport", "cached_opt_template",
+           "load_cartridge", "save_cartridge"]
 
 STORE_FORMAT = "cas_jax.store/1"
 _MAX_DIR_NAME = 200
@@ -43,6 +48,21 @@ class VerifyReport:
     @property
     def all_ok(self) -> bool:
         return not self.errors
+
+
+@runtime_checkable
+class BackingStore(Protocol):
+    """What `budget.BudgetManager` reads cartridges from and writes them back to: `load` as
+    `CartridgeStore.load` (host arrays; the optimizer state restored into `opt_template`, None
+    when `read_opt_state` is False) and `save` as `CartridgeStore.save`. `CartridgeStore` and
+    `pending_store.PendingStore` implement it."""
+
+    def load(self, doc_id: str, opt_template: OptTemplate = None,
+             expected_fingerprint: str | None = None,
+             read_opt_state: bool = True) -> tuple[Cartridge, Any, int]: ...
+
+    def save(self, doc_id: str, cartridge: Cartridge, opt_state: Any = None,
+             step: int = 0) -> None: ...
 
 
 class CartridgeStore:
