@@ -1,0 +1,80 @@
+"""Named experiment variants (issue 27: they lived in bash arrays of cas_dev.sh,
+cas_schedules.sh and ablations.sh). `benchmarks.variants` runs them.
+
+A `VariantSet` is a list of named flag overrides for one launcher, the flags they share, where
+each variant's run goes, and the command that tabulates the runs afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+QUALITY = "quality"
+"""Each variant runs `python -m benchmarks.quality COMMON --out=OUT FLAGS > OUT.log` (skipped
+when OUT/report.json exists)."""
+CLAIMS = "claims"
+"""Each variant runs `benchmarks/cas_claims.sh COMMON FLAGS` with OUT and CAS_REC (and REC when
+set) in its environment: the recorded evaluations in REC and CAS_REC are reused."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantSet:
+    doc: str
+    runner: str  # QUALITY or CLAIMS
+    variants: dict[str, tuple[str, ...]]  # name -> its flags, in the default running order
+    common: tuple[str, ...] = ()
+    out: str = "runs/{name}"  # each variant's output folder
+    cas_rec: str = ""  # CLAIMS: the variant's recorded evaluations ({name} filled in)
+    rec: str = ""  # CLAIMS: the recorded study whose evaluations are reused ("" = the default)
+    report: tuple[str, ...] = ()  # argv after `python -m`; {runs} = the variants' folders
+    wait_for: str = ""  # QUALITY: wait while a process matching this pattern runs
+
+
+ABLATIONS_BASE = "benchmarks/results/dev_epochs"
+
+SETS = {
+    "ablations": VariantSet(
+        doc="Issue 11's one-change-at-a-time ablations of the cartridge recipe on DEV profiles, "
+            "each against the recorded base run benchmarks/results/dev_epochs (its self-study "
+            "data, held-out set and baselines are reused). Tabulate with `python -m "
+            "benchmarks.ablation_report --base=benchmarks/results/dev_epochs "
+            "--runs=runs/abl8_convs12,runs/abl8_mix_question`.",
+        runner=QUALITY,
+        variants={
+            # Same steps, half the conversations (so 12 passes over them): does more data help?
+            "abl8_convs12": ("--conversations_per_doc=12",),
+            # Generated question conversations mixed 1:1 with spans (issue 11 item 2).
+            "abl8_mix_question": ("--family_weights=spans=1,question=1",),
+        },
+        common=("--split=dev", "--profiles=8", "--steps=288", "--eval_every=48",
+                f"--reuse={ABLATIONS_BASE}"),
+        wait_for="benchmarks.quality.*--out=runs/abl8_"),
+    "cas_dev": VariantSet(
+        doc="Issue 12: a CAS recipe chosen on the DEV questions (8 Geography sections of dev "
+            "profiles, 104 questions, benchmarks/results/dev_epochs); the isolated cartridges "
+            "are not retrained.",
+        runner=CLAIMS,
+        variants={
+            "base3": ("--cas_epochs=3",),  # the test recipe (gradients to the target only)
+            "all3": ("--cas_epochs=3", "--cas_grad_scope=all"),  # gradients to every cartridge
+            "all6": ("--cas_epochs=6", "--cas_grad_scope=all"),
+            "target6": ("--cas_epochs=6",),
+        },
+        common=("--split=dev", "--profiles=8", "--epochs=6", "--nocas_naive", "--compose_k=3",
+                "--positions=", "--retrievers="),
+        out="runs/cas_dev_{name}", cas_rec="benchmarks/results/cas_dev_{name}",
+        rec="benchmarks/results/dev_epochs",
+        report=("benchmarks.cas_schedules", "--runs={runs}",
+                "--isolated=benchmarks/results/dev_epochs", "--out=runs/cas_dev.md")),
+    "cas_schedules": VariantSet(
+        doc="Issue 12's distractor ablations beside the default CAS run (cas_claims.sh): a ramp "
+            "schedule, and gradients to every cartridge in the bank.",
+        runner=CLAIMS,
+        variants={"scope_all": ("--cas_grad_scope=all",),
+                  "ramp": ("--cas_schedule=ramp",)},
+        common=("--compose_k=3", "--positions=", "--retrievers="),
+        out="runs/cas_{name}", cas_rec="benchmarks/results/cas_{name}",
+        report=("benchmarks.cas_schedules",
+                "--runs=runs/quality_cas,runs/cas_scope_all,runs/cas_ramp",
+                "--out=runs/cas_schedules.md")),
+}
