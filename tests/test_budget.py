@@ -240,3 +240,31 @@ def test_without_opt_template_pages_cartridges_alone_with_sharding(store):
     assert [s for _, s in pairs] == [None, None]
     assert as_bytes(pairs[1][0]) == as_bytes(make_cartridge("doc1", 1))
     assert pairs[0][0].keys.sharding == sharding
+
+
+def test_both_stores_are_backing_stores_and_the_manager_pages_through_a_pending_one(tmp_path):
+    """BudgetManager's store interface (`store.BackingStore`) is declared once; CartridgeStore
+    and the collection trainer's PendingStore both implement it, with its signatures."""
+    import inspect
+
+    from cas_jax.pending_store import PendingStore
+    from cas_jax.store import BackingStore
+
+    main = fill_store(str(tmp_path / "main"), 3)
+    view = PendingStore(main, CartridgeStore(str(tmp_path / "pending"), model_fingerprint=FP))
+    for store in (main, view):
+        assert isinstance(store, BackingStore)
+        for name in ("load", "save"):
+            assert (list(inspect.signature(getattr(store, name)).parameters)
+                    == list(inspect.signature(getattr(BackingStore, name)).parameters)[1:])
+    with BudgetManager(view, 10 * entry_nbytes(), opt_template=opt_template) as manager:
+        [(c, s)] = manager.acquire(["doc1"])
+        manager.update("doc1", *train_step(c, s))
+        updated = as_bytes(jax.device_get(manager.acquire(["doc1"])[0]))
+        manager.release(["doc1"])
+        manager.release(["doc1"])
+    assert view.pending.list() == ["doc1"]  # the write-back waits in the pending store
+    assert as_bytes(view.load("doc1", opt_template=opt_template)[:2]) == updated
+    assert as_bytes(main.load("doc1", opt_template=opt_template)[:2]) != updated
+    assert view.commit(opt_template) == 1 and view.discard() == 1
+    assert as_bytes(main.load("doc1", opt_template=opt_template)[:2]) == updated
