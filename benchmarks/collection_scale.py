@@ -44,7 +44,7 @@ Measured (on the host CPU: there the "device" is host memory, so resident cartri
 prefetches and write-back copies all count in RSS):
   - total cartridge bytes (store files, and K/V+Adam bytes) vs the budget;
   - peak RSS (`ru_maxrss`, the process's maximum so far, after each phase) and the peak of
-    `BudgetManager.resident_bytes` (sampled after every acquire and update);
+    `BudgetManager.resident_bytes` (sampled after every step's acquire and its updates);
   - paging bandwidth = bytes the manager read from the store / seconds in those reads
     (`PagingStats.bytes_read / read_s`; a read = one `readinto` of the file + CRC-32C checks),
     also with the device_put (bytes_in / (read_s + device_put_s)), against the raw read
@@ -55,10 +55,10 @@ prefetches and write-back copies all count in RSS):
     steady-state steps (steps 2..N: step 1 includes the XLA compile), with the checkpoint's
     flush + commit seconds (reported separately) taken out of the wall time;
   - tokens/s (valid conversation tokens) over the same steps.
-The summary dict of `train_collection` has the paging totals; the per-step split needs
-timings it does not report, so this module swaps in (for its own runs only) a BudgetManager
-subclass that records peaks and the ids it paged, and a PendingStore subclass that times
-commits; both only observe.
+The summary dict of `train_collection` has the paging totals; the per-step split comes from a
+hook (`cas_jax.hooks`, every step): each step's tokens, loss and `PagingInfo` (the manager's
+counters, resident and pinned bytes after the acquire and the updates, the ids paged and
+updated, the seconds spent committing).
 
 Last line: `scale_io_wait=X paging_efficiency=Y`: X = the I/O wait share with prefetch on (off
 if only off ran); Y = the manager's read bandwidth in the prefetch-off run (reads on the
@@ -103,8 +103,6 @@ flags.DEFINE_bool("drop_cache", True, "Drop the store from the OS page cache bef
 flags.DEFINE_integer("seed", 0, "Dataset chunks, data order, distractor draws.")
 FLAGS = flags.FLAGS
 
-_RUN_STATE = "collection_run.json"
-
 
 def _loadavg() -> str:
     return "/".join(f"{x:.1f}" for x in os.getloadavg())
@@ -142,7 +140,7 @@ def build_dataset(model, docs, data_dir: str) -> dict:
     """Writes the cheap self-study-format dataset (module doc); returns facts about it."""
     import numpy as np
 
-    from cas_jax import dataset, synthesis
+    from cas_jax import dataset, rendering, synthesis
 
     ids = list(docs)
     n_conv = FLAGS.conversations_per_doc
@@ -181,7 +179,7 @@ def build_dataset(model, docs, data_dir: str) -> dict:
             conv = [{"role": "user", "content": questions[i % len(questions)].format(t=doc.title)},
                     {"role": "assistant", "content": chunk}]
             plan = synthesis.Plan(synthesis.WorkItem(doc_id, i, key), (start, end), "synthetic",
-                                  "", synthesis.chunk_system_prompt(doc.title, chunk), conv)
+                                  "", rendering.titled(doc.title, chunk), conv)
             plans.append(plan)
             views.append(study.views(plan))
         if FLAGS.teacher == "model":
@@ -222,99 +220,62 @@ class _StepLog:
 
 
 class _Observer:
-    """What the instrumented BudgetManager / PendingStore record for the current run."""
+    """A hook (every step) that records what `run_training` reports (module doc)."""
 
-    def __init__(self):
-        self.manager = None
+    def __init__(self, prefetch: bool, t_begin: float):
+        self.label, self.t_begin = "on" if prefetch else "off", t_begin
+        self.logs: list[_StepLog] = []
+        self.peak_resident = self.peak_pinned = 0
         self.commit_s = 0.0
-        self.peak_resident = 0
-        self.peak_pinned = 0
         self.acquired: set[str] = set()
         self.updated: set[str] = set()
 
-
-def _instrument(obs: _Observer):
-    """Subclasses of BudgetManager and PendingStore that only observe (module doc)."""
-    from cas_jax import train_collection as tc_lib
-    from cas_jax.budget import BudgetManager
-
-    class ObservedManager(BudgetManager):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            obs.manager = self
-
-        def acquire(self, ids):
-            ids = list(ids)
-            out = super().acquire(ids)
-            obs.peak_resident = max(obs.peak_resident, self.resident_bytes)
-            obs.peak_pinned = max(obs.peak_pinned, self.pinned_bytes)
-            obs.acquired.update(ids)
-            return out
-
-        def update(self, doc_id, *args, **kwargs):
-            super().update(doc_id, *args, **kwargs)
-            obs.peak_resident = max(obs.peak_resident, self.resident_bytes)
-            obs.updated.add(doc_id)
-
-    class TimedPendingStore(tc_lib.PendingStore):
-        def commit(self, opt_template):
-            t0 = time.perf_counter()
-            try:
-                return super().commit(opt_template)
-            finally:
-                obs.commit_s += time.perf_counter() - t0
-
-    return ObservedManager, TimedPendingStore
+    def __call__(self, info) -> None:
+        now, p = time.perf_counter(), info.paging
+        s = p.stats
+        self.peak_resident = max(self.peak_resident, p.peak_resident_bytes)
+        self.peak_pinned = max(self.peak_pinned, p.pinned_bytes)
+        self.acquired.update(p.acquired)
+        self.updated.update(p.updated)
+        self.commit_s = p.commit_s
+        prev = self.logs[-1] if self.logs else _StepLog(self.t_begin, 0.0, 0.0, 0, 0.0)
+        self.logs.append(_StepLog(now, s.acquire_wait_s, s.flush_s + p.commit_s, info.tokens,
+                                  info.loss))
+        print(f"  [{self.label}] step {info.step}/{info.total_steps} loss {info.loss:.3f} "
+              f"{now - prev.t:.1f} s io-wait {1e3 * (s.acquire_wait_s - prev.wait):.0f} ms "
+              f"resident {p.peak_resident_bytes / 2**20:.0f} MiB hits "
+              f"{s.hits + s.prefetch_hits} misses {s.misses} evictions {s.evictions} "
+              f"load {_loadavg()}", flush=True)
 
 
 def run_training(model, data_dir: str, store_dir: str, prefetch: bool) -> dict:
     from cas_jax import train, train_collection as tc_lib
     from cas_jax.distractors import DistractorSchedule
+    from cas_jax.hooks import Hooks
 
-    run_path = os.path.join(store_dir, _RUN_STATE)
+    run_path = os.path.join(store_dir, tc_lib.RUN_STATE)
     if os.path.exists(run_path):  # Restart from step 0 (the data order repeats exactly).
         os.remove(run_path)
     if FLAGS.drop_cache:
         drop_page_cache(files_under(store_dir))
-    obs = _Observer()
-    manager_cls, pending_cls = _instrument(obs)
-    saved = tc_lib.BudgetManager, tc_lib.PendingStore
-    tc_lib.BudgetManager, tc_lib.PendingStore = manager_cls, pending_cls
     cfg = tc_lib.CollectionConfig(
         tokens_per_doc=FLAGS.tokens_per_doc, batch_size=FLAGS.batch, seq_len=FLAGS.seq_len,
         steps=FLAGS.steps, distractors=DistractorSchedule(FLAGS.k_max, FLAGS.schedule),
         grad_scope="target", budget_bytes=FLAGS.budget_mib << 20,
-        checkpoint_every=FLAGS.checkpoint_every, prefetch=prefetch, seed=FLAGS.seed,
-        log_every=1)
+        checkpoint_every=FLAGS.checkpoint_every, prefetch=prefetch, seed=FLAGS.seed)
     tcfg = train.TrainConfig(total_steps=FLAGS.steps)
-    logs: list[_StepLog] = []
     t_begin = time.perf_counter()
-    last = [t_begin]
-
-    def on_report(r):
-        now = time.perf_counter()
-        s = obs.manager.stats
-        logs.append(_StepLog(now, s.acquire_wait_s, s.flush_s + obs.commit_s,
-                             r.tokens_per_s * (now - last[0]), r.loss))
-        last[0] = now
-        print(f"  [{'on' if prefetch else 'off'}] step {r.step}/{r.total_steps} "
-              f"loss {r.loss:.3f} {now - (logs[-2].t if len(logs) > 1 else t_begin):.1f} s "
-              f"io-wait {1e3 * (s.acquire_wait_s - (logs[-2].wait if len(logs) > 1 else 0)):.0f}"
-              f" ms resident {r.resident_mb:.0f} MiB hits {r.hits} misses {r.misses} "
-              f"evictions {s.evictions} load {_loadavg()}", flush=True)
-
-    try:
-        summary = tc_lib.train_collection(model, data_dir, store_dir, cfg, tcfg,
-                                          on_report=on_report)
-    finally:
-        tc_lib.BudgetManager, tc_lib.PendingStore = saved
-    stats = obs.manager.stats
+    obs = _Observer(prefetch, t_begin)
+    hooks = Hooks()
+    hooks.add_hook(obs, every=1)
+    summary = tc_lib.train_collection(model, data_dir, store_dir, cfg, tcfg, hooks=hooks)
+    logs = obs.logs
     steady = logs[1:]  # Step 1 includes the compile.
     wall = sum(b.t - a.t for a, b in zip(logs, steady))
     ckpt = sum(b.ckpt - a.ckpt for a, b in zip(logs, steady))
     wait = sum(b.wait - a.wait for a, b in zip(logs, steady))
     tokens = sum(s.tokens for s in steady)
-    return {"prefetch": prefetch, "summary": summary, "stats": dataclasses.asdict(stats),
+    return {"prefetch": prefetch, "summary": summary, "stats": summary["paging"],
             "steady_steps": len(steady), "steady_wall_s": wall - ckpt, "ckpt_s": ckpt,
             "first_step_s": logs[0].t - t_begin, "steady_wait_s": wait,
             "io_wait_share": wait / max(wall - ckpt, 1e-9),
