@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
+import queue
 import threading
 
 import jax
@@ -62,6 +64,12 @@ class Catalogue:
             (i.tokens for i in infos), default=128)
         if config.geometry is None:
             self.config = dataclasses.replace(config, geometry=recorded_geometry(infos))
+        else:  # the operator's choice, as --geometry is for chat and evaluation
+            other = {i.id: i.geometry for i in infos
+                     if attention.Geometry.parse(i.geometry) != config.geometry}
+            if other:
+                logging.warning("serving under geometry %r cartridges trained under another: "
+                                "%s", str(config.geometry), other)
         self.geometry: attention.Geometry = self.config.geometry
 
     def public(self, message: str) -> str:
@@ -138,21 +146,6 @@ class Catalogue:
                           f"bank slots hold {self.max_cartridge_tokens} (--max_cartridge_tokens)",
                           "cartridge_too_long")
 
-    def check_geometry(self, infos: list[CartridgeInfo]) -> None:
-        """Refuses (422) composing cartridges trained under another geometry than the server's,
-        where that changes their prefix: a set of two or more, or one when either geometry
-        reshapes a lone cartridge's logits."""
-        server = self.geometry
-        other = [i for i in infos if attention.Geometry.parse(i.geometry) != server]
-        if not other:
-            return
-        if len(infos) > 1 or server.reshapes_one or any(
-                attention.Geometry.parse(i.geometry).reshapes_one for i in other):
-            trained = {i.id: i.geometry for i in other}
-            raise _refuse(422, f"cartridges {trained} were trained under another composition "
-                          f"geometry than this server's {str(server)!r} (--geometry); compose "
-                          f"them alone or serve them with their own", "cartridge_geometry_mismatch")
-
     def check_request(self, prompt: int, ids: list[str], max_tokens: int
                       ) -> list[CartridgeInfo]:
         """The infos of a request's cartridges, after every check that needs no device."""
@@ -167,7 +160,6 @@ class Catalogue:
         infos = [self.info(i) for i in ids]
         for info in infos:
             self.check_usable(info)
-        self.check_geometry(infos)
         need = sum(i.bytes for i in infos)
         if need > self.budget.budget_bytes:
             raise _refuse(400, f"cartridges {ids} need {need} bytes on the device; the budget "
@@ -271,3 +263,27 @@ class BankSlots:
     def release(self, slots: list[int]) -> None:
         for s in slots:
             self._refs[s] -= 1
+
+
+class EngineBase:
+    """What both engines set up alike: the catalogue (and the config with its geometry
+    resolved), the one budget manager, the bank, the inbox, the counters, and the budget's
+    figures for `status()`."""
+
+    def __init__(self, model: LoadedModel, store: store_lib.CartridgeStore, config: ServeConfig):
+        self.model = model
+        self.catalogue = Catalogue(model, store, config)
+        self.config = self.catalogue.config
+        self.budget = self.catalogue.budget
+        self.max_cartridge_tokens = self.catalogue.max_cartridge_tokens
+        self.bank = BankSlots(self.catalogue)
+        self._inbox: queue.Queue = queue.Queue()
+        self.requests = 0  # requests finished
+        self.largest_batch = 0
+
+    def budget_status(self) -> dict:
+        with self.catalogue.lock:
+            return {"budget_bytes": self.budget.budget_bytes,
+                    "resident_bytes": self.budget.resident_bytes,
+                    "pinned_bytes": self.budget.pinned_bytes,
+                    "paging": dataclasses.asdict(self.budget.stats)}

@@ -23,7 +23,6 @@ thread
 from __future__ import annotations
 
 import collections
-import dataclasses
 import queue
 import secrets
 import threading
@@ -33,7 +32,7 @@ import numpy as np
 
 from cas_jax import attention, budget as budget_lib, tokenizer as tok_lib
 from cas_jax.loading import LoadedModel
-from cas_jax.serving_cartridges import BankSlots, Catalogue
+from cas_jax.serving_cartridges import EngineBase
 from cas_jax.serving_engine import Completion, Delta, Handle, Listener, Sampling, ServeConfig
 from cas_jax.serving_engine import ServeError, cancelled
 from cas_jax.serving_kernels import Kernels, row_arrays, rows_tuple
@@ -44,20 +43,15 @@ from cas_jax.store import CartridgeStore
 _WAKE, _CLOSE = "wake", "close"
 
 
-class ContinuousEngine:
+class ContinuousEngine(EngineBase):
     """Serves chat completions for `model` from cartridges in `store` (module doc)."""
 
     def __init__(self, model: LoadedModel, store: CartridgeStore,
                  config: ServeConfig = ServeConfig()):
-        self.model, self.config = model, config
-        self.catalogue = Catalogue(model, store, config)
-        self.config = config = self.catalogue.config  # its geometry resolved
-        self.budget = self.catalogue.budget
-        self.max_cartridge_tokens = self.catalogue.max_cartridge_tokens
-        self.bank = BankSlots(self.catalogue)
+        super().__init__(model, store, config)
+        config = self.config  # its geometry resolved
         self.stop_ids = frozenset(tok_lib.stop_token_ids(model.tokenizer))
         self.shapes = Shapes(config, model.config.max_position_embeddings)
-        self._inbox: queue.Queue = queue.Queue()
         self.kernels = Kernels(model, self.bank.bank, config.max_cartridges, config.geometry,
                                on_ready=lambda: self._inbox.put(_WAKE))
         c = max(config.max_cartridges, 1)
@@ -67,8 +61,6 @@ class ContinuousEngine:
         self._pool: Pool | None = None
         self._waiting: collections.deque[Job] = collections.deque()
         self.steps = 0  # decode steps run
-        self.requests = 0  # requests finished
-        self.largest_batch = 0
         self._lock = threading.Lock()  # guards the counters read by status()
         if config.warmup:
             self.kernels.warm(self.shapes.warm_keys())
@@ -399,11 +391,7 @@ class ContinuousEngine:
     # ------------------------------------------------------------------ status
 
     def status(self) -> dict:
-        with self.catalogue.lock:
-            budget = {"budget_bytes": self.budget.budget_bytes,
-                      "resident_bytes": self.budget.resident_bytes,
-                      "pinned_bytes": self.budget.pinned_bytes,
-                      "paging": dataclasses.asdict(self.budget.stats)}
+        budget = self.budget_status()
         pool = self._pool
         with self._lock:
             return {"engine": "continuous", "queued": self._inbox.qsize() + len(self._waiting),

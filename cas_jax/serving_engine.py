@@ -47,8 +47,7 @@ class ServeConfig:
     default_max_tokens: completion length when a request gives none.
     model_id: the model's name in /v1/models and responses; None = the model file's name.
     geometry: how a request's cartridges are composed (`attention.Geometry`); None = the one
-      the store's cartridges were trained under (their meta; they must agree). A set whose
-      recorded geometry differs is refused where that changes its prefix.
+      the store's cartridges were trained under (their meta; they must agree).
     max_cache_tokens (continuous): rows x KV slots per row of the pool; None = max(context
       window, max_batch * 1024). min_cache_tokens: the smallest KV slots per row.
     prefill_tokens_per_step (continuous): prompt tokens admitted between two decode steps

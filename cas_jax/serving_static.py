@@ -25,7 +25,7 @@ import numpy as np
 from cas_jax import attention, budget as budget_lib, sampling, tokenizer as tok_lib
 from cas_jax.loading import LoadedModel
 from cas_jax.cartridge import Cartridge
-from cas_jax.serving_cartridges import BankSlots, Catalogue, CartridgeInfo
+from cas_jax.serving_cartridges import CartridgeInfo, EngineBase
 from cas_jax.serving_engine import Completion, Delta, Handle, Listener, Sampling, ServeConfig
 from cas_jax.serving_engine import ServeError, cancelled
 from cas_jax.store import CartridgeStore
@@ -47,22 +47,14 @@ class _Job:
         return [i.id for i in self.infos]
 
 
-class StaticEngine:
+class StaticEngine(EngineBase):
     """Serves chat completions batch by batch (module doc)."""
 
     def __init__(self, model: LoadedModel, store: CartridgeStore,
                  config: ServeConfig = ServeConfig()):
-        self.model, self.config = model, config
-        self.catalogue = Catalogue(model, store, config)
-        self.config = config = self.catalogue.config  # its geometry resolved
-        self.budget = self.catalogue.budget
-        self.max_cartridge_tokens = self.catalogue.max_cartridge_tokens
-        self.bank = BankSlots(self.catalogue)
+        super().__init__(model, store, config)
         self.stop_ids = tuple(tok_lib.stop_token_ids(model.tokenizer))
         self.batches = 0  # generate calls run
-        self.requests = 0
-        self.largest_batch = 0
-        self._inbox: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="cas-serving-static",
                                         daemon=True)
         self._thread.start()
@@ -222,13 +214,9 @@ class StaticEngine:
                           attention.visible_tokens([i.tokens for i in job.infos]))
 
     def status(self) -> dict:
-        with self.catalogue.lock:
-            return {"engine": "static", "queued": self._inbox.qsize(), "batches": self.batches,
-                    "requests": self.requests, "largest_batch": self.largest_batch,
-                    "budget_bytes": self.budget.budget_bytes,
-                    "resident_bytes": self.budget.resident_bytes,
-                    "pinned_bytes": self.budget.pinned_bytes,
-                    "paging": dataclasses.asdict(self.budget.stats)}
+        return {"engine": "static", "queued": self._inbox.qsize(), "batches": self.batches,
+                "requests": self.requests, "largest_batch": self.largest_batch,
+                **self.budget_status()}
 
     def close(self) -> None:
         """Fails the requests still queued, stops the engine thread, closes the budget."""
