@@ -16,7 +16,7 @@ import os
 import numpy as np
 from absl import app, flags
 
-from cas_jax import study
+from cas_jax.studies import study
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("base", "runs/abl_base", "The run every other run is compared with.")

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from cas_jax import cas_study, study
+from cas_jax.studies import cas_study, study
 
 
 def main(run: str) -> None:

@@ -29,8 +29,10 @@ import time
 import numpy as np
 from absl import app, flags
 
-from cas_jax import cas_study, corpus, evaluate, loading, pipeline, questions as questions_lib
-from cas_jax import splits, study, study_runs
+from cas_jax.documents import corpus
+from cas_jax.evaluation import evaluate, questions as questions_lib
+from cas_jax.model import loading
+from cas_jax.studies import cas_study, pipeline, splits, study, study_runs
 
 FLAGS = flags.FLAGS
 D = pipeline.PipelineConfig()

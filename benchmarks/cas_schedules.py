@@ -17,7 +17,7 @@ import os
 
 from absl import app, flags
 
-from cas_jax import cas_study
+from cas_jax.studies import cas_study
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("runs", ["runs/quality_cas"], "`benchmarks.quality --cas` folders; the first "

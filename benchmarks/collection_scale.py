@@ -56,9 +56,9 @@ prefetches and write-back copies all count in RSS):
     flush + commit seconds (reported separately) taken out of the wall time;
   - tokens/s (valid conversation tokens) over the same steps.
 The summary dict of `train_collection` has the paging totals; the per-step split comes from a
-hook (`cas_jax.hooks`, every step): each step's tokens, loss and `PagingInfo` (the manager's
-counters, resident and pinned bytes after the acquire and the updates, the ids paged and
-updated, the seconds spent committing).
+hook (`cas_jax.training.hooks`, every step): each step's tokens, loss and `PagingInfo` (the
+manager's counters, resident and pinned bytes after the acquire and the updates, the ids paged
+and updated, the seconds spent committing).
 
 Last line: `scale_io_wait=X paging_efficiency=Y`: X = the I/O wait share with prefetch on (off
 if only off ran); Y = the manager's read bandwidth in the prefetch-off run (reads on the
@@ -80,7 +80,7 @@ import time
 from absl import app, flags
 
 from benchmarks.fileio import drop_page_cache, files_under, live_data_files
-from cas_jax.distractors import SCHEDULES
+from cas_jax.training.distractors import SCHEDULES
 
 flags.DEFINE_string("workdir", None, "Where the dataset and store go (default: a fresh temp dir, "
                     "deleted at the end). An existing one is reused (dataset, initialised store).")
@@ -140,7 +140,8 @@ def build_dataset(model, docs, data_dir: str) -> dict:
     """Writes the cheap self-study-format dataset (module doc); returns facts about it."""
     import numpy as np
 
-    from cas_jax import dataset, rendering, synthesis
+    from cas_jax.model import rendering
+    from cas_jax.training import dataset, synthesis
 
     ids = list(docs)
     n_conv = FLAGS.conversations_per_doc
@@ -249,9 +250,9 @@ class _Observer:
 
 
 def run_training(model, data_dir: str, store_dir: str, prefetch: bool) -> dict:
-    from cas_jax import train, train_collection as tc_lib
-    from cas_jax.distractors import DistractorSchedule
-    from cas_jax.hooks import Hooks
+    from cas_jax.training import train, train_collection as tc_lib
+    from cas_jax.training.distractors import DistractorSchedule
+    from cas_jax.training.hooks import Hooks
 
     run_path = os.path.join(store_dir, tc_lib.RUN_STATE)
     if os.path.exists(run_path):  # Restart from step 0 (the data order repeats exactly).
@@ -291,8 +292,10 @@ def run_training(model, data_dir: str, store_dir: str, prefetch: bool) -> dict:
 def main(_):
     import jax
 
-    from cas_jax import corpus, loading, train, train_collection as tc_lib
-    from cas_jax.store import CartridgeStore
+    from cas_jax.cartridges.store import CartridgeStore
+    from cas_jax.documents import corpus
+    from cas_jax.model import loading
+    from cas_jax.training import train, train_collection as tc_lib
 
     t_all = time.perf_counter()
     print(f"collection_scale: load average {_loadavg()} on {os.cpu_count()} CPUs; "

@@ -1,5 +1,5 @@
 """Composition geometries and the composition curve on a study's trained cartridges, with no
-retraining (`cas_jax.composition`).
+retraining (`cas_jax.studies.composition`).
 
   python -m benchmarks.compose --run=runs/compose_dev_base \
       --geometries="serial;parallel;parallel,temperature=0.8" --compose_k=0,3
@@ -18,9 +18,12 @@ import os
 
 from absl import app, flags
 
-from cas_jax import attention, composition, corpus, evaluate, loading, pipeline
-from cas_jax import questions as questions_lib, study
-from cas_jax.store import CartridgeStore
+from cas_jax.cartridges import attention
+from cas_jax.cartridges.store import CartridgeStore
+from cas_jax.documents import corpus
+from cas_jax.evaluation import evaluate, questions as questions_lib
+from cas_jax.model import loading
+from cas_jax.studies import composition, pipeline, study
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("run", None, "Study folder (benchmarks.quality --cas output).")

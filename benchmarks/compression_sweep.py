@@ -24,7 +24,7 @@ import sys
 
 from absl import app, flags
 
-from cas_jax import study
+from cas_jax.studies import study
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("tokens", ["16", "32", "64", "128", "256"], "Cartridge tokens P to sweep.")

@@ -2,7 +2,7 @@
 
 import os
 
-from cas_jax.store import CURRENT
+from cas_jax.cartridges.store import CURRENT
 
 
 def files_under(root: str) -> list[str]:

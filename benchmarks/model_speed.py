@@ -42,9 +42,9 @@ def main(_):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from cas_jax import sampling
-    from cas_jax.loading import default_model_path, load_model
-    from cas_jax.model import forward_jit
+    from cas_jax.model import sampling
+    from cas_jax.model.llama import forward_jit
+    from cas_jax.model.loading import default_model_path, load_model
 
     threads = os.cpu_count()
     torch.set_num_threads(threads)

@@ -94,7 +94,7 @@ def _make_workload(compute_ms: float):
 
 def _paging_pass(store, ids, template, budget):
     """Pages every id in once; returns (bytes, read s, device_put s)."""
-    from cas_jax.budget import BudgetManager
+    from cas_jax.cartridges.budget import BudgetManager
 
     with BudgetManager(store, budget, opt_template=template) as manager:
         for doc_id in ids:
@@ -108,7 +108,7 @@ def _training_loop(store, template, budget, schedule, run_compute, prefetch):
     import jax
     import jax.numpy as jnp
 
-    from cas_jax.budget import BudgetManager
+    from cas_jax.cartridges.budget import BudgetManager
 
     touch = jax.jit(lambda x: (x.astype(jnp.float32) + 1e-3).astype(x.dtype))
     manager = BudgetManager(store, budget, opt_template=template,
@@ -133,8 +133,8 @@ def main(_):
     import numpy as np
     import optax
 
-    from cas_jax.cartridge import Cartridge, CartridgeMeta
-    from cas_jax.store import CartridgeStore, cached_opt_template
+    from cas_jax.cartridges.cartridge import Cartridge, CartridgeMeta
+    from cas_jax.cartridges.store import CartridgeStore, cached_opt_template
 
     shape = (FLAGS.layers, FLAGS.tokens, FLAGS.kv_heads, FLAGS.head_dim)
     per_cartridge = 3 * 2 * int(np.prod(shape)) * 2 + 4  # K, V, mu, nu in bf16; int32 count

@@ -4,16 +4,20 @@
   python -m benchmarks.quality --split=dev --profiles=4 --out=runs/quality_dev   # tuning
 
 Documents are `factbook_sections` sections (--sections) of the first --profiles profiles of
-the --split (`cas_jax.splits`: tune on dev, report on test). Questions: every Factbook question
-field of those profiles, multiple choice and free answer, addressed to the section holding the
-field. Stages resume from --out (`cas_jax.study_runs`): self-study (+ a held-out set), baselines,
+the --split (`cas_jax.studies.splits`: tune on dev, report on test). Questions: every Factbook
+question field of those profiles, multiple choice and free answer, addressed to the section
+holding the field. Stages resume from --out (`cas_jax.studies.study_runs`): self-study (+ a
+held-out set), baselines,
 cartridge training with a learning curve, report (report.md, report.json, curve.png).
 Last line: `icl_gap=X recovered_acc=Y recovered_nll=Z compression=C`.
 """
 
 from absl import app, flags
 
-from cas_jax import attention, loading, pipeline, study, study_runs, synthesis
+from cas_jax.cartridges import attention
+from cas_jax.model import loading
+from cas_jax.studies import pipeline, study, study_runs
+from cas_jax.training import synthesis
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "runs/quality", "Output folder (resumed if present).")
@@ -62,8 +66,9 @@ flags.DEFINE_integer("seed", 0, "Seed of questions, synthesis and training.")
 flags.DEFINE_string("reuse", "", "Another study folder (same questions) whose held-out data "
                     "and baseline results this run reuses, and its self-study data too when "
                     "the synthesis flags are the same (ablations).")
-flags.DEFINE_bool("cas", False, "Also the collection methods (issue 12, `cas_jax.cas_study`): CAS "
-                  "oracle and composed, naive composed, monolithic, retrieval + CAS, RAG.")
+flags.DEFINE_bool("cas", False, "Also the collection methods (issue 12, "
+                  "`cas_jax.studies.cas_study`): CAS oracle and composed, naive composed, "
+                  "monolithic, retrieval + CAS, RAG.")
 flags.DEFINE_float("cas_epochs", 0.0, "CAS training length in epochs of the self-study data "
                    "(0: --epochs, the isolated cartridges' length).")
 flags.DEFINE_bool("cas_naive", True, "With --cas: also the naive composition rows (they read "

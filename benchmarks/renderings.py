@@ -4,8 +4,8 @@
 
 Scores multiple-choice Factbook questions (cloze: each option as the reply, mean log-prob per
 option token) with the question's section document in context and without it, under several
-renderings, on DEV profiles only (`cas_jax.splits`), never on the study's test profiles. The
-rendering with the largest ICL - closed book gap is the one `cas_jax.rendering` uses.
+renderings, on DEV profiles only (`cas_jax.studies.splits`), never on the study's test profiles. The
+rendering with the largest ICL - closed book gap is the one `cas_jax.model.rendering` uses.
 
   template_default  document as a system turn, then the chat template's own rendering of the
                     question, which (SmolLM2) inserts its default system turn in between
@@ -26,9 +26,11 @@ import os
 import numpy as np
 from absl import app, flags
 
-from cas_jax import attention, corpus, loading, questions as questions_lib, rendering
-from cas_jax import scoring, splits
-from cas_jax import tokenizer as tok_lib
+from cas_jax.cartridges import attention
+from cas_jax.documents import corpus
+from cas_jax.evaluation import questions as questions_lib, scoring
+from cas_jax.model import loading, rendering, tokenizer as tok_lib
+from cas_jax.studies import splits
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("profiles", 20, "Dev profiles to draw questions from.")

@@ -55,9 +55,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from cas_jax import corpus, loading, model as model_lib, rendering, sampling, server
-from cas_jax.cartridge import Cartridge, CartridgeMeta
-from cas_jax.store import CartridgeStore
+from cas_jax.cartridges.cartridge import Cartridge, CartridgeMeta
+from cas_jax.cartridges.store import CartridgeStore
+from cas_jax.documents import corpus
+from cas_jax.model import llama as model_lib, loading, rendering, sampling
+from cas_jax.serving import server
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("engines", ["continuous", "static"], "Engines, each in its own server.")

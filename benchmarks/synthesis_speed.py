@@ -40,8 +40,10 @@ def main(_):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from cas_jax import corpus, sampling, synthesis
-    from cas_jax.loading import load_model
+    from cas_jax.documents import corpus
+    from cas_jax.model import sampling
+    from cas_jax.model.loading import load_model
+    from cas_jax.training import synthesis
 
     m = load_model()
     docs = corpus.load_factbook(documents=FLAGS.documents.split(","))

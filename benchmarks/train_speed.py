@@ -69,7 +69,7 @@ def _timed(step, steps: int) -> tuple[float, float]:
 
 
 def _load_jax():
-    from cas_jax import loading
+    from cas_jax.model import loading
 
     return loading.load_model()
 
@@ -77,7 +77,8 @@ def _load_jax():
 def _measure_jax(model, p: int) -> tuple[float, float]:
     import jax
 
-    from cas_jax import cartridge as cart_lib, train as train_lib
+    from cas_jax.cartridges import cartridge as cart_lib
+    from cas_jax.training import train as train_lib
 
     cartridge_ids, batch = _inputs(p)
     cartridge = cart_lib.init_from_tokens(model.config, model.params, cartridge_ids,
@@ -101,7 +102,7 @@ def _load_torch():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from cas_jax.loading import default_model_path
+    from cas_jax.model.loading import default_model_path
 
     torch.set_num_threads(os.cpu_count())
     path = default_model_path()

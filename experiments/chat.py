@@ -14,8 +14,8 @@ import sys
 
 from absl import app, flags
 
-from cas_jax import attention, cartridge as cart_lib, loading, rendering, sampling, store
-from cas_jax import tokenizer as tok_lib
+from cas_jax.cartridges import attention, cartridge as cart_lib, store
+from cas_jax.model import loading, rendering, sampling, tokenizer as tok_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("prompt", None, "The user message.")
@@ -49,7 +49,7 @@ def main(argv):
     except (cart_lib.CartridgeMismatchError, store.CartridgeStoreError, ValueError) as e:
         sys.exit(f"error: {e}")
     prefix = attention.compose_in_order(cartridges, geometry)
-    # The one rendering (cas_jax.rendering): cartridges stand where the document block stood,
+    # The one rendering (cas_jax.model.rendering): cartridges stand where the document block stood,
     # with nothing between them and the conversation.
     prompt = rendering.rendering_for(model.tokenizer).conversation(
         [{"role": "user", "content": FLAGS.prompt}])

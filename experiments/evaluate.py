@@ -22,9 +22,12 @@ import os
 
 from absl import app, flags
 
-from cas_jax import attention, corpus, distractors, evaluate, loading
-from cas_jax import questions as questions_lib, store
-from cas_jax.results import EvalResult, format_table, write_report
+from cas_jax.cartridges import attention, store
+from cas_jax.documents import corpus
+from cas_jax.evaluation import evaluate, questions as questions_lib
+from cas_jax.evaluation.results import EvalResult, format_table, write_report
+from cas_jax.model import loading
+from cas_jax.training import distractors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("questions", None, "JSONL question file (written first with --make_questions).")

@@ -12,14 +12,16 @@ The source is `--doc_id` of `--store` (a CartridgeStore root or a train_collecti
 folder), or `--cartridge`: a cartridge directory as `experiments.chat --cartridges` reads, or a
 train_cartridge --output_dir. Several ids (or directories), comma-separated, go into one file
 with one attention sink (the serial composition). The cartridges must have been made for
-`--model` (fingerprint and shape). Layouts and each consumer's semantics: `cas_jax.interop`.
+`--model` (fingerprint and shape). Layouts and each consumer's semantics: `cas_jax.interop.convert`.
 """
 
 import sys
 
 from absl import app, flags
 
-from cas_jax import cartridge as cart_lib, interop, loading, store
+from cas_jax.cartridges import cartridge as cart_lib, store
+from cas_jax.interop import convert as interop
+from cas_jax.model import loading
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "", "HF folder or GGUF file; empty = embedded SmolLM2-135M-Instruct.")

@@ -19,7 +19,9 @@ import sys
 
 from absl import app, flags
 
-from cas_jax import cartridge as cart_lib, interop, loading, store
+from cas_jax.cartridges import cartridge as cart_lib, store
+from cas_jax.interop import convert as interop
+from cas_jax.model import loading
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "", "HF folder or GGUF file; empty = embedded SmolLM2-135M-Instruct.")

@@ -3,7 +3,7 @@
   python -m experiments.pipeline            # `make demo`: SmolLM2-135M + 8 Factbook sections
 
 1. synthesise self-study conversations about every document (resumable dataset; by default span
-   conversations built from each document's own lines, see `cas_jax.spans`);
+   conversations built from each document's own lines, see `cas_jax.training.spans`);
 2. train one cartridge per document jointly with distractor cartridges (CAS), paged through the
    budget manager;
 3. write multiple-choice questions from the documents' structured Factbook fields and evaluate
@@ -20,13 +20,16 @@ import time
 
 from absl import app, flags
 
-from cas_jax import (config_flags, corpus, distractors, evaluate, loading, losses, pipeline,
-                     rendering)
-from cas_jax import questions as questions_lib
-from cas_jax.results import format_table, write_report
-from cas_jax.train_collection import GRAD_SCOPES, INITS
+from cas_jax import config_flags
+from cas_jax.documents import corpus
+from cas_jax.evaluation import evaluate, questions as questions_lib
+from cas_jax.evaluation.results import format_table, write_report
+from cas_jax.model import loading, rendering
+from cas_jax.studies import pipeline
+from cas_jax.training import distractors, losses
+from cas_jax.training.train_collection import GRAD_SCOPES, INITS
 
-# Geography sections of eight test profiles (cas_jax.splits): 414-771-token documents whose
+# Geography sections of eight test profiles (cas_jax.studies.splits): 414-771-token documents whose
 # fields (area, coastline, elevation extremes, land use, ...) the generated questions ask about.
 DEMO_DOCUMENTS = tuple(f"{p}-geography" for p in ("ws", "ti", "mj", "ly", "mo", "wa", "ne", "tw"))
 FLAGS = flags.FLAGS

@@ -1,4 +1,5 @@
-"""Serves a model and a cartridge store over an OpenAI-compatible HTTP API (`cas_jax.server`).
+"""Serves a model and a cartridge store over an OpenAI-compatible HTTP API
+(`cas_jax.serving.server`).
 
   python -m experiments.serve --store=runs/cas [--model=...] [--host=127.0.0.1] [--port=8000] \
       [--engine=continuous|static] [--geometry=parallel] [--budget_bytes=...] [--max_batch=16]
@@ -15,7 +16,10 @@ import sys
 
 from absl import app, flags
 
-from cas_jax import attention, interop, loading, server, serving_engine, store as store_lib
+from cas_jax.cartridges import attention, store as store_lib
+from cas_jax.interop import convert as interop
+from cas_jax.model import loading
+from cas_jax.serving import engine as serving_engine, server
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("store", None, "CartridgeStore directory to serve cartridges from (a store "

@@ -14,7 +14,10 @@ from absl import app, flags
 
 import jax
 
-from cas_jax import corpus, distributed, loading, synthesis
+from cas_jax import distributed
+from cas_jax.documents import corpus
+from cas_jax.model import loading
+from cas_jax.training import synthesis
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "", "HF folder or GGUF file; empty = embedded SmolLM2-135M-Instruct.")

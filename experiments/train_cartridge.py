@@ -8,8 +8,8 @@ With a dataset about several documents this is one monolithic cartridge for all 
 --document names the text the cartridge is initialised from: a document id of --collection
 (as in `experiments.synthesize`), or a path to a text file. For `first_tokens` the cartridge is the
 KV cache of the first --tokens tokens of that document's block in the one rendering
-(`cas_jax.rendering`), exactly where the teacher saw its chunks; token 0 is the frozen attention
-sink.
+(`cas_jax.model.rendering`), exactly where the teacher saw its chunks; token 0 is the frozen
+attention sink.
 
 Several processes (`cas_jax.distributed`; README "Scaling out"): the same command with
 --coordinator=HOST:PORT --num_processes=N --process_id=I on each (or `experiments.launch_local`);
@@ -29,9 +29,11 @@ import time
 import jax
 from absl import app, flags, logging
 
-from cas_jax import cartridge as cart_lib, corpus, dataset, distributed, loading, rendering
-from cas_jax import store
-from cas_jax import train as train_lib
+from cas_jax import distributed
+from cas_jax.cartridges import cartridge as cart_lib, store
+from cas_jax.documents import corpus
+from cas_jax.model import loading, rendering
+from cas_jax.training import dataset, train as train_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "", "HF folder or GGUF file; empty = embedded SmolLM2-135M-Instruct.")

@@ -12,7 +12,7 @@ baseline, P = documents x --tokens_per_doc). Progress goes to stdout, metrics to
 Several processes: the same command with --coordinator=HOST:PORT --num_processes=N
 --process_id=I on each (or `experiments.launch_local`); --batch is the global batch and every
 process pages through its own budget of --budget_bytes; each cartridge has one writer (see
-`cas_jax.train_collection`).
+`cas_jax.training.train_collection`).
 """
 
 import dataclasses
@@ -22,9 +22,14 @@ import time
 
 from absl import app, flags
 
-from cas_jax import attention, corpus, dataset, distributed, loading, pipeline, train
-from cas_jax.distractors import SCHEDULES, DistractorSchedule
-from cas_jax.train_collection import GRAD_SCOPES, CollectionConfig, train_collection
+from cas_jax import distributed
+from cas_jax.cartridges import attention
+from cas_jax.documents import corpus
+from cas_jax.model import loading
+from cas_jax.studies import pipeline
+from cas_jax.training import dataset, train
+from cas_jax.training.distractors import SCHEDULES, DistractorSchedule
+from cas_jax.training.train_collection import GRAD_SCOPES, CollectionConfig, train_collection
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "", "HF folder or GGUF file; empty = embedded SmolLM2-135M-Instruct.")

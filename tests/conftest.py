@@ -34,14 +34,14 @@ CARTRIDGE_SHAPE = (3, 2, 4)  # layers, kv heads, head dim
 @functools.cache
 def real_tokenizer():
     """The embedded model's tokenizer (loaded once per process)."""
-    from cas_jax import loading, tokenizer as tok_lib
+    from cas_jax.model import loading, tokenizer as tok_lib
 
     return tok_lib.load_tokenizer(loading.default_model_path())
 
 
 def tiny_config(vocab_size: int | None = None, **overrides):
     """The tiny random Llama's ModelConfig; `vocab_size` None: the real tokenizer's."""
-    from cas_jax.config import ModelConfig
+    from cas_jax.model.config import ModelConfig
 
     fields = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=2048)
@@ -51,7 +51,7 @@ def tiny_config(vocab_size: int | None = None, **overrides):
 
 def tiny_model(fingerprint: str = TINY_FINGERPRINT, path: str = "", **overrides):
     """`tiny_config(**overrides)` with params from PRNGKey(0) and the real tokenizer."""
-    from cas_jax import loading, model as model_lib
+    from cas_jax.model import llama as model_lib, loading
 
     config = tiny_config(**overrides)
     params = model_lib.init_params(config, jax.random.PRNGKey(0))
@@ -62,7 +62,7 @@ def make_cartridge(p=16, dtype=np.float32, num_frozen=1, doc_id="doc", seed=0,
                    shape=CARTRIDGE_SHAPE, fingerprint=CARTRIDGE_FINGERPRINT):
     """A cartridge of `p` tokens of standard normal K and V ([layers, p, kv heads, head dim]
     from `shape`) in `dtype`, seeded, its first `num_frozen` tokens frozen."""
-    from cas_jax.cartridge import Cartridge, CartridgeMeta
+    from cas_jax.cartridges.cartridge import Cartridge, CartridgeMeta
 
     rng = np.random.default_rng(seed)
     layers, heads, head_dim = shape
@@ -88,7 +88,7 @@ def cartridge_prefix(cartridge) -> dict:
 @pytest.fixture(scope="session")
 def smollm():
     """The embedded SmolLM2-135M-Instruct (f32) as a LoadedModel."""
-    from cas_jax.loading import load_model
+    from cas_jax.model.loading import load_model
 
     return load_model()
 

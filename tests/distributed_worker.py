@@ -37,7 +37,7 @@ P = 6
 
 
 def tiny_config():
-    from cas_jax.config import ModelConfig
+    from cas_jax.model.config import ModelConfig
     return ModelConfig(model_type="llama", vocab_size=61, hidden_size=32, intermediate_size=48,
                        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                        max_position_embeddings=512)
@@ -47,7 +47,7 @@ def write_dataset(path: str, n: int = 40, seed: int = 0) -> None:
     """n random conversations over DOCS (teacher top-3 distributions), one shard."""
     import numpy as np
 
-    from cas_jax import dataset
+    from cas_jax.training import dataset
     cfg, rng = tiny_config(), np.random.default_rng(seed)
     convs = []
     for i in range(n):
@@ -68,8 +68,8 @@ def write_dataset(path: str, n: int = 40, seed: int = 0) -> None:
 def _model():
     import jax
 
-    from cas_jax import model as model_lib
-    from cas_jax.loading import LoadedModel
+    from cas_jax.model import llama as model_lib
+    from cas_jax.model.loading import LoadedModel
     cfg = tiny_config()
     params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
     params = jax.tree_util.tree_map_with_path(  # scaled up: outputs depend on the cartridge
@@ -81,9 +81,9 @@ def init_store(root: str) -> None:
     """A store under `root` (train_collection's layout) with a random cartridge per doc."""
     import jax
 
-    from cas_jax import cartridge as cart_lib, train
-    from cas_jax import train_collection as tc
-    from cas_jax.store import CartridgeStore
+    from cas_jax.cartridges import cartridge as cart_lib
+    from cas_jax.cartridges.store import CartridgeStore
+    from cas_jax.training import train, train_collection as tc
     model = _model()
     store = CartridgeStore(os.path.join(root, "cartridges"), model.fingerprint)
     opt = train.make_optimizer(train.TrainConfig(lr=5e-2))
@@ -105,7 +105,8 @@ def run_train() -> None:
     import jax
     import numpy as np
 
-    from cas_jax import cartridge as cart_lib, dataset, train
+    from cas_jax.cartridges import cartridge as cart_lib
+    from cas_jax.training import dataset, train
     model = _model()
     tcfg = train.TrainConfig(lr=0.05, logits_chunk=8)
     c = cart_lib.init_random_tokens(model.config, model.params, P, jax.random.PRNGKey(1),
@@ -132,9 +133,8 @@ def run_train() -> None:
 def run_collection() -> None:
     import jax
 
-    from cas_jax import train
-    from cas_jax import train_collection as tc
-    from cas_jax.distractors import DistractorSchedule
+    from cas_jax.training import train, train_collection as tc
+    from cas_jax.training.distractors import DistractorSchedule
     model = _model()
     tcfg = train.TrainConfig(lr=5e-2)
     cfg = model.config
@@ -149,9 +149,10 @@ def run_collection() -> None:
 def run_synthesis() -> None:
     import jax
 
-    from cas_jax import loading, model as model_lib, synthesis, tokenizer as tok_lib
-    from cas_jax.config import ModelConfig
-    from cas_jax.corpus import Document
+    from cas_jax.documents.corpus import Document
+    from cas_jax.model import llama as model_lib, loading, tokenizer as tok_lib
+    from cas_jax.model.config import ModelConfig
+    from cas_jax.training import synthesis
     tok = tok_lib.load_tokenizer(loading.default_model_path())
     config = ModelConfig(model_type="llama", vocab_size=len(tok), hidden_size=32,
                          intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,

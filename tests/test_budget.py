@@ -11,9 +11,9 @@ import numpy as np
 import optax
 import pytest
 
-from cas_jax.budget import BudgetExceededError, BudgetManager
-from cas_jax.cartridge import Cartridge, CartridgeMeta
-from cas_jax.store import CartridgeStore, CorruptCartridgeError, cached_opt_template
+from cas_jax.cartridges.budget import BudgetExceededError, BudgetManager
+from cas_jax.cartridges.cartridge import Cartridge, CartridgeMeta
+from cas_jax.cartridges.store import CartridgeStore, CorruptCartridgeError, cached_opt_template
 
 FP = "model-a"
 SHAPE = (2, 4, 1, 8)  # [layers, tokens, kv_heads, head_dim]
@@ -247,8 +247,8 @@ def test_both_stores_are_backing_stores_and_the_manager_pages_through_a_pending_
     and the collection trainer's PendingStore both implement it, with its signatures."""
     import inspect
 
-    from cas_jax.pending_store import PendingStore
-    from cas_jax.store import BackingStore
+    from cas_jax.cartridges.store import BackingStore
+    from cas_jax.training.pending_store import PendingStore
 
     main = fill_store(str(tmp_path / "main"), 3)
     view = PendingStore(main, CartridgeStore(str(tmp_path / "pending"), model_fingerprint=FP))

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cas_jax import attention, cartridge as cart_lib, loading, model as model_lib, store
+from cas_jax.cartridges import attention, cartridge as cart_lib, store
+from cas_jax.model import llama as model_lib, loading
 from conftest import cartridge_prefix, tiny_config
 
 CONFIG = tiny_config(vocab_size=61, intermediate_size=48, max_position_embeddings=512)
@@ -188,7 +189,7 @@ def test_loading_a_cartridge_for_another_model_fails_clearly(params, tmp_path):
 
 
 def test_document_kv_init_keeps_the_sink_and_the_most_attended_positions(params):
-    from cas_jax import kv_compression as kvc
+    from cas_jax.cartridges import kv_compression as kvc
 
     doc = _tokens(40, 7)
     # Keeping every position is the document's own KV cache (= init_from_tokens).

@@ -1,14 +1,14 @@
-"""The scale benchmark's pure parts (in `cas_jax.cas_study`, used by `benchmarks.cas_scale`):
-nested collections, the bytes a cartridge holds resident, baselines matched by question, the
-side-by-side table."""
+"""The scale benchmark's pure parts (in `cas_jax.studies.cas_study`, used by
+`benchmarks.cas_scale`): nested collections, the bytes a cartridge holds resident, baselines
+matched by question, the side-by-side table."""
 
 import json
 import types
 
 import pytest
 
-from cas_jax import cas_study as cas_scale
-from cas_jax.questions import Question
+from cas_jax.evaluation.questions import Question
+from cas_jax.studies import cas_study as cas_scale
 from conftest import tiny_config
 
 QDOCS = ["fr-geography", "de-geography"]

@@ -1,9 +1,10 @@
-"""The collection methods' composed sets (`cas_jax.cas_study`)."""
+"""The collection methods' composed sets (`cas_jax.studies.cas_study`)."""
 
 import pytest
 
-from cas_jax import cas_study, distractors
-from cas_jax.questions import Question
+from cas_jax.evaluation.questions import Question
+from cas_jax.studies import cas_study
+from cas_jax.training import distractors
 
 IDS = [f"d{i}" for i in range(10)]
 QS = [Question(doc_id=IDS[i % 10], question=f"q{i}", gold="x") for i in range(30)]

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cas_jax.chunking import sample_chunk, split_chunks
+from cas_jax.documents.chunking import sample_chunk, split_chunks
 
 
 def test_sample_chunk_spans_inside_document_and_within_length_bounds():

@@ -3,8 +3,10 @@
 import jax
 import numpy as np
 
-from cas_jax import attention, cartridge as cart_lib, composition, model as model_lib
-from cas_jax.loading import LoadedModel
+from cas_jax.cartridges import attention, cartridge as cart_lib
+from cas_jax.model import llama as model_lib
+from cas_jax.model.loading import LoadedModel
+from cas_jax.studies import composition
 
 from test_train_collection import CFG, DOCS, _dataset
 
@@ -62,7 +64,9 @@ def test_training_scoring_and_sampling_lay_out_a_composed_request_alike():
     generation (`compose_in_order` + `sampling.generate`) see the same positions and logits."""
     import jax.numpy as jnp
 
-    from cas_jax import sampling, scoring, train
+    from cas_jax.evaluation import scoring
+    from cas_jax.model import sampling
+    from cas_jax.training import train
 
     params = model_lib.init_params(CFG, jax.random.PRNGKey(1))
     model = LoadedModel(CFG, params, None, "tiny-model", "")

@@ -9,7 +9,7 @@ import pytest
 from absl import flags
 
 from cas_jax import config_flags
-from cas_jax.attention import DEFAULT_GEOMETRY, Geometry
+from cas_jax.cartridges.attention import DEFAULT_GEOMETRY, Geometry
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,9 +6,10 @@ from collections import Counter
 
 import pytest
 
-from cas_jax import corpus
-from cas_jax.corpus import (Collection, Document, load_collection, load_factbook, load_factbook_sections,
-                            load_folder, render_json, section_doc_id, section_slug)
+from cas_jax.documents import corpus
+from cas_jax.documents.corpus import (Collection, Document, load_collection, load_factbook,
+                                      load_factbook_sections, load_folder, render_json,
+                                      section_doc_id, section_slug)
 
 
 def _docs(*ids):

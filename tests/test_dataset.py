@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from cas_jax import dataset
+from cas_jax.training import dataset
 
 K = 4
 

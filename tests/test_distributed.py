@@ -18,8 +18,9 @@ import time
 import numpy as np
 import pytest
 
-from cas_jax import dataset, distributed
-from cas_jax.store import CartridgeStore
+from cas_jax import distributed
+from cas_jax.cartridges.store import CartridgeStore
+from cas_jax.training import dataset
 
 sys.path.insert(0, os.path.dirname(__file__))
 import distributed_worker as worker  # noqa: E402

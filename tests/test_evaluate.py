@@ -6,11 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cas_jax import attention, evaluate as ev, loading, model as model_lib, scoring
-from cas_jax import prompts, results as results_lib
-from cas_jax.cartridge import Cartridge, CartridgeMeta
-from cas_jax.corpus import Collection, Document
-from cas_jax.questions import Question, read_questions
+from cas_jax.cartridges import attention
+from cas_jax.cartridges.cartridge import Cartridge, CartridgeMeta
+from cas_jax.documents.corpus import Collection, Document
+from cas_jax.evaluation import evaluate as ev, prompts, results as results_lib, scoring
+from cas_jax.evaluation.questions import Question, read_questions
+from cas_jax.model import llama as model_lib, loading
 from conftest import tiny_model
 
 FINGERPRINT = "tiny-test"

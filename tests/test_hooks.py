@@ -4,9 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from cas_jax import model as model_lib, train as train_lib, train_collection as tc
-from cas_jax.hooks import Hooks, StepInfo
-from cas_jax.loading import LoadedModel
+from cas_jax.model import llama as model_lib
+from cas_jax.model.loading import LoadedModel
+from cas_jax.training import train as train_lib, train_collection as tc
+from cas_jax.training.hooks import Hooks, StepInfo
 
 import test_train as single
 import test_train_collection as coll

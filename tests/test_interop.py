@@ -11,10 +11,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from cas_jax import interop, store as store_lib, train
-from cas_jax.cartridge import CartridgeMeta, CartridgeMismatchError
-from cas_jax.interop import CartridgeFormatError
-from cas_jax.train_collection import opt_template_fn
+from cas_jax.cartridges import store as store_lib
+from cas_jax.cartridges.cartridge import CartridgeMeta, CartridgeMismatchError
+from cas_jax.interop import convert as interop
+from cas_jax.interop.convert import CartridgeFormatError
+from cas_jax.training import train
+from cas_jax.training.train_collection import opt_template_fn
 from conftest import CARTRIDGE_FINGERPRINT, CARTRIDGE_SHAPE, assert_bitwise_equal, make_cartridge
 
 FP = CARTRIDGE_FINGERPRINT

@@ -18,9 +18,11 @@ torch = pytest.importorskip("torch")
 from safetensors.numpy import save_file  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from cas_jax import attention, interop, model as model_lib, store as store_lib  # noqa: E402
-from cas_jax.cartridge import CartridgeMeta, CartridgeMismatchError  # noqa: E402
-from cas_jax.interop import CartridgeFormatError  # noqa: E402
+from cas_jax.cartridges import attention, store as store_lib  # noqa: E402
+from cas_jax.cartridges.cartridge import CartridgeMeta, CartridgeMismatchError  # noqa: E402
+from cas_jax.interop import convert as interop
+from cas_jax.interop.convert import CartridgeFormatError  # noqa: E402
+from cas_jax.model import llama as model_lib
 from conftest import (CARTRIDGE_FINGERPRINT, CARTRIDGE_SHAPE, assert_bitwise_equal,  # noqa: E402
                       cartridge_prefix, make_cartridge, real_tokenizer, tiny_config)
 
@@ -363,12 +365,12 @@ def _run(module, *args):
 
 
 def test_launchers_round_trip_a_composed_bf16_peft_adapter(tmp_path):
-    from cas_jax import checkpoints, loading
+    from cas_jax.model import loading, weights
 
     tok = real_tokenizer()
     config = tiny_config(max_position_embeddings=128)
     folder = str(tmp_path / "model")
-    checkpoints.save_hf(folder, config, model_lib.init_params(config, jax.random.PRNGKey(0)),
+    weights.save_hf(folder, config, model_lib.init_params(config, jax.random.PRNGKey(0)),
                         tokenizer=tok)
     fp = loading.load_model(folder).fingerprint
     s = store_lib.CartridgeStore(str(tmp_path / "store"), fp)

@@ -12,9 +12,11 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 import transformers  # noqa: E402
 
-from cas_jax import attention, cartridge as cart_lib, checkpoints, interop  # noqa: E402
-from cas_jax.cartridge import CartridgeMeta  # noqa: E402
-from cas_jax import model as model_lib  # noqa: E402
+from cas_jax.cartridges import attention, cartridge as cart_lib  # noqa: E402
+from cas_jax.cartridges.cartridge import CartridgeMeta  # noqa: E402
+from cas_jax.interop import convert as interop
+from cas_jax.model import weights
+from cas_jax.model import llama as model_lib  # noqa: E402
 from conftest import cartridge_prefix  # noqa: E402
 
 FP = "tiny-hf"
@@ -35,7 +37,7 @@ def models(tmp_path_factory):
                 p.add_(0.1 * torch.randn_like(p))
     folder = str(tmp_path_factory.mktemp("hf"))
     hf.save_pretrained(folder)
-    config, params = checkpoints.load_hf(folder)
+    config, params = weights.load_hf(folder)
     return hf, config, params
 
 
@@ -154,4 +156,4 @@ def test_generate_limit_and_the_documented_workaround(models, tmp_path):
                                max_new_tokens=n, do_sample=False)[0, T:].tolist()
     assert got == want
     assert generated != want, ("PeftModel.generate now sees the cartridge: drop the limit "
-                               "documented in cas_jax/interop_peft.py and the README")
+                               "documented in cas_jax/interop/peft_format.py and the README")

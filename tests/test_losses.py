@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cas_jax import losses
+from cas_jax.training import losses
 
 
 def _logsoftmax(x):

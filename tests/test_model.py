@@ -8,7 +8,7 @@ import jax.numpy as jnp
 torch = pytest.importorskip("torch")
 import transformers  # noqa: E402
 
-from cas_jax import checkpoints, decoder, model as model_lib  # noqa: E402
+from cas_jax.model import decoder, llama as model_lib, weights  # noqa: E402
 
 BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             max_position_embeddings=256, rms_norm_eps=1e-5)
@@ -58,7 +58,7 @@ def hf_pair(request, tmp_path_factory):
     hf = _hf_model(kind, extra)
     folder = str(tmp_path_factory.mktemp(request.param))
     hf.save_pretrained(folder)
-    config, params = checkpoints.load_hf(folder)
+    config, params = weights.load_hf(folder)
     return hf, config, params
 
 
@@ -216,7 +216,7 @@ def test_bf16_forward_close_to_f32(hf_pair):
 
 def test_export_roundtrip(hf_pair, tmp_path):
     _, config, params = hf_pair
-    checkpoints.save_hf(str(tmp_path), config, params)
-    config2, params2 = checkpoints.load_hf(str(tmp_path))
+    weights.save_hf(str(tmp_path), config, params)
+    config2, params2 = weights.load_hf(str(tmp_path))
     assert config2 == config
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, params2)

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cas_jax import attention, cartridge as cart_lib, decoder as decoder_lib, sampling, scoring
-from cas_jax import train as train_lib
-from cas_jax.loading import LoadedModel
+from cas_jax.cartridges import attention, cartridge as cart_lib
+from cas_jax.evaluation import scoring
+from cas_jax.model import decoder as decoder_lib, sampling
+from cas_jax.model.loading import LoadedModel
+from cas_jax.training import train as train_lib
 
 V, D, L, H, K, DH, MAX_POS = 53, 32, 2, 4, 2, 8, 256
 SEQ, TOPK, DOC_LEN, P = 24, 8, 40, 8

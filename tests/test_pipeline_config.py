@@ -7,10 +7,11 @@ import dataclasses
 import pytest
 from absl import flags
 
-from cas_jax import pipeline, synthesis, train
-from cas_jax.attention import Geometry
-from cas_jax.distractors import DistractorSchedule
-from cas_jax.train_collection import CollectionConfig
+from cas_jax.cartridges.attention import Geometry
+from cas_jax.studies import pipeline
+from cas_jax.training import synthesis, train
+from cas_jax.training.distractors import DistractorSchedule
+from cas_jax.training.train_collection import CollectionConfig
 
 FLAG_SETS = [
     [],
@@ -24,7 +25,7 @@ FLAG_SETS = [
 
 
 def _old_stage_configs(flat: dict, tokens_per_doc: int, distractors: int):
-    """What the flat PipelineConfig's stages built (cas_jax/pipeline.py before issue 27)."""
+    """What the flat PipelineConfig's stages built (cas_jax/studies/pipeline.py before issue 27)."""
     d = {f.name: f.default for f in dataclasses.fields(OldFlat)}
     c = OldFlat(**{**d, **flat})
     syn = synthesis.SynthesisConfig(

@@ -5,11 +5,12 @@ import json
 
 import pytest
 
-from cas_jax import corpus, splits
-from cas_jax.corpus import load_factbook
-from cas_jax.questions import (FIELD_NAMES, FIELDS, FactField, Question, clean_answer, field_values,
-                               generate_factbook_questions, read_questions, to_section_questions,
-                               write_questions)
+from cas_jax.documents import corpus
+from cas_jax.documents.corpus import load_factbook
+from cas_jax.evaluation.questions import (FIELD_NAMES, FIELDS, FactField, Question, clean_answer,
+                                          field_values, generate_factbook_questions, read_questions,
+                                          to_section_questions, write_questions)
+from cas_jax.studies import splits
 
 IDS = ["fr", "gm", "ja", "br", "sf", "xx", "oo", "cc"]
 

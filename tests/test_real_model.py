@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import jax.numpy as jnp
 
-from cas_jax import checkpoints, config as config_lib, sampling, tokenizer as tok_lib
-from cas_jax.loading import default_model_path, load_model
-from cas_jax.model import forward_jit
+from cas_jax.model import config as config_lib, sampling, tokenizer as tok_lib, weights
+from cas_jax.model.llama import forward_jit
+from cas_jax.model.loading import default_model_path, load_model
 
 pytestmark = pytest.mark.slow  # the real 135M model
 
@@ -54,7 +54,7 @@ def test_greedy_answers_paris(smollm):
 
 def test_missing_files_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        checkpoints.load_hf(str(tmp_path))
+        weights.load_hf(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="nothere.gguf"):
         load_model(str(tmp_path / "nothere.gguf"))
 
@@ -62,7 +62,7 @@ def test_missing_files_name_the_path(tmp_path):
 def test_unsupported_architecture(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2", "vocab_size": 10}')
     with pytest.raises(config_lib.UnsupportedConfigError, match="model_type"):
-        checkpoints.load_hf(str(tmp_path))
+        weights.load_hf(str(tmp_path))
     bad = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
            "num_hidden_layers": 1, "num_attention_heads": 2, "hidden_act": "gelu"}
     with pytest.raises(config_lib.UnsupportedConfigError, match="hidden_act"):
@@ -80,18 +80,18 @@ def test_unsupported_architecture(tmp_path):
 def test_truncated_safetensors_named(tmp_path):
     import jax
 
-    from cas_jax import model as model_lib
+    from cas_jax.model import llama as model_lib
 
     cfg = config_lib.ModelConfig(model_type="llama", vocab_size=32, hidden_size=16,
                                  intermediate_size=32, num_layers=1, num_heads=2,
                                  num_kv_heads=1, head_dim=8)
     params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
-    checkpoints.save_hf(str(tmp_path), cfg, params)
+    weights.save_hf(str(tmp_path), cfg, params)
     f = tmp_path / "model.safetensors"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
-    with pytest.raises(checkpoints.CheckpointError, match="model.safetensors.*truncated"):
-        checkpoints.load_hf(str(tmp_path))
+    with pytest.raises(weights.WeightsError, match="model.safetensors.*truncated"):
+        weights.load_hf(str(tmp_path))
 
 
 def test_truncated_gguf_named(tmp_path):
@@ -99,20 +99,23 @@ def test_truncated_gguf_named(tmp_path):
     bad = tmp_path / "cut.gguf"
     with open(src, "rb") as f:
         bad.write_bytes(f.read(5_000_000))
-    with pytest.raises(checkpoints.CheckpointError, match="cut.gguf"):
-        checkpoints.load_gguf(str(bad))
+    with pytest.raises(weights.WeightsError, match="cut.gguf"):
+        weights.load_gguf(str(bad))
     garbage = tmp_path / "garbage.gguf"
     garbage.write_bytes(b"not a gguf file at all" * 10)
-    with pytest.raises(checkpoints.CheckpointError, match="garbage.gguf"):
-        checkpoints.load_gguf(str(garbage))
+    with pytest.raises(weights.WeightsError, match="garbage.gguf"):
+        weights.load_gguf(str(garbage))
 
 
 @pytest.mark.slow
 def test_cartridge_of_the_documents_own_kv_equals_icl(smollm):
     """The one rendering puts a cartridge exactly where ICL's document block stands: a cartridge
     initialised from the whole block (first-P init with P = its length) scores like ICL."""
-    from cas_jax import corpus, evaluate, questions, rendering, train_collection
-    from cas_jax.cartridge import init_from_tokens
+    from cas_jax.cartridges.cartridge import init_from_tokens
+    from cas_jax.documents import corpus
+    from cas_jax.evaluation import evaluate, questions
+    from cas_jax.model import rendering
+    from cas_jax.training import train_collection
 
     docs = corpus.load_factbook_sections(documents=["fr-transportation"])
     qs = questions.generate_factbook_questions(["fr-transportation"], 3, seed=0)

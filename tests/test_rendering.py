@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 
-from cas_jax import loading, prompts, rendering, spans, synthesis, tokenizer as tok_lib
-from cas_jax import train_collection
-from cas_jax.corpus import Collection, Document
-from cas_jax.questions import Question
+from cas_jax.documents.corpus import Collection, Document
+from cas_jax.evaluation import prompts
+from cas_jax.evaluation.questions import Question
+from cas_jax.model import loading, rendering, tokenizer as tok_lib
+from cas_jax.training import spans, synthesis, train_collection
 
 CONV = [{"role": "user", "content": "What is the capital?"},
         {"role": "assistant", "content": "Quillton."},
@@ -101,8 +102,8 @@ def test_span_conversations_quote_the_chunk():
     assert spans.conversation("Zorbania\nno", np.random.default_rng(0), 3, title="Zorbania") == []
 
 
-def test_selfstudy_quality_measures(tok):
-    from cas_jax import selfstudy_quality as sq
+def test_selfstudy_data_measures(tok):
+    from cas_jax.training import selfstudy_data as sq
 
     assert sq.is_looping("Pitcairn Islands | " * 12)
     assert not sq.is_looping("The capital is Quillton and the river is the Olun.")

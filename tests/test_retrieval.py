@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from cas_jax.corpus import load_factbook
-from cas_jax.questions import field_values
-from cas_jax.retrieval import BM25Retriever, DenseRetriever, make_retriever
+from cas_jax.documents.corpus import load_factbook
+from cas_jax.evaluation.questions import field_values
+from cas_jax.evaluation.retrieval import BM25Retriever, DenseRetriever, make_retriever
 
 SMALL = ["pc", "nf", "ck", "wf"]  # short profiles keep dense indexing fast on CPU
 

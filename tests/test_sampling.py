@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cas_jax import model as model_lib, sampling
-from cas_jax.config import ModelConfig
+from cas_jax.model import llama as model_lib, sampling
+from cas_jax.model.config import ModelConfig
 
 CFG = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=10000.0)

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible server (cas_jax.server) with a tiny random model, real SmolLM2 tokenizer.
+"""The OpenAI-compatible server (cas_jax.serving.server) with a tiny random model, real SmolLM2
+tokenizer.
 
 The server runs in-process on 127.0.0.1 (uvicorn on a thread, free port); cartridges are
 first-token cartridges of small texts in a tmp CartridgeStore larger than the device budget.
@@ -13,10 +14,11 @@ import jax
 import openai
 import pytest
 
-from cas_jax import attention, cartridge as cart_lib, rendering
-from cas_jax import sampling, server, serving_cartridges, serving_continuous, serving_engine
-from cas_jax import serving_prompt, serving_static, store as store_lib
-from cas_jax import tokenizer as tok_lib
+from cas_jax.cartridges import attention, cartridge as cart_lib, store as store_lib
+from cas_jax.model import rendering, sampling, tokenizer as tok_lib
+from cas_jax.serving import (cartridges as serving_cartridges, continuous as serving_continuous,
+                             engine as serving_engine, prompt as serving_prompt, server,
+                             static as serving_static)
 from conftest import tiny_model
 
 TOKENS = {"a": 8, "b": 12, "c": 16}  # good cartridges and their tokens

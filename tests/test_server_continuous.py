@@ -1,4 +1,4 @@
-"""The continuous-batching engine (cas_jax.serving_continuous) with the tiny random model:
+"""The continuous-batching engine (cas_jax.serving.continuous) with the tiny random model:
 joining at the next step, cancellation, per-row sampling, stop strings, logprobs, compiling
 off the engine's path, and composition through the one geometry."""
 
@@ -9,8 +9,11 @@ import time
 import numpy as np
 import pytest
 
-from cas_jax import attention, rendering, sampling, scoring, serving_continuous
-from cas_jax import serving_engine, serving_static, store as store_lib, tokenizer as tok_lib
+from cas_jax.cartridges import attention, store as store_lib
+from cas_jax.evaluation import scoring
+from cas_jax.model import rendering, sampling, tokenizer as tok_lib
+from cas_jax.serving import (continuous as serving_continuous, engine as serving_engine,
+                             static as serving_static)
 from test_server import TOKENS, _config, _user, _wait_for_warmup, store, tiny  # noqa: F401
 
 

@@ -14,7 +14,8 @@ import httpx
 import openai
 import pytest
 
-from cas_jax import server, store as store_lib
+from cas_jax.cartridges import store as store_lib
+from cas_jax.serving import server
 from test_server import MODEL_ID, _body, _cartridge, _config, _post, _user, store, tiny  # noqa
 
 LIMIT = 16384

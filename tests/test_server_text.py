@@ -4,9 +4,9 @@ escaping and logprob bytes."""
 
 import pytest
 
-from cas_jax import loading, rendering, serving_prompt, serving_text
-from cas_jax import tokenizer as tok_lib
-from cas_jax.serving_engine import ServeError
+from cas_jax.model import loading, rendering, tokenizer as tok_lib
+from cas_jax.serving import prompt as serving_prompt, text as serving_text
+from cas_jax.serving.engine import ServeError
 
 
 @pytest.fixture(scope="module")

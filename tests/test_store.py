@@ -10,10 +10,10 @@ import numpy as np
 import optax
 import pytest
 
-from cas_jax import cartridge_files, store as store_lib
-from cas_jax.cartridge import Cartridge, CartridgeMeta, CartridgeMismatchError
-from cas_jax.store import (CartridgeNotFoundError, CartridgeStore, CorruptCartridgeError,
-                           OptStateMismatchError, load_cartridge, save_cartridge)
+from cas_jax.cartridges import files as cartridge_files, store as store_lib
+from cas_jax.cartridges.cartridge import Cartridge, CartridgeMeta, CartridgeMismatchError
+from cas_jax.cartridges.store import (CartridgeNotFoundError, CartridgeStore, CorruptCartridgeError,
+                                      OptStateMismatchError, load_cartridge, save_cartridge)
 
 FP = "model-a"
 SHAPE = (2, 4, 1, 8)  # [layers, tokens, kv_heads, head_dim]

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from cas_jax import pipeline, study
+from cas_jax.studies import pipeline, study
 
 
 def test_bootstrap_ci_brackets_the_mean_and_narrows_with_more_questions():
@@ -92,7 +92,7 @@ def test_ablation_report_compares_runs_on_the_same_questions(tmp_path):
 
 
 def test_accuracy_by_field_groups_records_by_their_question_field():
-    from cas_jax.questions import Question
+    from cas_jax.evaluation.questions import Question
 
     qs = [Question("a", "q1", "x", "area", ("x", "y"), 0), Question("b", "q1", "x", "area", ("x", "y"), 0),
           Question("a", "q2", "x", "coast", ("x", "y"), 0), Question("a", "q3", "x", "coast")]
@@ -153,7 +153,7 @@ def test_cached_method_refuses_a_result_from_other_cartridges(tmp_path):
 def test_stamps_keep_recorded_results_readable_and_tell_geometries_apart():
     import dataclasses
 
-    from cas_jax import attention
+    from cas_jax.cartridges import attention
 
     base = pipeline.PipelineConfig()
     old = json.loads(json.dumps({k: getattr(base, k) for k in pipeline.FLAT
@@ -178,7 +178,7 @@ def _result(correct, hits=None):
 
 
 def test_recall_is_a_row_field_and_rows_that_named_it_render_the_same():
-    from cas_jax import cas_study
+    from cas_jax.studies import cas_study
 
     closed, icl = _result([0, 0, 1, 0]), _result([1, 1, 1, 0])
     rag = _result([1, 0, 1, 0], hits=[True, True, False, True])
@@ -195,7 +195,7 @@ def test_recall_is_a_row_field_and_rows_that_named_it_render_the_same():
 
 
 def test_training_length_in_epochs():
-    from cas_jax import study_runs
+    from cas_jax.studies import study_runs
 
     assert study_runs.epoch_steps(26, 24, 4) == 156
     assert study_runs.epoch_steps(3, 5, 4) == 4  # 15 conversations: the last step is partial
@@ -203,8 +203,8 @@ def test_training_length_in_epochs():
 
 
 def test_a_reused_study_lends_its_data_only_for_the_same_questions_and_synthesis(tmp_path):
-    from cas_jax import study_runs
-    from cas_jax.corpus import Collection
+    from cas_jax.documents.corpus import Collection
+    from cas_jax.studies import study_runs
 
     theirs, mine = tmp_path / "theirs", tmp_path / "mine"
     for d in (theirs, mine):

@@ -7,8 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from cas_jax import dataset, model as model_lib, rendering, synthesis
-from cas_jax.corpus import Document
+from cas_jax.documents.corpus import Document
+from cas_jax.model import llama as model_lib, rendering
+from cas_jax.training import dataset, synthesis
 
 # Small enough that every prompt fits one length bucket and every batch pads to 4 rows, so the
 # sampler compiles once for the whole module.

@@ -15,8 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cas_jax import cartridge as cart_lib, dataset, losses, model as model_lib, train as train_lib
-from cas_jax.config import ModelConfig
+from cas_jax.cartridges import cartridge as cart_lib
+from cas_jax.model import llama as model_lib
+from cas_jax.model.config import ModelConfig
+from cas_jax.training import dataset, losses, train as train_lib
 
 CONFIG = ModelConfig(model_type="llama", vocab_size=61, hidden_size=32, intermediate_size=48,
                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import jax
 
-from cas_jax import cartridge as cart_lib, dataset, model as model_lib, train
-from cas_jax.distractors import DistractorSchedule, plan_step
-from cas_jax.loading import LoadedModel
-from cas_jax.store import CartridgeStore
-from cas_jax import train_collection as tc
+from cas_jax.cartridges import cartridge as cart_lib
+from cas_jax.cartridges.store import CartridgeStore
+from cas_jax.model import llama as model_lib
+from cas_jax.model.loading import LoadedModel
+from cas_jax.training import dataset, train, train_collection as tc
+from cas_jax.training.distractors import DistractorSchedule, plan_step
 from conftest import tiny_config
 
 CFG = tiny_config(vocab_size=64, max_position_embeddings=8192)
@@ -162,8 +163,8 @@ class _ByteTokenizer:
 
 
 def test_monolithic_inputs_take_every_documents_start_and_respect_the_window(setup):
-    from cas_jax import pipeline
-    from cas_jax.corpus import Collection, Document
+    from cas_jax.documents.corpus import Collection, Document
+    from cas_jax.studies import pipeline
 
     model, _, _ = setup
     mono = LoadedModel(CFG, model.params, _ByteTokenizer(), model.fingerprint, "")
@@ -216,7 +217,8 @@ def test_quiet_training_makes_cartridges_quieter(setup, tmp_path):
     an unrelated cartridge and the model with none falls. The data's teacher width is the
     whole vocabulary here, so the distillation target is the full closed-book distribution
     (the tiny random model's is nearly flat: a top-3 target would not describe it)."""
-    from cas_jax import attention, composition, pipeline
+    from cas_jax.cartridges import attention
+    from cas_jax.studies import composition, pipeline
 
     model, _, tcfg = setup
     data = str(tmp_path / "full")

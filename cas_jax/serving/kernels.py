@@ -1,0 +1,335 @@
+"""The continuous engine's jitted pieces, and their compilation off the engine's path.
+
+A pool holds R rows x S KV slots per row, in `model.forward`'s unrolled form (the sampler's
+tuned decode path, `model.unroll_layers`):
+  cache   k, v: tuples of L arrays [R, S, K, Dh]; pos [R, S] int32 (-1 = empty)
+  prefix  None, or k, v: tuples of L arrays [R, C*P_max, K, Dh]; mask [R, C*P_max]; and
+          logit_scale / logit_bias [R, C*P_max] when the geometry reshapes prefix logits.
+          Each row's is `attention.compose` of its cartridges (rows without: mask False).
+  counts  [R, V] int32, tokens each row generated (frequency and presence penalties)
+Every row writes its decode step's K/V at the same slot, the ring pointer (`model.forward`
+writes all rows at one index); the engine places each prompt where the pointer will not reach
+before the row ends (`serving_continuous`).
+
+Kernels (each compiled once per key; `Kernels.compiled` counts them):
+  ("step", R, S, pfx)       one decode step of every row, per-row sampling
+  ("prefill", N, T, pfx)    N prompts of T tokens (bucketed) -> their K/V in CHUNK-token
+                            chunks and their first tokens
+  ("insert", R, S)          one chunk of a prompt's K/V into a row's slots
+  ("reset", R, S, pfx)      clears a row and sets its prefix
+  ("relayout", a, b)        gathers rows and slots of a pool of shape a into one of shape b
+Sampling is per row: temperature, top-p, penalties and the random stream (seed, draw index)
+are [R] arrays, so one batch mixes them; greedy rows never pay for a vocabulary sort.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import threading
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cas_jax.cartridges import attention
+from cas_jax.model import llama as model_lib
+from cas_jax.serving.engine import MAX_TOP_LOGPROBS
+
+CHUNK = 64  # prompt K/V tokens per insert call
+
+
+def _sample_rows(x, keys, temperature, top_p):
+    """x [R, V] f32 -> tokens [R]: greedy where temperature <= 0, else sampled at the row's
+    temperature within its top-p nucleus."""
+    greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
+
+    def sampled(_):
+        scaled = x / jnp.maximum(temperature, 1e-6)[:, None]
+
+        def nucleus(s):
+            order = jnp.argsort(-s, axis=-1)
+            srt = jnp.take_along_axis(s, order, axis=-1)
+            probs = jax.nn.softmax(srt, axis=-1)
+            keep = (jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]) | (top_p[:, None] >= 1)
+            rows = jnp.arange(s.shape[0])[:, None]
+            return jnp.full_like(s, -jnp.inf).at[rows, order].set(jnp.where(keep, srt, -jnp.inf))
+
+        scaled = jax.lax.cond(jnp.any((top_p < 1) & (temperature > 0)), nucleus,
+                              lambda s: s, scaled)
+        drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+        return jnp.where(temperature > 0, drawn, greedy)
+
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda _: greedy, None)
+
+
+def choose(logits, counts, rows):
+    """Next tokens of logits [R, V] for `rows` = (temperature, top_p, frequency, presence
+    [R] f32, seed [R] uint32, draw [R] int32, want_top [] bool) -> (tokens [R], logprob [R],
+    top ids [R, MAX_TOP_LOGPROBS], top logprobs [R, MAX_TOP_LOGPROBS]); logprobs are the
+    model's, before penalties, temperature and top-p."""
+    temperature, top_p, freq, pres, seed, draw, want_top = rows
+    logp = jax.nn.log_softmax(logits, axis=-1)
+
+    def penalize(x):
+        c = counts.astype(x.dtype)
+        return x - freq[:, None] * c - pres[:, None] * (counts > 0).astype(x.dtype)
+
+    x = jax.lax.cond(jnp.any((freq != 0) | (pres != 0)), penalize, lambda x: x, logits)
+    keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.PRNGKey(s), i))(seed, draw)
+    tokens = _sample_rows(x, keys, temperature, top_p)
+    lp = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+    k = MAX_TOP_LOGPROBS
+    top_lp, top_ids = jax.lax.cond(
+        want_top, lambda: tuple(jax.lax.top_k(logp, k)),
+        lambda: (jnp.zeros((logp.shape[0], k), logp.dtype), jnp.zeros((logp.shape[0], k),
+                                                                      jnp.int32)))
+    return tokens, lp, top_ids.astype(jnp.int32), top_lp
+
+
+def _step(params, cache, prefix, counts, tokens, positions, pointer, rows, *, config):
+    """One decode step: tokens, positions [R] (-1 = idle row) -> (cache, counts, next tokens,
+    logprobs, top ids, top logprobs)."""
+    kv = {**cache, "index": pointer}
+    logits, kv = model_lib.forward(params, tokens[:, None], positions[:, None], kv, prefix,
+                                   config=config)
+    nxt, lp, top_ids, top_lp = choose(logits[:, 0], counts, rows)
+    live = (positions >= 0).astype(jnp.int32)
+    counts = counts.at[jnp.arange(counts.shape[0]), nxt].add(live)
+    cache = {"k": kv["k"], "v": kv["v"], "pos": kv["pos"]}
+    return cache, counts, nxt, lp, top_ids, top_lp
+
+
+def _prefill(params, tokens, positions, prefixes, last, rows, *, config):
+    """N prompts: tokens, positions [N, T] (-1 = padding), prefixes: None or N one-row
+    compositions, last [N] = index of each prompt's last token -> (keys, values [N, T / CHUNK,
+    L, CHUNK, K, Dh], first tokens, logprobs, top ids, top logprobs)."""
+    prefix = None if prefixes is None else {
+        name: jnp.concatenate([p[name] for p in prefixes], axis=1 if name in ("k", "v") else 0)
+        for name in prefixes[0]}
+    hidden, kv = model_lib.forward(params, tokens, positions, None, prefix, config=config,
+                                   return_hidden=True)
+    logits = model_lib.logits_from_hidden(params, hidden[jnp.arange(tokens.shape[0]), last],
+                                          config)
+    counts = jnp.zeros(logits.shape, jnp.int32)
+    first, lp, top_ids, top_lp = choose(logits, counts, rows)
+
+    def chunks(x):  # [L, N, T, K, Dh] -> [N, T / CHUNK, L, CHUNK, K, Dh]
+        n_layers, n, t, kh, dh = x.shape
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, -t % CHUNK), (0, 0), (0, 0)))
+        return jnp.moveaxis(x.reshape(n_layers, n, -1, CHUNK, kh, dh), 0, 2)
+
+    return chunks(kv["k"]), chunks(kv["v"]), first, lp, top_ids, top_lp
+
+
+def _insert(cache, row, slots, keys, values, positions):
+    """Writes CHUNK tokens' keys, values [L, CHUNK, K, Dh] and positions [CHUNK] into row
+    `row` at `slots` [CHUNK] (a slot of S or more is dropped)."""
+    k = tuple(c.at[row, slots].set(keys[i].astype(c.dtype), mode="drop")
+              for i, c in enumerate(cache["k"]))
+    v = tuple(c.at[row, slots].set(values[i].astype(c.dtype), mode="drop")
+              for i, c in enumerate(cache["v"]))
+    return {"k": k, "v": v, "pos": cache["pos"].at[row, slots].set(positions, mode="drop")}
+
+
+def _reset(cache, prefix, counts, row, composed):
+    """Empties row `row` and gives it the prefix `composed` (`attention.compose` of one row)."""
+    cache = {**cache, "pos": cache["pos"].at[row].set(-1)}
+    if prefix is not None:
+        prefix = {name: (tuple(a.at[row].set(composed[name][i, 0].astype(a.dtype))
+                               for i, a in enumerate(arrays)) if name in ("k", "v")
+                         else arrays.at[row].set(composed[name][0]))
+                  for name, arrays in prefix.items()}
+    return cache, prefix, counts.at[row].set(0)
+
+
+def _relayout(cache, prefix, counts, src_row, src_slot, *, prefix_like):
+    """A pool whose row r is old row src_row[r] (-1: empty) with slot j from its slot
+    src_slot[r, j] (-1: empty). prefix_like: the new pool's prefix shapes (None: no prefix)."""
+    ok_row = src_row >= 0
+    r = jnp.maximum(src_row, 0)
+    ok = (src_slot >= 0) & ok_row[:, None]
+    s = jnp.maximum(src_slot, 0)
+
+    def gather(c):
+        return jnp.where(ok[:, :, None, None], c[r[:, None], s], 0).astype(c.dtype)
+
+    new = {"k": tuple(map(gather, cache["k"])), "v": tuple(map(gather, cache["v"])),
+           "pos": jnp.where(ok, cache["pos"][r[:, None], s], -1)}
+    counts = jnp.where(ok_row[:, None], counts[r], 0)
+    if prefix_like is None:
+        return new, None, counts
+    if prefix is None:
+        return new, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), prefix_like), counts
+
+    def rows_of(a):
+        return jnp.where(ok_row.reshape((-1,) + (1,) * (a.ndim - 1)), a[r], 0).astype(a.dtype)
+
+    return new, jax.tree.map(rows_of, prefix), counts
+
+
+class Kernels:
+    """Compiled kernels by key (module doc), compiled on a background thread on request, so
+    the engine runs what is ready while the rest compiles. `on_ready` is called (on that
+    thread) after each compile."""
+
+    def __init__(self, model, bank: attention.CartridgeBank, max_cartridges: int,
+                 geometry: attention.Geometry, on_ready: Callable[[], None]):
+        self.config, self.params = model.config, model.params
+        self.unrolled = model_lib.unroll_layers(model.params)
+        self.dtype = model.params["embed"].dtype
+        self.geometry, self.on_ready = geometry, on_ready
+        sel = jax.ShapeDtypeStruct((1, max(max_cartridges, 1)), jnp.int32)
+        on = jax.ShapeDtypeStruct(sel.shape, bool)
+        self.composed_like = jax.eval_shape(
+            functools.partial(attention.compose, geometry=geometry), bank, sel, on)
+        self.compose = jax.jit(attention.compose, static_argnames=("geometry",))
+        self._done: dict[tuple, Callable] = {}
+        self._failed: dict[tuple, Exception] = {}
+        self._queue: collections.deque[tuple] = collections.deque()
+        self._cv = threading.Condition()
+        self.compiled = collections.Counter()  # kind -> executables compiled
+        self.compile_s = 0.0
+        self._closing = False
+        self._compiling = 0
+        self._thread = threading.Thread(target=self._loop, name="cas-serving-compile",
+                                        daemon=True)
+        self._thread.start()
+
+    # -- shapes
+
+    def pool_like(self, rows: int, slots: int, prefixed: bool):
+        """Abstract (cache, prefix, counts) of a pool."""
+        cfg = self.config
+        kv = jax.ShapeDtypeStruct((rows, slots, cfg.num_kv_heads, cfg.head_dim), self.dtype)
+        cache = {"k": (kv,) * cfg.num_layers, "v": (kv,) * cfg.num_layers,
+                 "pos": jax.ShapeDtypeStruct((rows, slots), jnp.int32)}
+        prefix = None
+        if prefixed:
+            prefix = {name: (tuple(jax.ShapeDtypeStruct((rows,) + a.shape[2:], a.dtype)
+                                   for _ in range(cfg.num_layers)) if name in ("k", "v")
+                             else jax.ShapeDtypeStruct((rows,) + a.shape[1:], a.dtype))
+                      for name, a in self.composed_like.items() if name != "start"}
+        return cache, prefix, jax.ShapeDtypeStruct((rows, cfg.vocab_size), jnp.int32)
+
+    def empty_pool(self, rows: int, slots: int, prefixed: bool):
+        """A pool with every row empty."""
+        cache, prefix, counts = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                             self.pool_like(rows, slots, prefixed))
+        return {**cache, "pos": jnp.full((rows, slots), -1, jnp.int32)}, prefix, counts
+
+    @staticmethod
+    def rows_like(n: int):
+        f32, scalar = jax.ShapeDtypeStruct((n,), jnp.float32), jax.ShapeDtypeStruct((), bool)
+        return (f32, f32, f32, f32, jax.ShapeDtypeStruct((n,), jnp.uint32),
+                jax.ShapeDtypeStruct((n,), jnp.int32), scalar)
+
+    def _lower(self, key: tuple):
+        kind, cfg, i32 = key[0], self.config, jax.ShapeDtypeStruct((), jnp.int32)
+        if kind == "step":
+            _, r, s, pfx = key
+            cache, prefix, counts = self.pool_like(r, s, pfx)
+            vec = jax.ShapeDtypeStruct((r,), jnp.int32)
+            fn = jax.jit(functools.partial(_step, config=cfg), donate_argnums=(1, 3))
+            return fn.lower(self.unrolled, cache, prefix, counts, vec, vec, i32,
+                            self.rows_like(r))
+        if kind == "prefill":
+            _, n, t, pfx = key
+            tok = jax.ShapeDtypeStruct((n, t), jnp.int32)
+            prefixes = (self.composed_like,) * n if pfx else None
+            fn = jax.jit(functools.partial(_prefill, config=cfg))
+            return fn.lower(self.params, tok, tok, prefixes, jax.ShapeDtypeStruct((n,), jnp.int32),
+                            self.rows_like(n))
+        if kind == "insert":
+            _, r, s = key
+            cache = self.pool_like(r, s, False)[0]
+            kv = jax.ShapeDtypeStruct((cfg.num_layers, CHUNK, cfg.num_kv_heads, cfg.head_dim),
+                                      self.dtype)
+            vec = jax.ShapeDtypeStruct((CHUNK,), jnp.int32)
+            return jax.jit(_insert, donate_argnums=0).lower(cache, i32, vec, kv, kv, vec)
+        if kind == "reset":
+            _, r, s, pfx = key
+            cache, prefix, counts = self.pool_like(r, s, pfx)
+            return jax.jit(_reset, donate_argnums=(0, 1, 2)).lower(
+                cache, prefix, counts, i32, self.composed_like)
+        if kind == "relayout":
+            _, (r, s, pfx), (r2, s2, pfx2) = key
+            cache, prefix, counts = self.pool_like(r, s, pfx)
+            fn = jax.jit(functools.partial(_relayout,
+                                           prefix_like=self.pool_like(r2, s2, pfx2)[1]))
+            return fn.lower(cache, prefix, counts, jax.ShapeDtypeStruct((r2,), jnp.int32),
+                            jax.ShapeDtypeStruct((r2, s2), jnp.int32))
+        raise ValueError(f"unknown kernel {key!r}")
+
+    # -- compilation
+
+    def get(self, key: tuple) -> Callable | None:
+        """The compiled kernel, or None (then it is queued to compile first). Raises the
+        error its compilation failed with."""
+        with self._cv:
+            if key in self._failed:
+                raise self._failed[key]
+            fn = self._done.get(key)
+            if fn is None:
+                if key in self._queue:
+                    self._queue.remove(key)
+                self._queue.appendleft(key)
+                self._cv.notify()
+            return fn
+
+    def warm(self, keys: list[tuple]) -> None:
+        """Queues `keys` to compile after anything asked for by `get`."""
+        with self._cv:
+            self._queue.extend(k for k in keys if k not in self._done and k not in self._queue)
+            self._cv.notify()
+
+    def pending(self) -> int:
+        """Kernels queued or compiling."""
+        with self._cv:
+            return len(self._queue) + self._compiling
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._closing:
+                    self._cv.wait()
+                if self._closing:
+                    return
+                key = self._queue.popleft()
+                if key in self._done:
+                    continue
+                self._compiling = 1
+            t0 = time.perf_counter()
+            try:
+                fn = self._lower(key).compile()
+            except Exception as e:  # a shape that cannot compile fails its requests only
+                with self._cv:
+                    self._failed[key] = e
+                    self._compiling = 0
+            else:
+                with self._cv:
+                    self._done[key] = fn
+                    self.compiled[key[0]] += 1
+                    self.compile_s += time.perf_counter() - t0
+                    self._compiling = 0
+            self.on_ready()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        self._thread.join()
+
+
+def row_arrays(n: int) -> dict[str, np.ndarray]:
+    """Host arrays of per-row sampling values, for `choose` (idle rows: greedy, no penalty)."""
+    return {"temperature": np.zeros(n, np.float32), "top_p": np.ones(n, np.float32),
+            "frequency": np.zeros(n, np.float32), "presence": np.zeros(n, np.float32),
+            "seed": np.zeros(n, np.uint32), "draw": np.zeros(n, np.int32)}
+
+
+def rows_tuple(arrays: dict[str, np.ndarray], want_top: bool) -> tuple:
+    return (arrays["temperature"], arrays["top_p"], arrays["frequency"], arrays["presence"],
+            arrays["seed"], arrays["draw"], np.bool_(want_top))

@@ -1,0 +1,79 @@
+"""A collection's cartridges at step 0, and the per-cartridge optimizer state they carry.
+
+Every cartridge of a collection has its own Adam state: `optimizer.init` of its `single_parts`
+(the {frozen, trainable} split of `train.split_cartridges`, with no slot axis), saved with it in
+the store. `initialise_store` creates the cartridges a store lacks; `opt_template_fn` is what
+the store restores their optimizer state into.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from cas_jax.cartridges import cartridge as cart_lib, kv_compression
+from cas_jax.cartridges.cartridge import Cartridge
+from cas_jax.cartridges.store import CartridgeStore, cached_opt_template
+from cas_jax.model import rendering
+from cas_jax.model.loading import LoadedModel
+from cas_jax.training import train
+
+INITS = ("first_tokens", "document_kv")
+
+
+def document_tokens(tokenizer, text: str, num_tokens: int | None,
+                    format: str = rendering.DEFAULT_FORMAT) -> np.ndarray:
+    """The first num_tokens tokens of text's document block (`cas_jax.model.rendering`), where the
+    cartridge will stand; a shorter block is repeated to fill them (None: the whole block)."""
+    if not text.strip():
+        raise ValueError("cannot initialise a cartridge from an empty document")
+    ids = np.asarray(rendering.rendering_for(tokenizer, format).document(text), np.int32)
+    return ids if num_tokens is None else np.resize(ids, num_tokens)
+
+
+def single_parts(c: Cartridge) -> dict:
+    """One cartridge's {frozen, trainable} parts (no slot axis), as `train` splits them."""
+    parts = train.split_cartridges(c.keys[None], c.values[None], c.meta.num_frozen)
+    return jax.tree.map(lambda x: x[0], parts)
+
+
+def opt_template_fn(optimizer: optax.GradientTransformation) -> Callable[[Cartridge], Any]:
+    """What the store restores a cartridge's optimizer state into (shapes only, traced once
+    per cartridge shape)."""
+    return cached_opt_template(lambda c: optimizer.init(single_parts(c)))
+
+
+def initialise_store(store: CartridgeStore, model: LoadedModel, texts: dict[str, str],
+                     tokens_per_doc: int, optimizer: optax.GradientTransformation,
+                     num_frozen: int = 1, init: str = "first_tokens",
+                     geometry: str = "serial") -> list[str]:
+    """Saves a fresh cartridge (with fresh optimizer state) for every document the store lacks;
+    returns the ids it created. init: "first_tokens" (the K/V of the document block's first P
+    tokens, the paper's default) or "document_kv" (`kv_compression`: the whole block's K/V
+    compressed to its P most-attended positions; a block shorter than P falls back to
+    first_tokens). geometry: the composition geometry training will use, kept in each
+    cartridge's meta."""
+    if init not in INITS:
+        raise ValueError(f"init {init!r}: expected one of {INITS}")
+    made = []
+    for doc_id, text in texts.items():
+        if store.exists(doc_id):
+            continue
+        common = dict(fingerprint=model.fingerprint, doc_id=doc_id, num_frozen=num_frozen)
+        block = document_tokens(model.tokenizer, text, None)
+        if init == "document_kv" and len(block) > tokens_per_doc:
+            c = kv_compression.init_from_document_kv(model.config, model.params, block,
+                                                     tokens_per_doc, **common)
+        else:
+            c = cart_lib.init_from_tokens(model.config, model.params,
+                                          np.resize(block, tokens_per_doc), **common)
+        c = jax.device_get(c)
+        c = c.replace(meta=dataclasses.replace(c.meta, geometry=geometry))
+        store.save(doc_id, c, jax.device_get(optimizer.init(single_parts(c))), step=0)
+        made.append(doc_id)
+    return made
