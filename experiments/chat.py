@@ -30,20 +30,11 @@ flags.DEFINE_string("geometry", "", "Composition geometry (attention.Geometry sp
 flags.mark_flag_as_required("prompt")
 
 
-def load_for_model(path: str, model: loading.LoadedModel) -> cart_lib.Cartridge:
-    """The cartridge at `path`; CartridgeMismatchError naming it if it does not fit `model`."""
-    c = store.load_cartridge(path, expected_fingerprint=model.fingerprint)
-    cfg = model.config
-    cart_lib.check_compatible(c, model.fingerprint, cfg.num_layers, cfg.num_kv_heads,
-                              cfg.head_dim, name=f"cartridge {path}")
-    return c
-
-
 def main(argv):
     del argv
     model = loading.load_model(FLAGS.model or None)
     try:
-        cartridges = [load_for_model(p, model) for p in FLAGS.cartridges]
+        cartridges = [store.load_for_model(p, model) for p in FLAGS.cartridges]
         geometry = (attention.Geometry.parse(FLAGS.geometry) if FLAGS.geometry
                     else attention.geometry_of(cartridges))
     except (cart_lib.CartridgeMismatchError, store.CartridgeStoreError, ValueError) as e:

@@ -170,22 +170,20 @@ def test_gradients_reach_every_active_cartridge(params):
 
 
 def test_loading_a_cartridge_for_another_model_fails_clearly(params, tmp_path):
-    from experiments import chat
-
     c = cart_lib.init_from_tokens(CONFIG, params, _tokens(8, 60), fingerprint=FP, doc_id="fr")
     path = str(tmp_path / "fr_cartridge")
     store.save_cartridge(path, c)
     model = loading.LoadedModel(config=CONFIG, params=params, tokenizer=None, fingerprint=FP,
                                 path="tiny")
-    back = chat.load_for_model(path, model)
+    back = store.load_for_model(path, model)
     np.testing.assert_array_equal(np.asarray(back.keys), np.asarray(c.keys))
     assert back.meta == c.meta
     other = dataclasses.replace(model, fingerprint="other-model")
     with pytest.raises(cart_lib.CartridgeMismatchError, match="fr_cartridge.*other-model"):
-        chat.load_for_model(path, other)
+        store.load_for_model(path, other)
     relaid = dataclasses.replace(model, config=dataclasses.replace(CONFIG, num_kv_heads=4))
     with pytest.raises(cart_lib.CartridgeMismatchError, match="fr_cartridge.*kv_heads=4"):
-        chat.load_for_model(path, relaid)
+        store.load_for_model(path, relaid)
 
 
 def test_document_kv_init_keeps_the_sink_and_the_most_attended_positions(params):

@@ -22,7 +22,7 @@ import threading
 import urllib.parse
 from typing import Any, Protocol, runtime_checkable
 
-from cas_jax.cartridges.cartridge import Cartridge, CartridgeMismatchError
+from cas_jax.cartridges.cartridge import Cartridge, CartridgeMismatchError, check_compatible
 from cas_jax.cartridges.files import (CURRENT, CartridgeNotFoundError, CartridgeStoreError,
                                       CorruptCartridgeError, OptStateMismatchError, OptTemplate,
                                       cached_opt_template, collect_garbage, link_version,
@@ -33,7 +33,7 @@ from cas_jax.cartridges.files import (CURRENT, CartridgeNotFoundError, Cartridge
 __all__ = ["CURRENT", "STORE_FORMAT", "BackingStore", "CartridgeNotFoundError",
            "CartridgeStore", "CartridgeStoreError", "CorruptCartridgeError",
            "OptStateMismatchError", "OptTemplate", "VerifyReport", "cached_opt_template",
-           "load_cartridge", "save_cartridge"]
+           "load_cartridge", "load_for_model", "save_cartridge"]
 
 STORE_FORMAT = "cas_jax.store/1"
 _MAX_DIR_NAME = 200
@@ -220,3 +220,14 @@ class CartridgeStore:
             except (CartridgeStoreError, CartridgeMismatchError) as e:
                 errors[i] = str(e)
         return VerifyReport(ok=tuple(ok), errors=errors)
+
+
+def load_for_model(path: str, model) -> Cartridge:
+    """The cartridge at directory `path` for `model` (a `loading.LoadedModel`), every array
+    CRC-checked; CartridgeMismatchError naming `path` if it was made for another model or its
+    shape does not fit this one."""
+    c = load_cartridge(path, expected_fingerprint=model.fingerprint)
+    cfg = model.config
+    check_compatible(c, model.fingerprint, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                     name=f"cartridge {path}")
+    return c
