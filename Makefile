@@ -20,13 +20,10 @@ $(VENV): $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m experiments.pipeline
 
-# stderr goes to a file and is shown at the end, so that a crash in native code ends the log
-# with the test it happened in and the crashing thread's stack (faulthandler's first entry).
+# tests/run.sh: the suite in two pytest processes (serving apart); a part that dies in native
+# code shows the test and the crashing thread's stack, and runs once more (see the script).
 test: $(STAMP)
-	PYTHONPATH=tests $(BIN)/python -m pytest -q -p crashlog tests 2>.pytest-stderr; rc=$$?; \
-	cat .pytest-stderr >&2; \
-	if [ $$rc -ne 0 ]; then echo "pytest exited with $$rc, in $$(cat .pytest-last)"; \
-	  grep -m1 -A30 '^\(Current thread\|Fatal Python\)' .pytest-stderr; fi; exit $$rc
+	PY=$(BIN)/python tests/run.sh
 
 # The inner loop: everything but the tests marked slow (real model, several processes, kills).
 test-fast: $(STAMP)
