@@ -21,16 +21,21 @@ from absl import app, flags  # noqa: E402
 from cas_jax import distributed  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("job", None, ["train", "collection", "synthesis"], "What to run.")
-flags.DEFINE_string("data", None, "Self-study dataset folder (read; written by synthesis).")
-flags.DEFINE_string("out", None, "Output folder.")
-flags.DEFINE_integer("steps", 6, "Training steps.")
-flags.DEFINE_float("step_delay_s", 0.0, "Sleep after every reported step.")
-flags.DEFINE_integer("fail_process", -1, "This process exits with code 3 at once; the others "
-                     "wait at a barrier it never reaches.")
-flags.DEFINE_integer("hang_process", -1, "This process sleeps for an hour at once; the others "
-                     "wait at a barrier it does not reach.")
-distributed.define_flags()
+
+
+def define_flags() -> None:
+    """The worker's flags, defined only when it runs as a script: test_distributed imports this
+    module for its helpers, and flags defined on import would clash with launchers' (--out)."""
+    flags.DEFINE_enum("job", None, ["train", "collection", "synthesis"], "What to run.")
+    flags.DEFINE_string("data", None, "Self-study dataset folder (read; written by synthesis).")
+    flags.DEFINE_string("out", None, "Output folder.")
+    flags.DEFINE_integer("steps", 6, "Training steps.")
+    flags.DEFINE_float("step_delay_s", 0.0, "Sleep after every reported step.")
+    flags.DEFINE_integer("fail_process", -1, "This process exits with code 3 at once; the "
+                         "others wait at a barrier it never reaches.")
+    flags.DEFINE_integer("hang_process", -1, "This process sleeps for an hour at once; the "
+                         "others wait at a barrier it does not reach.")
+    distributed.define_flags()
 
 DOCS = ("a", "b", "c", "d", "e")
 P = 6
@@ -188,4 +193,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
