@@ -326,6 +326,21 @@ def _restore_opt_state(leaves: dict[str, np.ndarray], template: OptTemplate,
     return jax.tree_util.tree_unflatten(treedef, [leaves[p] for p in want_paths])
 
 
+def live_manifest(directory: str, label: str,
+                  known: dict[str, tuple[str, dict]] | None = None) -> tuple[str, dict]:
+    """(version, manifest) of the live version in `directory`. known: manifests this process
+    wrote or checked, {directory: (version, manifest)}; when CURRENT names that version its
+    manifest is not read again (version files never change), else it is read and recorded."""
+    version = read_current(directory, label)
+    cached = None if known is None else known.get(directory)
+    if cached is not None and cached[0] == version:
+        return cached
+    manifest = read_manifest(os.path.join(directory, version + ".json"), label)
+    if known is not None:
+        known[directory] = (version, manifest)
+    return version, manifest
+
+
 def read_version(directory: str, label: str, expected_fingerprint: str | None,
                  read_opt_state: bool, opt_template: OptTemplate = None,
                  doc_id: str | None = None,
@@ -333,18 +348,10 @@ def read_version(directory: str, label: str, expected_fingerprint: str | None,
                  ) -> tuple[Cartridge, Any, int]:
     """Loads (Cartridge of host numpy arrays, optimizer state or None, step): the live version.
 
-    known: manifests this process wrote or checked, {directory: (version, manifest)}; when
-    CURRENT names that version its manifest is not read again (version files never change).
+    known: as for `live_manifest`.
     """
-    version = read_current(directory, label)
+    version, manifest = live_manifest(directory, label, known)
     manifest_path = os.path.join(directory, version + ".json")
-    cached = None if known is None else known.get(directory)
-    if cached is not None and cached[0] == version:
-        manifest = cached[1]
-    else:
-        manifest = read_manifest(manifest_path, label)
-        if known is not None:
-            known[directory] = (version, manifest)
     meta = _check_owner(manifest, manifest_path, label, doc_id, expected_fingerprint)
     read_opt_state = read_opt_state and manifest["has_opt_state"]
     entries = [e for e in manifest["arrays"]

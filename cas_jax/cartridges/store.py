@@ -26,7 +26,7 @@ from cas_jax.cartridges.cartridge import Cartridge, CartridgeMismatchError, chec
 from cas_jax.cartridges.files import (CURRENT, CartridgeNotFoundError, CartridgeStoreError,
                                       CorruptCartridgeError, OptStateMismatchError, OptTemplate,
                                       cached_opt_template, collect_garbage, link_version,
-                                      load_cartridge, read_current, read_manifest, read_version,
+                                      live_manifest, load_cartridge, read_version,
                                       save_cartridge, write_version)
 
 # The store is the persistence API: it also hands out the one-directory functions and errors.
@@ -184,11 +184,12 @@ class CartridgeStore:
     def manifest(self, doc_id: str) -> tuple[str, dict[str, Any]]:
         """(version, manifest) of `doc_id`'s live version, without reading its arrays: the
         manifest's "meta" (CartridgeMeta fields) and "arrays" (name, shape, dtype, nbytes).
-        Raises ValueError for an id no directory can hold, CartridgeNotFoundError, or
+        A version this object wrote or read before costs a read of CURRENT only. Raises
+        ValueError for an id no directory can hold, CartridgeNotFoundError, or
         CorruptCartridgeError (a garbled CURRENT or manifest)."""
-        directory, label = self.cartridge_dir(doc_id), f"cartridge {doc_id!r}"
-        version = read_current(directory, label)
-        return version, read_manifest(os.path.join(directory, version + ".json"), label)
+        directory = self.cartridge_dir(doc_id)
+        with self._lock(doc_id):
+            return live_manifest(directory, f"cartridge {doc_id!r}", self._known)
 
     def load_cartridge(self, doc_id: str, expected_fingerprint: str | None = None) -> Cartridge:
         """The Cartridge alone of `doc_id` (its optimizer state is not read); see `load`."""
