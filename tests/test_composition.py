@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from cas_jax.cartridges import attention, cartridge as cart_lib
 from cas_jax.model import llama as model_lib
@@ -96,3 +97,11 @@ def test_training_scoring_and_sampling_lay_out_a_composed_request_alike():
         (greedy,) = sampling.generate(params, CFG, [prompt], sampling.SamplingParams(
             max_new_tokens=1), prefix=attention.compose_in_order(carts, g))
         assert greedy[0] == int(np.argmax(logp[len(prompt) - 1]))
+
+
+def test_common_geometry_is_the_one_the_cartridges_share():
+    assert attention.common_geometry([]) == attention.DEFAULT_GEOMETRY
+    par = "parallel,count_power=0.5"
+    assert attention.common_geometry([("a", par), ("b", par)]) == attention.Geometry.parse(par)
+    with pytest.raises(ValueError, match=r"different composition geometries.*'a'.*'c'"):
+        attention.common_geometry([("a", par), ("b", par), ("c", "serial")])

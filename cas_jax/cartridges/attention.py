@@ -100,14 +100,21 @@ class Geometry:
 
 
 def geometry_of(cartridges: Sequence[Cartridge]) -> Geometry:
-    """The geometry `cartridges` were trained under (their meta); DEFAULT_GEOMETRY for none.
-    Cartridges trained under different geometries are refused, naming them."""
-    specs = {c.meta.geometry for c in cartridges}
-    if len(specs) > 1:
-        by = {s: [c.meta.doc_id for c in cartridges if c.meta.geometry == s] for s in specs}
-        raise ValueError(f"cartridges trained under different geometries {by}: name the one "
-                         "to compose them by")
-    return Geometry.parse(specs.pop()) if specs else DEFAULT_GEOMETRY
+    """The geometry `cartridges` were trained under (their meta); see `common_geometry`."""
+    return common_geometry([(c.meta.doc_id, c.meta.geometry) for c in cartridges])
+
+
+def common_geometry(trained: Sequence[tuple[str, str]]) -> Geometry:
+    """The one geometry that (cartridge id, geometry spec it was trained under) pairs share;
+    DEFAULT_GEOMETRY for none. Cartridges trained under different geometries are refused,
+    naming them."""
+    by: dict[str, list[str]] = {}
+    for doc_id, spec in trained:
+        by.setdefault(spec, []).append(doc_id)
+    if len(by) > 1:
+        raise ValueError(f"cartridges trained under different composition geometries {by}: "
+                         "name the one to compose them by (--geometry)")
+    return Geometry.parse(next(iter(by))) if by else DEFAULT_GEOMETRY
 
 
 SERIAL = Geometry("serial")

@@ -62,7 +62,8 @@ class Catalogue:
         self.max_cartridge_tokens = config.max_cartridge_tokens or max(
             (i.tokens for i in infos), default=128)
         if config.geometry is None:
-            self.config = dataclasses.replace(config, geometry=recorded_geometry(infos))
+            self.config = dataclasses.replace(config, geometry=attention.common_geometry(
+                [(i.id, i.geometry) for i in infos]))
         else:  # the operator's choice, as --geometry is for chat and evaluation
             other = {i.id: i.geometry for i in infos
                      if attention.Geometry.parse(i.geometry) != config.geometry}
@@ -186,17 +187,6 @@ class Catalogue:
     def close(self) -> None:
         with self.lock:
             self.budget.close()
-
-
-def recorded_geometry(infos: list[CartridgeInfo]) -> attention.Geometry:
-    """The one geometry `infos` were trained under (DEFAULT_GEOMETRY for none); ValueError
-    naming them when they disagree."""
-    specs = {i.geometry for i in infos}
-    if len(specs) > 1:
-        by = {s: sorted(i.id for i in infos if i.geometry == s) for s in sorted(specs)}
-        raise ValueError(f"the store's cartridges were trained under different composition "
-                         f"geometries {by}: name the one to serve with --geometry")
-    return attention.Geometry.parse(specs.pop()) if specs else attention.DEFAULT_GEOMETRY
 
 
 @functools.partial(jax.jit, donate_argnums=0)
