@@ -105,3 +105,37 @@ def test_common_geometry_is_the_one_the_cartridges_share():
     assert attention.common_geometry([("a", par), ("b", par)]) == attention.Geometry.parse(par)
     with pytest.raises(ValueError, match=r"different composition geometries.*'a'.*'c'"):
         attention.common_geometry([("a", par), ("b", par), ("c", "serial")])
+
+
+def test_claims_results_name_the_rows_read_under_one_geometry():
+    from benchmarks import cas_claims_report
+
+    n = 40
+    ones, half = np.ones(n), np.arange(n) % 2
+
+    def res(correct, prompt=20.0, cart=0.0, hits=None):
+        obj = _result(correct, 2.0)
+        obj["summary"].update(prompt_tokens=prompt, cartridge_tokens=cart)
+        for r, h in zip(obj["records"], hits if hits is not None else []):
+            r["retrieval_hit"] = h
+        return obj
+
+    rows = {("cas", "serial", 0): res(ones), ("cas", "serial", 3): res(half),
+            ("cas", "parallel", 0): res(ones), ("cas", "parallel", 3): res(ones[:-1].tolist()
+                                                                           + [0.0]),
+            ("cas", "parallel", 7): res(half)}
+    retrieval = {("cas", "parallel", "bm25", 1): res(ones, cart=64, hits=[True] * n),
+                 ("cas", "serial", "bm25", 1): res(half, cart=64, hits=[True] * n)}
+    refs = {"closed_book": res(half), "icl": res(ones), "rag_bm25_k2": res(half, prompt=500)}
+    table = composition.claims_results(rows, retrieval, refs, "cas",
+                                       attention.Geometry("parallel"))
+    assert sorted(table) == ["cas_composed_k3", "cas_composed_k7", "cas_oracle", "closed_book",
+                             "icl", "rag_bm25_k2", "retrieval_cas_bm25_k1"]
+    assert table["cas_composed_k3"] is rows[("cas", "parallel", 3)]  # not the serial row
+    line = cas_claims_report.claims_line(table)
+    assert line == ("composed_k3_minus_oracle=-0.0250 composed_k7_minus_oracle=-0.5000 "
+                    "retrieval_cas_minus_rag=+0.5000 token_ratio=5.95 questions=40")
+    text = composition.format_retrieval(retrieval)
+    assert "| cas | parallel | bm25 | 1 | 1.000" in text and "| 1.000 | 84 |" in text
+    del table["retrieval_cas_bm25_k1"]
+    assert "retrieval_cas_minus_rag=nan token_ratio=nan" in cas_claims_report.claims_line(table)

@@ -65,6 +65,42 @@ def composed_row(model: LoadedModel, ev: evaluate.Evaluator, questions: Sequence
     return study.cached_method(out, name, run, stamp=stamp)
 
 
+def retrieval_row(model: LoadedModel, ev: evaluate.Evaluator, questions: Sequence[Question],
+                  out: str, source_name: str, source, geometry: attention.Geometry,
+                  retriever: str, k: int, slots: int, stamp: dict | None = None) -> dict:
+    """The cached evaluation of retrieval + `source`'s cartridges under `geometry`: the top k
+    documents `retriever` finds for each question, their cartridges composed (`slots`
+    composition slots, the study's max k, so every k shares its shapes). Cached as
+    eval/retrieval_<source>_<retriever>_<geometry slug>_k<k>.json."""
+    name = f"retrieval_{source_name}_{retriever}_{slug(geometry)}_k{k}"
+
+    def run():
+        g_ev = evaluate.Evaluator(model, ev.collection,
+                                  dataclasses.replace(ev.config, geometry=geometry))
+        return g_ev.retrieval_cartridges(questions, source, top_k=k, retriever=retriever,
+                                         slots=slots, name=name)
+
+    return study.cached_method(out, name, run, stamp=stamp)
+
+
+def claims_results(rows: dict[tuple[str, str, int], dict],
+                   retrieval: dict[tuple[str, str, str, int], dict], references: dict[str, dict],
+                   source: str, geometry: attention.Geometry) -> dict[str, dict]:
+    """The claims' method table (`cas_study.claims` names) for `source` read under
+    `geometry`: <source>_oracle and <source>_composed_k<k> from the composed rows (k = 0 is
+    the oracle), retrieval_<source>_<r>_k<k> from the retrieval rows, and `references`
+    (closed book, ICL, RAG, ... from the study's eval/) as they are."""
+    g = str(geometry)
+    out = dict(references)
+    for (src, geo, k), obj in rows.items():
+        if src == source and geo == g:
+            out[f"{source}_oracle" if k == 0 else f"{source}_composed_k{k}"] = obj
+    for (src, geo, r, k), obj in retrieval.items():
+        if src == source and geo == g:
+            out[f"retrieval_{source}_{r}_k{k}"] = obj
+    return out
+
+
 def curve_rows(results: dict[tuple[str, str, int], dict]) -> list[dict]:
     """One row per (source, geometry, k) of `results` [(source, geometry str, k) -> eval
     object]: accuracy [95% CI], gold NLL, and the paired difference to the same source and
@@ -91,6 +127,23 @@ def format_curve(rows: Sequence[dict]) -> str:
         lo, hi = r["accuracy_ci"]
         lines.append(f"| {r['source']} | {r['geometry']} | {r['k']} | {r['accuracy']:.3f} "
                      f"[{lo:.3f}, {hi:.3f}] | {r['gold_nll']:.3f} | {diff} |")
+    return "\n".join(lines)
+
+
+def format_retrieval(rows: dict[tuple[str, str, str, int], dict]) -> str:
+    """Retrieval rows [(source, geometry str, retriever, k) -> eval object]: accuracy [95%
+    CI], recall (the question's document among those retrieved), attended positions."""
+    lines = ["| source | geometry | retriever | k | accuracy [95% CI] | recall "
+             "| attended positions |", "|---|---|---|---|---|---|---|"]
+    for (src, geo, r, k), obj in sorted(rows.items()):
+        acc = study.mc_accuracy(obj)
+        lo, hi = study.bootstrap_ci(acc)
+        hits = [rec["retrieval_hit"] for rec in obj["records"] if "retrieval_hit" in rec]
+        recall = f"{np.mean(hits):.3f}" if hits else "-"
+        s = obj["summary"]
+        pos = float(s["prompt_tokens"]) + float(s["cartridge_tokens"])
+        lines.append(f"| {src} | {geo} | {r} | {k} | {acc.mean():.3f} [{lo:.3f}, {hi:.3f}] "
+                     f"| {recall} | {pos:.0f} |")
     return "\n".join(lines)
 
 
