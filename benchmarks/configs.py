@@ -14,7 +14,8 @@ QUALITY = "quality"
 when OUT/report.json exists)."""
 CLAIMS = "claims"
 """Each variant runs `benchmarks/cas_claims.sh COMMON FLAGS` with OUT and CAS_REC (and REC when
-set) in its environment: the recorded evaluations in REC and CAS_REC are reused."""
+set) in its environment: `benchmarks.quality --reuse=REC --reuse_eval=REC,CAS_REC`, which
+reuses the evaluations recorded there (stamps checked)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,9 @@
 Every field of the config becomes one absl flag; a field whose value is a dataclass is a section
 whose fields become flags in turn (unless its class has `parse`: then it is one value). A flag
 is named by the field's dotted path (`train.lr`), after `prefix`, unless `names` maps that path
-to another name (launchers keep their existing flat names, e.g. `--lr`). Its default is the
+to another name (launchers keep their existing flat names, e.g. `--lr`); `sections` maps a
+section's path to what its fields' names start with in place of that path ("" drops it: with
+{"study.pipeline": ""}, `study.pipeline.train.lr` is `--train.lr`). Its default is the
 field's value in the config passed in; its type comes from the field's annotation: bool, int,
 float, str (an enum when `choices` lists its values or the annotation is a Literal), a tuple of
 those (comma separated), a class with a `parse(str)` classmethod and a `str()` that `parse`
@@ -207,7 +209,7 @@ def _get(obj, path: str):
 
 
 def define(default, *, prefix: str = "", names: Mapping[str, str] | None = None,
-           helps: Mapping[str, str] | None = None,
+           sections: Mapping[str, str] | None = None, helps: Mapping[str, str] | None = None,
            choices: Mapping[str, Sequence[str]] | None = None, skip: Iterable[str] = (),
            flag_values: flags.FlagValues = flags.FLAGS) -> ConfigFlags:
     """Defines a flag for every field of the dataclass instance `default` (module doc) in
@@ -215,9 +217,11 @@ def define(default, *, prefix: str = "", names: Mapping[str, str] | None = None,
     `default`'s value. Returns what builds the config back from the parsed flags."""
     names, helps, choices, skip = dict(names or {}), dict(helps or {}), dict(choices or {}), \
         tuple(skip)
+    sections = dict(sections or {})
     made: list[_Flag] = []
+    walked: set[str] = set()
 
-    def walk(obj, path: str):
+    def walk(obj, path: str, base: str):
         hints = typing.get_type_hints(type(obj))
         docs = _field_docs(type(obj))
         for f in dataclasses.fields(obj):
@@ -226,9 +230,10 @@ def define(default, *, prefix: str = "", names: Mapping[str, str] | None = None,
                 continue
             value = getattr(obj, f.name)
             if _is_section(value):
-                walk(value, sub + ".")
+                walked.add(sub)
+                walk(value, sub + ".", sections.get(sub, f"{base}{f.name}."))
                 continue
-            name = names.get(sub, prefix + sub)
+            name = names.get(sub, prefix + base + f.name)
             text = helps.get(sub) or f.metadata.get("help") or docs.get(f.name) or sub
             hint = hints[f.name]
             values = choices.get(sub) or f.metadata.get("choices")
@@ -244,8 +249,9 @@ def define(default, *, prefix: str = "", names: Mapping[str, str] | None = None,
                              serializer=_Serializer(), flag_values=flag_values)
             made.append(_Flag(sub, name))
 
-    walk(default, "")
+    walk(default, "", "")
     unknown = sorted((set(names) | set(helps) | set(choices)) - {f.path for f in made})
+    unknown += sorted(set(sections) - walked)
     if unknown:
-        raise ValueError(f"names/helps/choices for fields without a flag: {unknown}")
+        raise ValueError(f"names/helps/choices/sections for fields without a flag: {unknown}")
     return ConfigFlags(default, made, flag_values)

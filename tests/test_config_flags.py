@@ -98,6 +98,25 @@ def test_prefix_and_skip():
     assert cf.value() == Run(Data(steps=2))
 
 
+@dataclasses.dataclass(frozen=True)
+class Outer:
+    run: Run = Run()
+    other: Data = Data(steps=4)
+    tag: str = "t"
+
+
+def test_sections_rename_their_fields_flags():
+    fv, cf = _define(Outer(), sections={"run": "", "other": "o_"},
+                     names={"run.seed": "run_seed", "other.kind": "other_kind"})
+    assert {"data.steps", "optim.lr", "geometry", "run_seed", "o_steps", "o_weights",
+            "other_kind", "tag"} <= set(fv)
+    assert "run.data.steps" not in fv and "other.steps" not in fv
+    fv(["prog", "--data.steps=2", "--o_steps=7", "--run_seed=3", "--other_kind=b"])
+    assert cf.value() == Outer(Run(Data(steps=2), seed=3), Data(steps=7, kind="b"))
+    with pytest.raises(ValueError, match="nope"):
+        _define(Outer(), sections={"nope": ""})
+
+
 @pytest.mark.parametrize("arg, flag", [("--data.steps=x", "data.steps"),
                                        ("--optim.lr=fast", "optim.lr"),
                                        ("--data.weights=1,x", "data.weights"),

@@ -1,7 +1,9 @@
-"""The quality study's statistics: bootstrap intervals and the share of ICL's gain recovered."""
+"""The quality study: statistics, the evaluation cache and the recorded studies it reads."""
 
 import dataclasses
 import json
+import os
+import re
 
 import numpy as np
 import pytest
@@ -150,6 +152,97 @@ def test_cached_method_refuses_a_result_from_other_cartridges(tmp_path):
     assert runs == [1]
 
 
+def _record(folder, name, stamp=None, accuracy=1.0):
+    """A recorded study's eval/<name>.json; returns its path."""
+    (folder / "eval").mkdir(parents=True, exist_ok=True)
+    obj = {"summary": {"accuracy": accuracy}, "records": []}
+    if stamp is not None:
+        obj["stamp"] = stamp
+    path = folder / "eval" / f"{name}.json"
+    path.write_text(json.dumps(obj))
+    return path
+
+
+class _Computed:
+    records: list = []
+
+    def summary(self):
+        return {"accuracy": 0.0}
+
+
+def test_recorded_results_are_reused_and_recorded_here_when_stamps_match(tmp_path):
+    rec, other, out = tmp_path / "rec", tmp_path / "other", str(tmp_path / "out")
+    stamp = {"steps": 468, "lr": 0.02}
+    _record(rec, "naive_composed_k3", stamp)
+    _record(other, "naive_composed_k3", stamp, accuracy=0.5)  # later in the order
+    _record(rec, "icl")  # no stamp: accepted, as a cached result is
+    runs = []
+    run = lambda: runs.append(1) or _Computed()  # noqa: E731
+    obj = study.cached_method(out, "naive_composed_k3", run, stamp={"lr": 0.02, "steps": 468},
+                              recorded=[str(rec), str(other)])
+    assert obj["summary"]["accuracy"] == 1.0 and runs == []
+    assert json.load(open(f"{out}/eval/naive_composed_k3.json")) == obj  # recorded here
+    assert study.cached_method(out, "icl", run, recorded=[str(other), str(rec)]) == \
+        json.load(open(rec / "eval" / "icl.json"))
+    # What --out holds wins; a result file names itself; what nobody recorded is computed.
+    _record(other, "icl", accuracy=0.5)
+    assert study.cached_method(out, "icl", run, recorded=[str(other)])["summary"] == {
+        "accuracy": 1.0}
+    one = _record(other, "cas_oracle", {"steps": 1})
+    assert study.recall_result(out, "cas_oracle", {"steps": 1}, [str(rec), str(one)]) == str(one)
+    assert study.recall_result(out, "cas_oracle", {"steps": 1}, [str(rec)]) == out
+    assert study.recall_result(out, "monolithic", None, [str(rec), str(one)]) is None
+    assert study.cached_method(out, "monolithic", run, recorded=[str(rec)])["summary"] == {
+        "accuracy": 0.0} and runs == [1]
+
+
+def test_a_recorded_result_from_other_cartridges_is_refused_naming_file_and_keys(tmp_path):
+    rec, out = tmp_path / "rec", tmp_path / "out"
+    path = _record(rec, "naive_composed_k3", {"steps": 468, "lr": 0.02, "quiet": 0.1})
+    runs = []
+    with pytest.raises(ValueError, match=re.escape(str(path)) + r": recorded for another "
+                       r"configuration \(differs in \['quiet', 'steps'\]: recorded \[0\.1, 468\], "
+                       r"this run \[None, 936\]\)"):
+        study.cached_method(str(out), "naive_composed_k3", lambda: runs.append(1),
+                            stamp={"steps": 936, "lr": 0.02}, recorded=[str(rec)])
+    assert runs == [] and not (out / "eval" / "naive_composed_k3.json").exists()
+
+
+def test_the_isolated_oracle_brings_its_curve_and_a_reused_synthesis_is_compared(tmp_path):
+    from cas_jax.documents.corpus import Collection
+    from cas_jax.studies import study_runs
+
+    rec, out = tmp_path / "rec", tmp_path / "out"
+    _record(rec, "oracle_cartridge_step288")  # recorded before stamps: accepted
+    (rec / "curve.jsonl").write_text('{"step": 0}\n{"step": 288}\n')
+    run = study_runs.QualityRun(out=str(out), config=study.StudyConfig(), questions=[],
+                                docs=Collection([]), profiles=[], kinds=("mc",), split="dev",
+                                record={}, reuse_eval=(str(tmp_path / "none"), str(rec)))
+    study_runs.recall_isolated(run, "oracle_cartridge_step288", {"steps": 288})
+    assert (out / "curve.jsonl").read_text() == (rec / "curve.jsonl").read_text()
+    assert (out / "eval" / "oracle_cartridge_step288.json").exists()
+    (out / "curve.jsonl").write_text('{"step": 0}\n')  # this study's own: kept
+    study_runs.recall_isolated(run, "oracle_cartridge_step288", {"steps": 288})
+    assert (out / "curve.jsonl").read_text() == '{"step": 0}\n'
+    _record(rec, "oracle_cartridge_step9", {"steps": 9})
+    with pytest.raises(ValueError, match="oracle_cartridge_step9.json: recorded for another"):
+        study_runs.recall_isolated(run, "oracle_cartridge_step9", {"steps": 10})
+
+    (out / "questions.jsonl").write_text('{"q": 1}\n')
+    study_runs.check_recorded(run := dataclasses.replace(run, reuse_eval=(str(rec),)))
+    (rec / "questions.jsonl").write_text('{"q": 2}\n')  # a study of other questions
+    with pytest.raises(study_runs.ReuseError, match="rec: .*questions.jsonl differs"):
+        study_runs.check_recorded(run)
+    with pytest.raises(study_runs.ReuseError, match="none: no such recorded study"):
+        study_runs.check_recorded(dataclasses.replace(run, reuse_eval=(str(tmp_path / "none"),)))
+
+    mine = {f: 1 for f in study_runs.SYNTHESIS_SETTINGS} | {"synthesis.user_temperature": 0.6}
+    theirs = {f: 1 for f in study_runs.SYNTHESIS_SETTINGS}  # recorded before the flag
+    assert study_runs.same_synthesis(theirs, mine)  # 0.6 is the default
+    assert not study_runs.same_synthesis(theirs, mine | {"synthesis.user_temperature": 0.9})
+    assert not study_runs.same_synthesis(theirs | {"seed": 2}, mine)
+
+
 def test_stamps_keep_recorded_results_readable_and_tell_geometries_apart():
     import dataclasses
 
@@ -228,3 +321,99 @@ def test_a_reused_study_lends_its_data_only_for_the_same_questions_and_synthesis
     (theirs / "questions.jsonl").write_text('{"q": 2}\n')
     with pytest.raises(study_runs.ReuseError, match="theirs: its questions.jsonl .*differs"):
         study_runs.selfstudy_dir(run())
+
+
+def _eval_obj(qs, correct, stamp=None):
+    obj = {"summary": {"accuracy": float(sum(correct)) / len(qs), "gold_nll": 1.0,
+                       "prompt_tokens": 10.0, "cartridge_tokens": 0.0, "kv_bytes": 1024.0,
+                       "latency_s": 0.1, "free_match": None},
+           "records": [{"doc_id": q.doc_id, "question": q.question, "kind": "mc",
+                        "correct_ll": c, "gold_nll": 1.0 + c} for q, c in zip(qs, correct)]}
+    return obj if stamp is None else {**obj, "stamp": stamp}
+
+
+def _recorded_claims_run(tmp_path, monkeypatch):
+    """A cas_claims-like run (`reuse` = REC, `reuse_eval` = REC, CAS_REC) whose every result
+    is recorded there; computing or training anything fails the test."""
+    from cas_jax.documents.corpus import Collection, Document
+    from cas_jax.evaluation.questions import Question, write_questions
+    from cas_jax.studies import study_runs
+
+    docs = Collection([Document(d, d, f"text of {d}") for d in ("a-geography", "b-geography")])
+    qs = [Question(d, f"q{i}", "x", field="area", options=("x", "y"), answer=0)
+          for i, d in enumerate(docs.ids)]
+    cfg = study.StudyConfig(pipeline.PipelineConfig(steps=4, distractors=0), eval_every=0,
+                            max_new_tokens=0)
+    recipe = study_runs.CollectionRecipe(steps=4, monolithic=False, compose_k=(1,),
+                                         positions=(), retrieval_k=(1,), retrievers=())
+    rec, cas_rec = tmp_path / "rec", tmp_path / "cas_rec"
+    for folder in (rec, cas_rec):
+        (folder / "eval").mkdir(parents=True)
+    write_questions(str(rec / "questions.jsonl"), qs)
+    (rec / "config.json").write_text(json.dumps({"flags": {}}))
+    (rec / "curve.jsonl").write_text("".join(json.dumps(
+        {"step": s, "heldout_loss": 1.0, "heldout_floor": 2.0, "gold_nll": 1.5,
+         "accuracy": 0.5}) + "\n" for s in (0, 4)))
+    isolated = pipeline.stamp(cfg.pipeline)
+    cas = pipeline.stamp(study_runs.cas_pipeline(cfg.pipeline, recipe), distractors=3)
+    for name, folder, stamp in [("closed_book", rec, None), ("icl", rec, None),
+                                ("rag_bm25_k2", rec, None), ("oracle_cartridge_step4", rec,
+                                                             None),
+                                ("naive_composed_k1", rec, isolated),
+                                ("cas_oracle", cas_rec, cas), ("cas_composed_k1", cas_rec, cas)]:
+        (folder / "eval" / f"{name}.json").write_text(json.dumps(_eval_obj(qs, [1, 0], stamp)))
+
+    def fail(*a, **k):
+        raise AssertionError("computed or trained what was recorded")
+
+    class Evaluator:
+        def __init__(self, model, collection, config):
+            self.collection, self.config = collection, config
+
+        def __getattr__(self, name):
+            return fail
+
+    monkeypatch.setattr(pipeline, "synthesize", lambda model, docs, data_dir, *a, **k:
+                        os.makedirs(data_dir, exist_ok=True) or data_dir)
+    monkeypatch.setattr(study_runs.dataset, "read_manifests", lambda d: None)
+    monkeypatch.setattr(study_runs.selfstudy_data, "dataset_report", lambda *a, **k: [])
+    monkeypatch.setattr(study_runs.evaluate, "Evaluator", Evaluator)
+    monkeypatch.setattr(study_runs, "train_with_curve", fail)
+    monkeypatch.setattr(pipeline, "train_cartridges", fail)
+    model = type("M", (), {"tokenizer": staticmethod(
+        lambda text, add_special_tokens: {"input_ids": text.split()})})()
+    run = study_runs.QualityRun(
+        out=str(tmp_path / "out"), config=cfg, questions=qs, docs=docs,
+        profiles=["a", "b"], kinds=("mc",), split="test", record={}, reuse=str(rec),
+        collection=recipe, reuse_eval=(str(rec), str(cas_rec)))
+    return model, run
+
+
+def test_a_study_reuses_recorded_evaluations_without_copies_by_shell(tmp_path, monkeypatch):
+    from cas_jax.studies import study_runs
+
+    model, run = _recorded_claims_run(tmp_path, monkeypatch)
+    rows = study_runs.run_quality_study(model, run)
+    out, rec = tmp_path / "out", tmp_path / "rec"
+    assert [r["method"] for r in rows] == [
+        "closed_book", "icl", "rag_bm25_k2", "oracle_cartridge", "cas_oracle",
+        "cas_composed_k1", "naive_composed_k1"]
+    assert sorted(os.listdir(out / "eval")) == sorted(
+        ["closed_book.json", "icl.json", "rag_bm25_k2.json", "oracle_cartridge_step4.json",
+         "naive_composed_k1.json", "cas_oracle.json", "cas_composed_k1.json"])
+    assert (out / "curve.jsonl").read_text() == (rec / "curve.jsonl").read_text()
+    assert json.load(open(out / "config.json"))["config"]["pipeline"]["steps"] == 4
+    study_runs.run_quality_study(model, run)  # rerun = resume: reads its own eval/
+
+
+def test_a_study_refuses_a_recorded_evaluation_of_other_cartridges(tmp_path, monkeypatch):
+    from cas_jax.studies import study_runs
+
+    model, run = _recorded_claims_run(tmp_path, monkeypatch)
+    path = tmp_path / "cas_rec" / "eval" / "cas_composed_k1.json"
+    obj = json.loads(path.read_text())
+    path.write_text(json.dumps({**obj, "stamp": {**obj["stamp"], "steps": 5}}))
+    with pytest.raises(ValueError, match=re.escape(str(path)) + r": recorded for another "
+                       r"configuration \(differs in \['steps'\]: recorded \[5\], this run \[4\]"):
+        study_runs.run_quality_study(model, run)
+    assert not (tmp_path / "out" / "eval" / "cas_composed_k1.json").exists()

@@ -67,18 +67,22 @@ def collection_methods(ev: evaluate.Evaluator, questions: Sequence[Question], ou
                        retrieval_k: Sequence[int] = (1, 2, 4),
                        retrievers: Sequence[str] = ("bm25", "dense"), seed: int = 0,
                        stamps: Mapping[str, dict] | None = None,
+                       recorded: Sequence[str] = (),
                        ) -> list[tuple[str, dict, int | None]]:
     """Runs (or reads from `out/eval/`) every collection method; returns (name, result,
     cartridge tokens per question) in report order. cas / naive / monolithic are cartridge
     sources (`evaluate.CartridgeSource`); naive or monolithic None leaves its rows out.
     `stamps` maps "cas" / "naive" / "monolithic" to the training config of those cartridges:
-    a cached result read from cartridges trained otherwise is refused (`study.cached_method`)."""
+    a cached result read from cartridges trained otherwise is refused (`study.cached_method`).
+    A result `out/eval/` lacks is first looked up in the `recorded` studies of the same
+    questions and recorded into `out` (`study.recall_result`: the same stamp check)."""
     ids = ev.collection.ids
     rows: list[tuple[str, dict, int | None]] = []
     stamps = dict(stamps or {})
 
     def add(name: str, run: Callable[[], EvalResult], cartridge_tokens: int | None):
-        obj = study.cached_method(out, name, run, stamp=stamps.get(cartridges_read(name)))
+        obj = study.cached_method(out, name, run, stamp=stamps.get(cartridges_read(name)),
+                                  recorded=recorded)
         rows.append((name, obj, cartridge_tokens))
 
     add("cas_oracle", lambda: ev.oracle_cartridge(questions, cas, name="cas_oracle"), tokens)

@@ -1,9 +1,11 @@
 """The quality study: do trained cartridges recover ICL's gain over closed book, measured?
 
-Stages (each resumes from what its output folder already holds; `benchmarks.quality` wires them):
+The stages' parts and statistics (`cas_jax.studies.study_runs` runs the stages in order, each
+resuming from what its output folder already holds):
   1. self-study conversations for every document (`selfstudy/`), and a smaller HELD-OUT set
      from another seed (`heldout/`) that training never reads;
-  2. baselines on the questions: closed book, ICL, RAG (`eval/<method>.json`);
+  2. baselines on the questions: closed book, ICL, RAG (`eval/<method>.json`, `cached_method`:
+     computed once, or recorded from another study of the same questions);
   3. one cartridge per document, trained in isolation (`cartridges/`), evaluated every
      `eval_every` steps: held-out distillation loss (with the no-cartridge student as the
      floor), gold NLL and accuracy (`curve.jsonl`);
@@ -19,7 +21,6 @@ import dataclasses
 import functools
 import json
 import os
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cas_jax.documents.corpus import Collection
 from cas_jax.evaluation import evaluate
 from cas_jax.evaluation.questions import Question
 from cas_jax.evaluation.results import EvalResult
@@ -155,25 +155,63 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def _check_stamp(path: str, obj: dict, stamp: dict | None, whose: str) -> None:
+    """Raises ValueError naming `path` and the differing keys if the result `obj` read from it
+    was stamped otherwise than `stamp` (a result or a run without a stamp passes)."""
+    if stamp is None or obj.get("stamp", stamp) == stamp:
+        return
+    changed = sorted(k for k in set(stamp) | set(obj["stamp"])
+                     if stamp.get(k) != obj["stamp"].get(k))
+    raise ValueError(f"{path}: {whose} for another configuration (differs in {changed}: "
+                     f"{whose} {[obj['stamp'].get(k) for k in changed]}, this run "
+                     f"{[stamp.get(k) for k in changed]}); " + (
+                         "move it away or use another output folder" if whose == "cached"
+                         else "leave its study out of the recorded ones"))
+
+
+def _recorded_path(entry: str, name: str) -> str | None:
+    """`name`'s result in a recorded study folder (`<entry>/eval/<name>.json`) or, when
+    `entry` is a result file itself, `entry` if it is `<name>.json`; None where absent."""
+    path = (os.path.join(entry, "eval", f"{name}.json") if os.path.isdir(entry)
+            else entry if os.path.basename(entry) == f"{name}.json" else None)
+    return path if path and os.path.exists(path) else None
+
+
+def recall_result(out_dir: str, name: str, stamp: dict | None = None,
+                  recorded: Sequence[str] = ()) -> str | None:
+    """Where `name`'s result is: `out_dir` if its `eval/<name>.json` exists; else the first of
+    the `recorded` study folders (or result files) holding it, whose result is then recorded
+    (copied) into `out_dir/eval/` after its stamp is checked as `cached_method` checks it;
+    else None."""
+    if os.path.exists(os.path.join(out_dir, "eval", f"{name}.json")):
+        return out_dir
+    for entry in recorded:
+        path = _recorded_path(entry, name)
+        if path is not None:
+            obj = _read_json(path)
+            _check_stamp(path, obj, None if stamp is None else json.loads(json.dumps(stamp)),
+                         "recorded")
+            os.makedirs(os.path.join(out_dir, "eval"), exist_ok=True)
+            _write_json(os.path.join(out_dir, "eval", f"{name}.json"), obj)
+            return entry
+    return None
+
+
 def cached_method(out_dir: str, name: str, run: Callable[[], EvalResult],
-                  stamp: dict | None = None) -> dict:
+                  stamp: dict | None = None, recorded: Sequence[str] = ()) -> dict:
     """The method's summary and records from `eval/<name>.json`, computed by `run` once.
 
     `stamp` (JSON-able) names what the result depends on beyond the questions, e.g. the
     training config of the cartridges it read. It is stored with the result, and a cached
     result stamped differently is an error rather than a silent reuse (a result without a
-    stamp is accepted as it is)."""
+    stamp is accepted as it is). A result `out_dir` lacks is first looked up in the
+    `recorded` studies of the same questions (`recall_result`) and recorded here."""
     path = os.path.join(out_dir, "eval", f"{name}.json")
     stamp = None if stamp is None else json.loads(json.dumps(stamp))
+    recall_result(out_dir, name, stamp, recorded)
     if os.path.exists(path):
         obj = _read_json(path)
-        if stamp is not None and obj.get("stamp", stamp) != stamp:
-            changed = sorted(k for k in set(stamp) | set(obj["stamp"])
-                             if stamp.get(k) != obj["stamp"].get(k))
-            raise ValueError(f"{path}: cached for another configuration (differs in "
-                             f"{changed}: cached {[obj['stamp'].get(k) for k in changed]}, "
-                             f"this run {[stamp.get(k) for k in changed]}); move it away or "
-                             "use another output folder")
+        _check_stamp(path, obj, stamp, "cached")
         return obj
     os.makedirs(os.path.dirname(path), exist_ok=True)
     r = run()
@@ -184,18 +222,14 @@ def cached_method(out_dir: str, name: str, run: Callable[[], EvalResult],
     return obj
 
 
-def _no_generation(ev: evaluate.Evaluator) -> evaluate.Evaluator:
-    return evaluate.Evaluator(ev.model, ev.collection,
-                              dataclasses.replace(ev.config, max_new_tokens=0))
-
-
 def curve_marks(cfg: StudyConfig) -> list[int]:
-    """The steps at which `train_with_curve` records a curve point."""
+    """The steps at which `study_runs.train_with_curve` records a curve point."""
     every = cfg.eval_every or cfg.pipeline.steps
     return sorted({0, *range(every, cfg.pipeline.steps, every), cfg.pipeline.steps})
 
 
-def _curve_points(curve_path: str) -> list[dict]:
+def curve_points(curve_path: str) -> list[dict]:
+    """The learning-curve points recorded in `curve_path` (none if it does not exist)."""
     if not os.path.exists(curve_path):
         return []
     with open(curve_path) as f:
@@ -203,8 +237,8 @@ def _curve_points(curve_path: str) -> list[dict]:
 
 
 def curve_complete(curve_path: str, cfg: StudyConfig) -> bool:
-    """Whether `curve_path` already holds every point `train_with_curve` would record."""
-    return set(curve_marks(cfg)) <= {pt["step"] for pt in _curve_points(curve_path)}
+    """Whether `curve_path` already holds every point `study_runs.train_with_curve` would record."""
+    return set(curve_marks(cfg)) <= {pt["step"] for pt in curve_points(curve_path)}
 
 
 class LazySource:
@@ -219,44 +253,6 @@ class LazySource:
         if self._source is None:
             self._source = self._make()
         return self._source.get(doc_id)
-
-
-def train_with_curve(model: LoadedModel, docs: Collection, data_dir: str, heldout_dir: str,
-                     store_dir: str, ev: evaluate.Evaluator, questions: Sequence[Question],
-                     cfg: StudyConfig, curve_path: str,
-                     on_report=None, on_point: Callable[[dict], None] | None = None) -> dict:
-    """Trains one cartridge per document in isolation (distractors 0) to `cfg.pipeline.steps`,
-    stopping every `cfg.eval_every` steps (and at step 0) to append a curve point: held-out
-    loss, no-cartridge floor, oracle gold NLL and accuracy. Resumes from the curve and store."""
-    p = cfg.pipeline
-    points = _curve_points(curve_path)
-    done = {pt["step"] for pt in points}
-    marks = curve_marks(cfg)
-    floor = points[0]["heldout_floor"] if points else None
-    quick = _no_generation(ev)
-    summary: dict = {}
-    for step in marks:
-        t0 = time.perf_counter()
-        if step:
-            store, summary = pipeline.train_cartridges(model, docs, data_dir, store_dir,
-                                                       dataclasses.replace(p, steps=step),
-                                                       distractors=0, on_report=on_report)
-        else:
-            store = pipeline.initial_store(model, docs, store_dir, p)
-        if step in done:
-            continue
-        source = pipeline.StoreSource(store)
-        if floor is None:
-            floor = heldout_loss(model, heldout_dir, source, p.seq_len, with_cartridges=False)
-        res = quick.oracle_cartridge(questions, source)
-        point = {"step": step, "heldout_loss": heldout_loss(model, heldout_dir, source, p.seq_len),
-                 "heldout_floor": floor, "gold_nll": res.gold_nll, "accuracy": res.accuracy,
-                 "seconds": time.perf_counter() - t0}
-        with open(curve_path, "a") as f:
-            f.write(json.dumps(point) + "\n")
-        if on_point is not None:
-            on_point(point)
-    return summary
 
 
 # ----------------------------------------------------------------------------- report
@@ -358,8 +354,7 @@ def plot_curve(curve_path: str, png_path: str, closed: dict, icl: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(curve_path) as f:
-        pts = [json.loads(line) for line in f if line.strip()]
+    pts = curve_points(curve_path)
     steps = [p["step"] for p in pts]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     axes[0].plot(steps, [p["heldout_loss"] for p in pts], "o-", label="oracle cartridge")
@@ -367,10 +362,8 @@ def plot_curve(curve_path: str, png_path: str, closed: dict, icl: dict) -> None:
     axes[0].set_title("held-out distillation loss")
     for ax, key, name in ((axes[1], "gold_nll", "gold_nll"), (axes[2], "accuracy", "accuracy")):
         ax.plot(steps, [p[key] for p in pts], "o-", label="oracle cartridge")
-        ax.axhline(closed["summary"][name if name == "gold_nll" else "accuracy"], color="grey",
-                   ls="--", label="closed book")
-        ax.axhline(icl["summary"][name if name == "gold_nll" else "accuracy"], color="green",
-                   ls=":", label="ICL")
+        ax.axhline(closed["summary"][key], color="grey", ls="--", label="closed book")
+        ax.axhline(icl["summary"][key], color="green", ls=":", label="ICL")
         ax.set_title(name.replace("_", " "))
     for ax in axes:
         ax.set_xlabel("training step")

@@ -4,14 +4,17 @@
   1. self-study conversations (`selfstudy/`, or a reused run's when its synthesis settings are
      the same) and a held-out set from the next seed (`heldout/`), with the data
      report of `cas_jax.training.selfstudy_data` (`selfstudy/quality.json`);
-  2. baselines: closed book, ICL, RAG (`eval/`; a reused run's when `reuse` is set);
+  2. baselines: closed book, ICL, RAG (`eval/`);
   3. one cartridge per document trained in isolation with a learning curve
-     (`cartridges/`, `curve.jsonl`), then its oracle evaluation;
+     (`cartridges/`, `curve.jsonl`, `train_with_curve`), then its oracle evaluation;
   4. with a `CollectionRecipe`: the collection methods of `cas_jax.studies.cas_study` (`cas/`,
      `monolithic/`);
   5. the report: `report.md`, `report.json`, `curve.png`, `times.json`, and the printed table
      with its last line `icl_gap=X recovered_acc=Y recovered_nll=Z compression=C`.
 `cas_jax.studies.study` holds the stages' parts and the statistics.
+
+Evaluations are cached in `eval/` (`study.cached_method`), one missing there first looked up in
+the recorded studies (`QualityRun.reuse`, `reuse_eval`) and recorded here, its stamp checked.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -98,9 +102,13 @@ class QualityRun:
 
     `kinds` and `split` describe the material in the printed header; `record` (JSON-able, the
     launcher's settings) is written to `config.json` as "flags" and compared with a reused
-    run's on `SYNTHESIS_SETTINGS`; `reuse` is another study folder with the same questions
-    whose held-out data and baselines (and self-study data, when the settings match) this
-    run reads; `collection` adds the collection methods."""
+    run's on `SYNTHESIS_SETTINGS` and every `synthesis.*` setting; `reuse` is another study
+    folder with the same questions whose held-out data and baselines (and self-study data,
+    when the settings match) this run reads, and whose recorded results of methods that read
+    no cartridges (closed book, ICL, RAG) it reuses; `reuse_eval` are recorded study folders
+    (or result files) of the same questions whose results of every method it reuses, their
+    stamps checked (`study.recall_result`), the isolated cartridges' learning curve coming
+    with their oracle's; `collection` adds the collection methods."""
 
     out: str
     config: study.StudyConfig
@@ -112,10 +120,11 @@ class QualityRun:
     record: dict
     reuse: str = ""
     collection: CollectionRecipe | None = None
+    reuse_eval: tuple[str, ...] = ()
 
 
 class ReuseError(ValueError):
-    """The reused study is not of the same questions."""
+    """The reused study is not of the same questions, or a recorded one is missing."""
 
 
 def _read(path: str) -> str:
@@ -136,9 +145,30 @@ def selfstudy_dir(run: QualityRun) -> str:
         raise ReuseError(f"{run.reuse}: its questions.jsonl is missing or differs from this "
                          "run's (same split/profiles/sections/kinds/seed needed)")
     their_record = json.loads(_read(os.path.join(run.reuse, "config.json")))["flags"]
-    if all(their_record.get(f) == run.record.get(f) for f in SYNTHESIS_SETTINGS):
+    if same_synthesis(their_record, run.record):
         return os.path.join(run.reuse, "selfstudy")
     return own
+
+
+def same_synthesis(theirs: dict, mine: dict) -> bool:
+    """Whether two `QualityRun.record`s make the same self-study data: equal on
+    `SYNTHESIS_SETTINGS` and every `synthesis.<field>` (one `theirs` predates: the default)."""
+    fields = [k for k in mine if k.startswith("synthesis.")]
+    return (all(theirs.get(f) == mine.get(f) for f in SYNTHESIS_SETTINGS)
+            and all(theirs.get(f, getattr(pipeline.SYNTHESIS, f.split(".", 1)[1]))
+                    == mine[f] for f in fields))
+
+
+def check_recorded(run: QualityRun) -> None:
+    """Raises ReuseError if a `run.reuse_eval` entry is missing, or is a study whose
+    questions.jsonl differs from this run's (a folder without one, e.g. of collection rows
+    only, is taken to be of the same questions)."""
+    mine = _read(os.path.join(run.out, "questions.jsonl"))
+    for entry in run.reuse_eval:
+        theirs = os.path.join(entry, "questions.jsonl")
+        if not os.path.exists(entry) or (os.path.exists(theirs) and _read(theirs) != mine):
+            raise ReuseError(f"{entry}: no such recorded study or result, or its "
+                             "questions.jsonl differs from this run's")
 
 
 class _Clock:
@@ -195,6 +225,60 @@ def _self_study(model: LoadedModel, run: QualityRun, data_source: str, clock: _C
     return data_dir, heldout_dir, data_report
 
 
+def train_with_curve(model: LoadedModel, docs: Collection, data_dir: str, heldout_dir: str,
+                     store_dir: str, ev: evaluate.Evaluator, questions: Sequence[Question],
+                     cfg: study.StudyConfig, curve_path: str,
+                     on_report=None, on_point: Callable[[dict], None] | None = None) -> dict:
+    """Trains one cartridge per document in isolation (distractors 0) to `cfg.pipeline.steps`,
+    stopping every `cfg.eval_every` steps (and at step 0) to append a curve point: held-out
+    loss, no-cartridge floor, oracle gold NLL and accuracy. Resumes from the curve and store."""
+    p = cfg.pipeline
+    points = study.curve_points(curve_path)
+    done = {pt["step"] for pt in points}
+    marks = study.curve_marks(cfg)
+    floor = points[0]["heldout_floor"] if points else None
+    quick = evaluate.Evaluator(ev.model, ev.collection,
+                               dataclasses.replace(ev.config, max_new_tokens=0))
+    summary: dict = {}
+    for step in marks:
+        t0 = time.perf_counter()
+        if step:
+            store, summary = pipeline.train_cartridges(model, docs, data_dir, store_dir,
+                                                       dataclasses.replace(p, steps=step),
+                                                       distractors=0, on_report=on_report)
+        else:
+            store = pipeline.initial_store(model, docs, store_dir, p)
+        if step in done:
+            continue
+        source = pipeline.StoreSource(store)
+        if floor is None:
+            floor = study.heldout_loss(model, heldout_dir, source, p.seq_len,
+                                       with_cartridges=False)
+        res = quick.oracle_cartridge(questions, source)
+        loss = study.heldout_loss(model, heldout_dir, source, p.seq_len)
+        point = {"step": step, "heldout_loss": loss, "heldout_floor": floor,
+                 "gold_nll": res.gold_nll, "accuracy": res.accuracy,
+                 "seconds": time.perf_counter() - t0}
+        with open(curve_path, "a") as f:
+            f.write(json.dumps(point) + "\n")
+        if on_point is not None:
+            on_point(point)
+    return summary
+
+
+def recall_isolated(run: QualityRun, oracle_name: str, stamp: dict) -> None:
+    """Records the isolated cartridges' oracle evaluation from `run.reuse_eval` into `run.out`
+    where it is missing there (`study.recall_result`, its stamp checked), and with it the
+    learning curve of the study it came from when `run.out` has none: a study whose curve
+    and oracle are both in place trains the isolated cartridges only if a method reads them."""
+    found = study.recall_result(run.out, oracle_name, stamp, run.reuse_eval)
+    if found is None or found == run.out:
+        return
+    theirs, curve = (os.path.join(d, "curve.jsonl") for d in (found, run.out))
+    if os.path.exists(theirs) and not os.path.exists(curve):
+        shutil.copyfile(theirs, curve)
+
+
 def _isolated(model: LoadedModel, run: QualityRun, ev: evaluate.Evaluator, data_dir: str,
               heldout_dir: str, clock: _Clock):
     """Stage 3: (the isolated cartridges as a source, their oracle result, their stamp)."""
@@ -208,7 +292,7 @@ def _isolated(model: LoadedModel, run: QualityRun, ev: evaluate.Evaluator, data_
     isolated = pipeline.stamp(cfg.pipeline)  # stamps the results read from these cartridges
 
     def train_isolated():
-        study.train_with_curve(
+        train_with_curve(
             model, run.docs, data_dir, heldout_dir, store_dir, ev, mc, cfg, curve_path,
             on_report=lambda r: print(f"  step {r.step}/{r.total_steps} loss {r.loss:.4f} "
                                       f"{r.tokens_per_s:.0f} tok/s ETA {r.eta_s:.0f}s", flush=True),
@@ -216,10 +300,11 @@ def _isolated(model: LoadedModel, run: QualityRun, ev: evaluate.Evaluator, data_
         return pipeline.StoreSource(pipeline.initial_store(model, run.docs, store_dir,
                                                            cfg.pipeline))
 
+    recall_isolated(run, oracle_name, isolated)
     if study.curve_complete(curve_path, cfg) and os.path.exists(
             os.path.join(out, "eval", f"{oracle_name}.json")):
-        # A resumed study (e.g. --cas after the copied eval/ and curve of an earlier run):
-        # the isolated cartridges are trained only if an uncached method reads them.
+        # A resumed study (or one reusing an earlier run's curve and evaluations): the
+        # isolated cartridges are trained only if an uncached method reads them.
         print("  curve and oracle evaluation cached: training deferred to first use", flush=True)
         source = study.LazySource(train_isolated)
     else:
@@ -228,9 +313,19 @@ def _isolated(model: LoadedModel, run: QualityRun, ev: evaluate.Evaluator, data_
     clock.start()
     oracle = study.cached_method(out, oracle_name,
                                  lambda: ev.oracle_cartridge(run.questions, source),
-                                 stamp=isolated)
+                                 stamp=isolated, recorded=run.reuse_eval)
     clock.stage("cartridge evaluation")
     return source, oracle, isolated
+
+
+def cas_pipeline(cfg: pipeline.PipelineConfig, recipe: CollectionRecipe
+                 ) -> pipeline.PipelineConfig:
+    """The pipeline config the CAS cartridges train under: the study's (`cfg`), with the
+    recipe's steps and distractor schedule (k_max `recipe.distractors`)."""
+    return dataclasses.replace(cfg, steps=recipe.steps, distractors=recipe.distractors,
+                               distractor_schedule=recipe.schedule,
+                               ramp_steps=recipe.ramp_steps, grad_scope=recipe.grad_scope,
+                               p_iso=recipe.p_iso, quiet=recipe.quiet)
 
 
 def _collection(model: LoadedModel, run: QualityRun, ev: evaluate.Evaluator, data_dir: str,
@@ -241,10 +336,7 @@ def _collection(model: LoadedModel, run: QualityRun, ev: evaluate.Evaluator, dat
     recipe, cfg, out = run.collection, run.config, run.out
     clock.start()
     print("== 5. collection methods (CAS) ==", flush=True)
-    p = dataclasses.replace(cfg.pipeline, steps=recipe.steps,
-                            distractor_schedule=recipe.schedule, ramp_steps=recipe.ramp_steps,
-                            grad_scope=recipe.grad_scope, p_iso=recipe.p_iso,
-                            quiet=recipe.quiet)
+    p = cas_pipeline(cfg.pipeline, recipe)
     # Composed rows also depend on the geometry they are read by (absent: the default).
     read_by = ({} if ev.config.geometry == attention.DEFAULT_GEOMETRY
                else {"read_geometry": str(ev.config.geometry)})
@@ -263,8 +355,8 @@ def _collection(model: LoadedModel, run: QualityRun, ev: evaluate.Evaluator, dat
                                             on_report=_print_report)
         return pipeline.StoreSource(mono)
 
-    # Trained on first use: a method whose evaluation is cached (e.g. copied from an earlier
-    # session's eval/) does not retrain the cartridges it read.
+    # Trained on first use: a method whose evaluation is cached (or recorded from
+    # `run.reuse_eval`) does not retrain the cartridges it read.
     rows = cas_study.collection_methods(
         ev, run.questions, out, cas=study.LazySource(train_cas),
         naive=naive if recipe.naive else None,
@@ -272,7 +364,8 @@ def _collection(model: LoadedModel, run: QualityRun, ev: evaluate.Evaluator, dat
         tokens=cfg.pipeline.tokens_per_doc, n_docs=len(run.docs),
         compose_k=list(recipe.compose_k), positions=list(recipe.positions),
         positions_k=recipe.positions_k, retrieval_k=list(recipe.retrieval_k),
-        retrievers=list(recipe.retrievers), seed=cfg.pipeline.seed, stamps=stamps)
+        retrievers=list(recipe.retrievers), seed=cfg.pipeline.seed, stamps=stamps,
+        recorded=run.reuse_eval)
     clock.stage("collection training and evaluation")
     return rows
 
@@ -316,11 +409,14 @@ def run_quality_study(model: LoadedModel, run: QualityRun) -> list[dict]:
     os.makedirs(out, exist_ok=True)
     clock = _Clock(out)
     questions_lib.write_questions(os.path.join(out, "questions.jsonl"), qs)
-    shared = run.reuse or out  # where held-out data and baselines live
+    check_recorded(run)
     data_source = selfstudy_dir(run)
+    p = cfg.pipeline  # recorded with its flat view (`pipeline.FLAT`), as flat configs were
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump({"flags": run.record, "profiles": run.profiles,
-                   "config": dataclasses.asdict(cfg)}, f, indent=1, default=str)
+                   "config": {**dataclasses.asdict(cfg), "pipeline": {
+                       **{n: getattr(p, n) for n in pipeline.FLAT}, **dataclasses.asdict(p)}}},
+                  f, indent=1, default=str)
     doc_tokens = {d: len(model.tokenizer(docs[d].text, add_special_tokens=False)["input_ids"])
                   for d in docs.ids}
     print(f"{len(qs)} questions ({', '.join(run.kinds)}) on {len(docs)} section documents of "
@@ -334,11 +430,11 @@ def run_quality_study(model: LoadedModel, run: QualityRun) -> list[dict]:
     ev = evaluate.Evaluator(model, docs, evaluate.EvalConfig(max_new_tokens=cfg.max_new_tokens,
                                                              geometry=cfg.pipeline.geometry))
     rag_name = f"rag_bm25_k{cfg.rag_top_k}"
-    results = {"closed_book": study.cached_method(shared, "closed_book",
-                                                  lambda: ev.closed_book(qs)),
-               "icl": study.cached_method(shared, "icl", lambda: ev.icl(qs)),
-               rag_name: study.cached_method(shared, rag_name,
-                                             lambda: ev.rag(qs, top_k=cfg.rag_top_k))}
+    recorded = ((run.reuse,) if run.reuse else ()) + run.reuse_eval  # they read no cartridges
+    results = {name: study.cached_method(out, name, method, recorded=recorded)
+               for name, method in (("closed_book", lambda: ev.closed_book(qs)),
+                                    ("icl", lambda: ev.icl(qs)),
+                                    (rag_name, lambda: ev.rag(qs, top_k=cfg.rag_top_k)))}
     clock.stage("baselines")
     source, results["oracle_cartridge"], isolated = _isolated(model, run, ev, data_dir,
                                                               heldout_dir, clock)
