@@ -1,8 +1,10 @@
 """Cartridges for a decoder cas_jax does not know: a small Flax NNX decoder written here, run
-by cas_jax's trainer, composition, scoring, prefilling and sampler through `cas_jax.Decoder`."""
+by cas_jax's trainer, composition, scoring, prefilling, sampler, self-study (agents and
+teacher) and the `document_kv` init through `cas_jax.Decoder` (and `CompressibleKV`)."""
 
 import dataclasses
 import functools
+import json
 import math
 
 import grain
@@ -12,11 +14,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cas_jax.cartridges import attention, cartridge as cart_lib
+from cas_jax.cartridges import attention, cartridge as cart_lib, kv_compression
+from cas_jax.documents.corpus import Document
 from cas_jax.evaluation import scoring
 from cas_jax.model import decoder as decoder_lib, sampling
 from cas_jax.model.loading import LoadedModel
-from cas_jax.training import train as train_lib
+from cas_jax.training import synthesis, teacher, train as train_lib
 
 V, D, L, H, K, DH, MAX_POS = 53, 32, 2, 4, 2, 8, 256
 SEQ, TOPK, DOC_LEN, P = 24, 8, 40, 8
@@ -44,13 +47,19 @@ class Block(nnx.Module):
         self.up = nnx.Linear(D, 2 * D, rngs=rngs)
         self.down = nnx.Linear(2 * D, D, rngs=rngs)
 
-    def __call__(self, x, positions, prefix, cache):
-        """-> (x, this layer's K/V: the new tokens', or the updated cache's)."""
+    def project(self, x, positions):
+        """-> queries [B, T, H, DH], keys (both rotated) and values [B, T, K, DH]."""
         b, t, _ = x.shape
         h = self.attn_norm(x)
         q = rope(self.q(h).reshape(b, t, H, DH), positions)
         k, v = jnp.split(self.kv(h).reshape(b, t, 2 * K, DH), 2, axis=2)
-        k = rope(k, positions)
+        return q, rope(k, positions), v
+
+    def __call__(self, x, positions, prefix, cache):
+        """-> (x, this layer's K/V: the new tokens', or the updated cache's, and the attention
+        probabilities [B, H, T, keys])."""
+        b, t, _ = x.shape
+        q, k, v = self.project(x, positions)
         key_pos = positions
         if cache is not None:  # write this call's K/V at the cache's index, then read it all
             ck, cv, key_pos, index = cache
@@ -79,12 +88,12 @@ class Block(nnx.Module):
         probs = jax.nn.softmax(jnp.where(visible[:, None], s, -1e30), axis=-1)
         out = jnp.einsum("bhts,bshd->bthd", probs, values).reshape(b, t, H * DH)
         x = x + self.o(out)
-        return x + self.down(jax.nn.gelu(self.up(self.mlp_norm(x)))), (k, v)
+        return x + self.down(jax.nn.gelu(self.up(self.mlp_norm(x)))), (k, v), probs
 
 
 class TinyLM(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs):
-        self.embed = nnx.Embed(V, D, rngs=rngs)
+    def __init__(self, rngs: nnx.Rngs, vocab: int = V):
+        self.embed = nnx.Embed(vocab, D, rngs=rngs)
         self.blocks = nnx.List([Block(rngs) for _ in range(L)])
         self.norm = nnx.RMSNorm(D, rngs=rngs)
 
@@ -100,13 +109,29 @@ class TinyLM(nnx.Module):
                 prefix.get("logit_bias"))
             layer_cache = None if cache is None else (cache["k"][i], cache["v"][i], cache_pos,
                                                       cache["index"])
-            x, (k, v) = block(x, positions, pre, layer_cache)
+            x, (k, v), _ = block(x, positions, pre, layer_cache)
             ks.append(k)
             vs.append(v)
         kv = {"k": jnp.stack(ks), "v": jnp.stack(vs)}
         if cache is not None:
             kv.update(pos=cache_pos, index=cache["index"] + tokens.shape[1])
         return self.norm(x), kv
+
+    def queries(self, tokens, positions):
+        """[L, B, T, H, DH]: every block's queries (no prefix, no cache)."""
+        return jnp.stack(self._blocks(tokens, positions, lambda q, probs: q))
+
+    def attention(self, tokens, positions):
+        """[L, B, H, T, T]: every block's attention probabilities (no prefix, no cache)."""
+        return jnp.stack(self._blocks(tokens, positions, lambda q, probs: probs))
+
+    def _blocks(self, tokens, positions, pick):
+        x, out = self.embed(tokens), []
+        for block in self.blocks:
+            q = block.project(x, positions)[0]
+            x, _, probs = block(x, positions, None, None)
+            out.append(pick(q, probs))
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +150,19 @@ class NNXDecoder:
 
     def logits(self, params, hidden):
         return nnx.merge(self.graphdef, params).embed.attend(hidden).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressibleNNXDecoder(NNXDecoder):
+    """NNXDecoder with the optional `CompressibleKV` methods the `document_kv` init needs."""
+
+    def queries(self, params, tokens, positions):
+        return nnx.merge(self.graphdef, params).queries(tokens, positions)
+
+    def move_keys(self, keys, delta):
+        n_layers, n, kh, dh = keys.shape
+        return rope(keys.reshape(n_layers, n * kh, 1, dh),
+                    delta.reshape(n_layers, n * kh)).reshape(keys.shape)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -258,3 +296,97 @@ def test_exact_prefill_of_a_context_with_it(setup):
     assert exact.keys.shape == (L, DOC_LEN, K, DH)
     np.testing.assert_allclose(exact.keys, kv["k"][:, 0], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(exact.values, kv["v"][:, 0], rtol=1e-4, atol=1e-5)
+
+
+def test_document_kv_init_with_it(setup):
+    """The `document_kv` init through the contract: the decoder's forward gives the K/V, its
+    optional queries and move_keys (`CompressibleKV`) score the keys and move the kept ones."""
+    dec, params, docs, _ = setup
+    with pytest.raises(TypeError, match="queries/move_keys"):
+        kv_compression.init_from_document_kv(dec, params, docs[0], P, fingerprint="own")
+    dec = CompressibleNNXDecoder(dec.graphdef)
+    assert isinstance(dec, decoder_lib.CompressibleKV)
+    doc, positions = jnp.asarray(docs[0]), jnp.arange(DOC_LEN)[None]
+    _, kv = dec.forward(params, doc[None], positions)
+    keys, values, scores = kv_compression.key_scores(params, doc, config=dec)
+    np.testing.assert_allclose(keys, kv["k"][:, 0], atol=1e-5)  # jitted vs eager
+    np.testing.assert_allclose(values, kv["v"][:, 0], atol=1e-5)
+    # A key's score is the attention the decoder itself pays it (its own softmax, read back
+    # from its blocks): summed over the queries and the query heads of its kv head, divided by
+    # the queries that see it.
+    probs = np.asarray(nnx.merge(dec.graphdef, params).attention(doc[None], positions))[:, 0]
+    want = probs.reshape(L, K, H // K, DOC_LEN, DOC_LEN).sum(axis=(2, 3)) / (
+        DOC_LEN - np.arange(DOC_LEN))
+    np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-7)
+
+    whole = kv_compression.init_from_document_kv(dec, params, docs[0], DOC_LEN, fingerprint="own")
+    np.testing.assert_allclose(whole.keys, keys, atol=1e-6)  # every position kept: the K/V
+    np.testing.assert_array_equal(whole.values, values)
+    c = kv_compression.init_from_document_kv(dec, params, docs[0], P, fingerprint="own", pool=1)
+    assert c.keys.shape == c.values.shape == (L, P, K, DH) and c.meta.init == "document_kv"
+    keep = kv_compression.select_positions(np.asarray(scores), P, pool=1)  # [L, K, P]
+    assert np.all(keep[..., 0] == 0) and np.all(np.diff(keep, axis=-1) > 0)
+    for layer in range(L):
+        for head in range(K):
+            kept = keep[layer, head]
+            np.testing.assert_array_equal(c.values[layer, :, head], values[layer, kept, head])
+            # A kept key sits at its slot: rotated back by (position - slot), it is the key the
+            # document's forward gave at that position.
+            back = rope(c.keys[layer, :, head][None, :, None], (kept - np.arange(P))[None])
+            np.testing.assert_allclose(back[0, :, 0], keys[layer, kept, head], atol=1e-5)
+
+
+def test_self_study_teacher_with_it(setup):
+    """Self-study's teacher through the contract: the document blocks prefilled once (the
+    agents' prefix too), the conversations run behind them, and the top-k kept at the targets
+    are those of one plain forward of block + conversation."""
+    dec, params, docs, _ = setup
+    model = LoadedModel(config=dec, params=params, tokenizer=None, fingerprint="own", path="")
+    rng = np.random.default_rng(5)
+    blocks = [docs[0][:20].tolist(), docs[1][:31].tolist(), docs[0][:20].tolist()]
+    convs = [rng.integers(0, V, n).tolist() for n in (20, 9, 20)]  # 40 tokens a row
+    rows = [(np.asarray(b + c, np.int32), len(b) + np.arange(1, len(c) - 1))
+            for b, c in zip(blocks, convs)]
+    context = teacher.prefill_blocks(model, blocks)
+    assert context.block.tolist() == [0, 1, 0]  # a block two rows share is prefilled once
+    _, kv = dec.forward(params, jnp.asarray([blocks[1]]), jnp.arange(31)[None])
+    np.testing.assert_allclose(context.k[:, 1, :31], kv["k"][:, 0], rtol=1e-5, atol=1e-6)
+    for ctx in (context, None):
+        got = teacher.teacher_targets(model, rows, ctx, topk=TOPK, batch_size=2)
+        for (tokens, targets), (ids, logprobs) in zip(rows, got):
+            lp = np.asarray(_logprobs(dec, params, tokens[None],
+                                      np.arange(len(tokens))[None]))[0, targets]
+            assert ids.shape == logprobs.shape == (len(targets), TOPK)
+            np.testing.assert_allclose(np.take_along_axis(lp, ids, axis=1), logprobs, atol=1e-5)
+            np.testing.assert_allclose(logprobs, -np.sort(-lp, axis=1)[:, :TOPK], atol=1e-5)
+
+
+def test_self_study_synthesises_with_it(tokenizer):
+    """A whole self-study batch (both agents sampled behind the prefilled chunk, then the
+    teacher) with the NNX decoder over the real tokenizer's vocabulary."""
+    graphdef, params = nnx.split(TinyLM(nnx.Rngs(1), vocab=len(tokenizer)))
+    dec = NNXDecoder(graphdef, vocab_size=len(tokenizer), max_position_embeddings=2048)
+    model = LoadedModel(config=dec, params=params, tokenizer=tokenizer, fingerprint="own",
+                        path="")
+    text = " ".join(f"Item {j} of the report has value {3 * j}." for j in range(30))
+    study = synthesis.SelfStudy(model, {"d": Document("d", "Report", text)},
+                                synthesis.SynthesisConfig(
+                                    chunk_min=16, chunk_max=32, max_user_tokens=4,
+                                    max_answer_tokens=6, topk=TOPK,
+                                    family_weights=(0, 0, 1, 0, 0, 0, 0)))
+    items = synthesis.work_items(["d"], 2, seed=0)
+    convs, generated = study.run_batch(items)
+    assert generated > 0 and len(convs) == 2
+    for item, conv in zip(items, convs):
+        plan = study.plan(item)
+        plan.conversation = json.loads(conv.messages)
+        assert [m["role"] for m in plan.conversation] == ["user", "assistant"]
+        full, targets, student, mask = study.views(plan)
+        np.testing.assert_array_equal(student, conv.tokens)
+        assert mask.any() and np.array_equal(mask, conv.loss_mask)
+        # The stored teacher rows are the top-k of one plain forward of chunk + conversation.
+        lp = np.asarray(_logprobs(dec, params, full[None], np.arange(len(full))[None]))[0, targets]
+        np.testing.assert_allclose(np.take_along_axis(lp, conv.teacher_ids, axis=1),
+                                   conv.teacher_logprobs, atol=1e-5)
+        np.testing.assert_allclose(conv.teacher_logprobs, -np.sort(-lp, axis=1)[:, :TOPK],
+                                   atol=1e-5)

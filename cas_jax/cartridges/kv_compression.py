@@ -11,9 +11,13 @@ heads, divided by the number of window queries that can see j (causal), so late 
 penalised for being visible to fewer queries. The window is the last `window` tokens (SnapKV),
 or the whole document (None, the default: a cartridge must serve any question, not one).
 
-Positions: the kept keys are re-rotated to cartridge positions 0..P-1 in their original order
-(RoPE rotations compose: rotating by new - old), so the cartridge keeps cas_jax's convention
+Positions: the kept keys are moved to cartridge positions 0..P-1 in their original order
+(for RoPE, rotated by new - old: rotations compose), so the cartridge keeps cas_jax's convention
 (token t at position t; queries start at P).
+
+The model runs through the contract (`cas_jax.model.decoder`): its forward gives the K/V, and
+the optional `CompressibleKV` methods give the queries and move the kept keys, so a
+researcher's own decoder gets this init too.
 """
 
 from __future__ import annotations
@@ -28,39 +32,46 @@ import numpy as np
 from cas_jax.cartridges.cartridge import Cartridge, CartridgeMeta, check_frozen
 from cas_jax.model import llama as model_lib
 from cas_jax.model.config import ModelConfig
+from cas_jax.model.decoder import CompressibleKV, Decoder
+
+
+def compressible(config: ModelConfig | Decoder) -> CompressibleKV:
+    """The decoder `config` stands for, if the init can compress its K/V (it needs the
+    optional `CompressibleKV` methods besides `Decoder`)."""
+    decoder = model_lib.as_decoder(config)
+    if not isinstance(decoder, CompressibleKV):
+        raise TypeError(f"{type(decoder).__name__} lacks queries/move_keys "
+                        "(cas_jax.model.decoder.CompressibleKV): the document_kv init cannot "
+                        "score its keys; use the first_tokens init")
+    return decoder
 
 
 @functools.partial(jax.jit, static_argnames=("config", "window"))
-def key_scores(params, tokens: jax.Array, *, config: ModelConfig, window: int | None = None):
-    """tokens [T] -> (keys, values [L, T, K, Dh] after RoPE, scores [L, K, T] float32)."""
+def key_scores(params, tokens: jax.Array, *, config: ModelConfig | Decoder,
+               window: int | None = None):
+    """tokens [T] -> (keys, values [L, T, K, Dh] as the decoder keeps them, scores [L, K, T]
+    float32), through the model contract (any `Decoder` that is also `CompressibleKV`)."""
+    decoder = compressible(config)
     t = tokens.shape[0]
     w = t if window is None else min(window, t)
     positions = jnp.arange(t, dtype=jnp.int32)[None]
-    inv_freq = model_lib.rope_inv_freq(config)
-    x = params["embed"][tokens[None]]
-    kh, g, dh = config.num_kv_heads, config.num_heads // config.num_kv_heads, config.head_dim
+    _, kv = decoder.forward(params, tokens[None], positions)
+    queries = decoder.queries(params, tokens[None], positions)[:, 0, t - w:]  # [L, w, H, Dh]
+    keys, values = kv["k"][:, 0], kv["v"][:, 0]  # [L, T, K, Dh]
+    kh, dh = keys.shape[2], keys.shape[3]
+    g = queries.shape[2] // kh
+    qpos = jnp.arange(t - w, t)[:, None]
+    visible = jnp.arange(t)[None, :] <= qpos  # [w, T]
+    seen = jnp.maximum(visible.sum(0), 1).astype(jnp.float32)  # [T]
 
-    def body(x, lp):
-        h = model_lib.rms_norm(x, lp["attn_norm"], config.rms_norm_eps)
-        q = model_lib.linear(h, lp["q"], lp.get("q_bias")).reshape(1, t, config.num_heads, dh)
-        k = model_lib.linear(h, lp["k"], lp.get("k_bias")).reshape(1, t, kh, dh)
-        if config.qk_norm:
-            q = model_lib.rms_norm(q, lp["q_norm"], config.rms_norm_eps)
-            k = model_lib.rms_norm(k, lp["k_norm"], config.rms_norm_eps)
-        q = model_lib.apply_rope(q, positions, inv_freq)[0, t - w:]  # [w, H, Dh]
-        k = model_lib.apply_rope(k, positions, inv_freq)[0]  # [T, K, Dh]
+    def one(qk):  # one layer: [K, T]
+        q, k = qk
         s = jnp.einsum("wkgd,tkd->kgwt", q.reshape(w, kh, g, dh).astype(jnp.float32),
                        k.astype(jnp.float32)) / math.sqrt(dh)
-        qpos = jnp.arange(t - w, t)[:, None]
-        visible = jnp.arange(t)[None, :] <= qpos  # [w, T]
         p = jax.nn.softmax(jnp.where(visible[None, None], s, -1e30), axis=-1)
-        seen = jnp.maximum(visible.sum(0), 1).astype(jnp.float32)  # [T]
-        score = p.sum(axis=(1, 2)) / seen[None]  # [K, T]
-        x, (kk, vv) = model_lib.layer(config, inv_freq, x, positions, lp, None, None, None)
-        return x, (kk[0], vv[0], score)
+        return p.sum(axis=(1, 2)) / seen[None]
 
-    _, (keys, values, scores) = jax.lax.scan(body, x, params["layers"])
-    return keys, values, scores
+    return keys, values, jax.lax.map(one, (queries, keys))
 
 
 def select_positions(scores: np.ndarray, num_tokens: int, pool: int = 7) -> np.ndarray:
@@ -76,22 +87,16 @@ def select_positions(scores: np.ndarray, num_tokens: int, pool: int = 7) -> np.n
     return np.sort(keep, axis=-1).astype(np.int32)
 
 
-def _rotate(x: jax.Array, delta: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """x [L, P, K, Dh] rotated by delta [L, P, K] positions (HF rotate-half RoPE layout)."""
-    n_layers, p, kh, dh = x.shape
-    flat = x.transpose(0, 2, 1, 3).reshape(n_layers, kh * p, 1, dh)
-    out = model_lib.apply_rope(flat, delta.transpose(0, 2, 1).reshape(n_layers, kh * p), inv_freq)
-    return out.reshape(n_layers, kh, p, dh).transpose(0, 2, 1, 3)
-
-
-def init_from_document_kv(config: ModelConfig, params, token_ids, num_tokens: int, *,
+def init_from_document_kv(config: ModelConfig | Decoder, params, token_ids, num_tokens: int, *,
                           fingerprint: str, doc_id: str = "", num_frozen: int = 1,
                           window: int | None = None, pool: int = 7) -> Cartridge:
     """A P-token cartridge holding the document's most-attended K/V (module doc).
 
     token_ids [T] int: the document block's tokens (T >= P; T == P gives `init_from_tokens`).
+    config: a ModelConfig or any `Decoder` that is also `CompressibleKV`.
     """
     check_frozen(num_tokens, num_frozen)
+    decoder = compressible(config)
     ids = np.asarray(token_ids, np.int32).reshape(-1)
     keys, values, scores = key_scores(params, jnp.asarray(ids), config=config, window=window)
     keep = select_positions(np.asarray(scores), num_tokens, pool)  # [L, K, P]
@@ -99,5 +104,5 @@ def init_from_document_kv(config: ModelConfig, params, token_ids, num_tokens: in
     k = jnp.take_along_axis(keys, idx[..., None], axis=1)
     v = jnp.take_along_axis(values, idx[..., None], axis=1)
     delta = jnp.arange(num_tokens, dtype=jnp.int32)[None, :, None] - idx
-    k = _rotate(k, delta, model_lib.rope_inv_freq(config))
+    k = decoder.move_keys(k, delta)
     return Cartridge(k, v, CartridgeMeta(fingerprint, doc_id, num_frozen, "document_kv"))

@@ -1,12 +1,14 @@
 """The one contract cas_jax needs from a model: `Decoder`.
 
 The trainers (`train`, and `train_collection` through its step), the scoring and prefilling of
-the evaluator (`scoring`), the sampler (`sampling`) and cartridge initialisation
-(`cartridge.init_*`, through `model.prefill_kv`) run a model only through this protocol. Every
-one of them takes it where it takes a model `config`: a `ModelConfig` stands for cas_jax's own
-decoder (`model.as_decoder` wraps it in `model.LlamaDecoder`); any other object is used as the
-decoder itself. So a researcher's own JAX decoder (Flax NNX, Equinox, plain functions) gets
-cartridges trained, composed, scored and sampled by passing it as `config`, e.g.
+the evaluator (`scoring`), the sampler (`sampling`), self-study synthesis (its agents, prefill
+and teacher: `synthesis`, `teacher`) and cartridge initialisation (`cartridge.init_*`, through
+`model.prefill_kv`; the `document_kv` init also needs `CompressibleKV`) run a model only through
+this protocol. Every one of them takes it where it takes a model `config`: a `ModelConfig`
+stands for cas_jax's own decoder (`model.as_decoder` wraps it in `model.LlamaDecoder`); any
+other object is used as the decoder itself. So a researcher's own JAX decoder (Flax NNX,
+Equinox, plain functions) gets cartridges trained, composed, scored and sampled, and self-study
+data synthesised, by passing it as `config`, e.g.
 `train.train(state, params, data, config=my_decoder, ...)`, or as `LoadedModel.config`.
 
 The arrays the decoder reads and writes (letters as in `model`: B batch, T tokens, S cache
@@ -73,6 +75,24 @@ class Decoder(Protocol):
 # Optional: `decode_layout(params, cache, prefix) -> (params, cache, prefix)`, the arrays the
 # sampler's decode loop passes to `forward` instead (cas_jax's own decoder splits its layer
 # stacks there, `model.unroll_layers`); without it the arrays are passed as they are.
+
+
+@runtime_checkable
+class CompressibleKV(Protocol):
+    """Optional, besides `Decoder`: what the `document_kv` init (`kv_compression`) needs to
+    score a document's keys by the attention its own queries pay them and to keep the best P of
+    them as a cartridge. Without these the init refuses the decoder (`first_tokens` needs none).
+    """
+
+    def queries(self, params: Any, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+        """tokens, positions [B, T] -> every layer's attention queries [L, B, T, H, Dh] (H
+        query heads, a multiple of K; query head h reads kv head h // (H // K)), in the keys'
+        space: softmax(q . k / sqrt(Dh)) over the visible keys is the layer's attention."""
+
+    def move_keys(self, keys: jax.Array, delta: jax.Array) -> jax.Array:
+        """keys [L, N, K, Dh] as `forward` returns them -> the same keys moved by delta
+        [L, N, K] int32 positions (for RoPE, rotated by delta; a decoder whose keys hold no
+        position returns them as they are)."""
 
 
 def kv_dtype(params: Any):

@@ -1,7 +1,7 @@
 """A pure-functional Llama-family decoder (Llama 2/3, SmolLM, Mistral, Qwen2, Qwen3).
 
-`LlamaDecoder(config)` is this module as a `decoder.Decoder`, the contract the trainers,
-scoring and the sampler run models through; `as_decoder` gives it for a ModelConfig.
+`LlamaDecoder(config)` is this module as a `decoder.Decoder` (and `decoder.CompressibleKV`), the
+contract every other part runs models through; `as_decoder` gives it for a ModelConfig.
 
 Params are a plain dict of arrays; per-layer weights are stacked on a leading layer axis L so
 the layers run under `jax.lax.scan`:
@@ -162,6 +162,19 @@ def linear(x, w, b=None):
     return y if b is None else y + b[None, None]
 
 
+def _project(config: ModelConfig, inv_freq, x, positions, lp):
+    """A layer's queries [B, T, H, Dh], keys (both after RoPE) and values [B, T, K, Dh]."""
+    b, t, _ = x.shape
+    h = rms_norm(x, lp["attn_norm"], config.rms_norm_eps)
+    q = linear(h, lp["q"], lp.get("q_bias")).reshape(b, t, config.num_heads, config.head_dim)
+    k = linear(h, lp["k"], lp.get("k_bias")).reshape(b, t, config.num_kv_heads, config.head_dim)
+    v = linear(h, lp["v"], lp.get("v_bias")).reshape(b, t, config.num_kv_heads, config.head_dim)
+    if config.qk_norm:
+        q = rms_norm(q, lp["q_norm"], config.rms_norm_eps)
+        k = rms_norm(k, lp["k_norm"], config.rms_norm_eps)
+    return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+
 def layer(config: ModelConfig, inv_freq, x, positions, lp, pre, cache_l, cache_pos,
            write_at=None):
     """One decoder layer.
@@ -174,16 +187,7 @@ def layer(config: ModelConfig, inv_freq, x, positions, lp, pre, cache_l, cache_p
     returns (x_out, updated (k, v) cache).
     """
     b, t, _ = x.shape
-    h = rms_norm(x, lp["attn_norm"], config.rms_norm_eps)
-    q = linear(h, lp["q"], lp.get("q_bias")).reshape(b, t, config.num_heads, config.head_dim)
-    k = linear(h, lp["k"], lp.get("k_bias")).reshape(b, t, config.num_kv_heads, config.head_dim)
-    v = linear(h, lp["v"], lp.get("v_bias")).reshape(b, t, config.num_kv_heads, config.head_dim)
-    if config.qk_norm:
-        q = rms_norm(q, lp["q_norm"], config.rms_norm_eps)
-        k = rms_norm(k, lp["k_norm"], config.rms_norm_eps)
-    q = apply_rope(q, positions, inv_freq)
-    k = apply_rope(k, positions, inv_freq)
-
+    q, k, v = _project(config, inv_freq, x, positions, lp)
     blocks = []
     if pre is not None:
         pk, pv, pmask, *affine = pre
@@ -325,6 +329,27 @@ def logits_from_hidden(params: Params, hidden: jax.Array, config: ModelConfig) -
                       preferred_element_type=jnp.float32)
 
 
+def layer_queries(params: Params, tokens: jax.Array, positions: jax.Array, *,
+                  config: ModelConfig) -> jax.Array:
+    """[L, B, T, H, Dh]: every layer's queries (after RoPE) for tokens [B, T] with no prefix."""
+    inv_freq = rope_inv_freq(config)
+
+    def body(x, lp):
+        q, _, _ = _project(config, inv_freq, x, positions, lp)
+        return layer(config, inv_freq, x, positions, lp, None, None, None)[0], q
+
+    return jax.lax.scan(body, params["embed"][tokens], params["layers"])[1]
+
+
+def move_keys(keys: jax.Array, delta: jax.Array, config: ModelConfig) -> jax.Array:
+    """keys [L, N, K, Dh] after RoPE moved by delta [L, N, K] positions (rotations compose)."""
+    n_layers, n, kh, dh = keys.shape
+    flat = keys.transpose(0, 2, 1, 3).reshape(n_layers, kh * n, 1, dh)
+    out = apply_rope(flat, delta.transpose(0, 2, 1).reshape(n_layers, kh * n),
+                     rope_inv_freq(config))
+    return out.reshape(n_layers, kh, n, dh).transpose(0, 2, 1, 3)
+
+
 def init_cache(config: ModelConfig | Decoder, batch: int, size: int, dtype=jnp.float32
                ) -> KVCache:
     """An empty cache of `size` slots per row (for any `Decoder`: it reads the K/V layout)."""
@@ -387,6 +412,12 @@ class LlamaDecoder:
 
     def logits(self, params, hidden):
         return logits_from_hidden(params, hidden, self.config)
+
+    def queries(self, params, tokens, positions):  # decoder.CompressibleKV
+        return layer_queries(params, tokens, positions, config=self.config)
+
+    def move_keys(self, keys, delta):  # decoder.CompressibleKV
+        return move_keys(keys, delta, self.config)
 
     def decode_layout(self, params, cache, prefix):
         """The unrolled form (module doc): the sampler's decode loop runs faster on it."""

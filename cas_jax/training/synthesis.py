@@ -11,18 +11,11 @@ With `rounds > 1`, A sees the conversation with roles swapped (B's answers as us
 writes the next user message. All conversations of a batch go through the batched sampler
 together.
 
-The document blocks are prefilled once per batch (`SystemContext`) and their K/V are the prefix
-of both agents' prompts and of the teacher's forward, so the chunk is read once, not three times.
-
-Two views of each conversation:
-  teacher: document(chunk) + conversation   (what B saw)
-  student: conversation alone, exactly what evaluation gives a cartridge to read (the
-    cartridge stands where the document block stood).
-Alignment of a stored example (see `dataset.Conversation`): `loss_mask[t]` is True iff student
-token t+1 belongs to an assistant turn (its content and end-of-turn token), and the teacher rows
-hold the top-k of the teacher's next-token log-softmax at that position, i.e. its prediction of
-student token t+1 from chunk + tokens[:t+1]. Rows are computed in batches by one jitted forward
-over right-padded, bucketed lengths.
+The document blocks are prefilled once per batch and their K/V are the prefix of both agents'
+prompts and of the teacher's forward; the teacher's view of a conversation, its alignment with
+the student's and the top-k targets are `teacher`'s. Every model call (the agents' sampler, the
+prefill, the teacher) goes through the model contract (`cas_jax.Decoder`), so a `LoadedModel`
+holding a researcher's own decoder synthesises too.
 
 Determinism: an item's chunk and seed prompt depend only on its seed; sampled text depends on the
 batch it is generated in, which `run_shard` fixes from (items, batch_size) alone, whatever the
@@ -32,23 +25,19 @@ number of shards.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cas_jax import progress
 from cas_jax.documents import chunking
 from cas_jax.documents.corpus import Document
-from cas_jax.model import llama as model_lib, rendering, sampling, tokenizer as tok_lib
-from cas_jax.model.config import ModelConfig
+from cas_jax.model import rendering, sampling, tokenizer as tok_lib
 from cas_jax.model.loading import LoadedModel
-from cas_jax.training import dataset, selfstudy_data, spans
+from cas_jax.training import dataset, selfstudy_data, spans, teacher
 
 _ONLY = "Output only the message, nothing else."
 
@@ -188,70 +177,6 @@ def _batch_seed(items: Sequence[WorkItem], *salt: int) -> int:
                                       ).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "k", "chunk"))
-def teacher_topk(params, tokens: jax.Array, positions: jax.Array, targets: jax.Array,
-                 prefix=None, *, config: ModelConfig, k: int, chunk: int):
-    """Top-k next-token log-probabilities at chosen positions.
-
-    tokens, positions [B, T] (position -1 = padding); targets [B, M] int32 token indices whose
-    next-token distribution is kept (M a multiple of `chunk`); prefix: optional K/V before the
-    tokens (`model.forward`). Log-softmax in float32.
-    Returns ids [B, M, k] int32 and logprobs [B, M, k] float32, best first.
-    """
-    hidden, _ = model_lib.forward(params, tokens, positions, config=config, return_hidden=True,
-                                  prefix=prefix)
-    h_bmd = jnp.take_along_axis(hidden, targets[:, :, None], axis=1)
-    b, m, d = h_bmd.shape
-    h_cbnd = h_bmd.reshape(b, m // chunk, chunk, d).swapaxes(0, 1)
-
-    def one(h_bnd):
-        logits = model_lib.logits_from_hidden(params, h_bnd, config).astype(jnp.float32)
-        logprobs, ids = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), k)
-        return ids.astype(jnp.int32), logprobs
-
-    ids, logprobs = jax.lax.map(one, h_cbnd)
-    return (ids.swapaxes(0, 1).reshape(b, m, k), logprobs.swapaxes(0, 1).reshape(b, m, k))
-
-
-@dataclasses.dataclass(frozen=True)
-class SystemContext:
-    """The prefilled document blocks of a batch: ids, each row's document-block tokens; k, v
-    [L, U, S, K, Dh] the K/V of the U distinct blocks (after RoPE, positions 0..n-1, padding
-    after); block [N] int, each row's block in k and v (rows of one document share one)."""
-
-    ids: tuple[tuple[int, ...], ...]
-    k: jax.Array
-    v: jax.Array
-    block: np.ndarray
-
-    @property
-    def lengths(self) -> np.ndarray:
-        """[N] int32 document-block tokens per row."""
-        return np.asarray([len(x) for x in self.ids], np.int32)
-
-    def strip(self, row: int, tokens: Sequence[int]) -> Sequence[int]:
-        """Row `row`'s tokens after its document block (which they must start with)."""
-        n = len(self.ids[row])
-        if tuple(tokens[:n]) != self.ids[row]:
-            raise ValueError(f"self-study row {row}: the input does not start with its "
-                             "document block")
-        return tokens[n:]
-
-    def select(self, rows: Sequence[int]) -> "SystemContext":
-        """The context of `rows` only, in that order (no K/V copied)."""
-        return SystemContext(tuple(self.ids[i] for i in rows), self.k, self.v,
-                             self.block[np.asarray(rows, int)])
-
-    def prefix(self, start: int, stop: int, rows: int | None = None) -> dict:
-        """Rows [start, stop) as a `model.forward` prefix, padded to `rows` rows by repeating
-        the last (padding rows' outputs are discarded)."""
-        idx = np.arange(start, stop)
-        idx = np.concatenate([idx, np.full((rows or len(idx)) - len(idx), idx[-1])])
-        mask = np.arange(self.k.shape[2])[None] < self.lengths[idx][:, None]
-        blocks = jnp.asarray(self.block[idx])
-        return {"k": self.k[:, blocks], "v": self.v[:, blocks], "mask": jnp.asarray(mask)}
-
-
 @dataclasses.dataclass
 class Plan:
     """A conversation in the making: its chunk, seed prompt and the turns written so far.
@@ -332,23 +257,13 @@ class SelfStudy:
         """The document block alone: the shared start of both agents' and the teacher's input."""
         return self.render.document(plan.passage)
 
-    def system_context(self, plans: Sequence[Plan]) -> SystemContext:
-        """Prefills the plans' document blocks (one row each; a block shared by several rows,
-        e.g. a whole short document, is prefilled once)."""
-        ids = [tuple(self.system_tokens(p)) for p in plans]
-        unique = list(dict.fromkeys(ids))
-        # Multiples of 512: each distinct prefix length compiles the prefill, the agents'
-        # sampler and the teacher again (minutes on a 2-core CPU).
-        length = -(-max(map(len, unique)) // 512) * 512
-        tokens, positions = sampling.right_pad(unique, length,
-                                               sampling.bucket(len(unique), minimum=1))
-        k, v = model_lib.prefill_kv_jit(self.model.params, jnp.asarray(tokens),
-                                        jnp.asarray(positions), config=self.model.config)
-        return SystemContext(tuple(ids), k, v, np.asarray([unique.index(x) for x in ids]))
+    def system_context(self, plans: Sequence[Plan]) -> teacher.SystemContext:
+        """Prefills the plans' document blocks (`teacher.prefill_blocks`)."""
+        return teacher.prefill_blocks(self.model, [self.system_tokens(p) for p in plans])
 
     def _generate(self, prompts: list[list[int]], max_new: int, temperature: float,
-                  seed: int, context: SystemContext | None = None, penalties: dict | None = None
-                  ) -> list[list[int]]:
+                  seed: int, context: teacher.SystemContext | None = None,
+                  penalties: dict | None = None) -> list[list[int]]:
         params = sampling.SamplingParams(max_new_tokens=max_new, temperature=temperature,
                                          stop_ids=self.stop_ids, **(penalties or {}))
         prefix = None
@@ -384,9 +299,9 @@ class SelfStudy:
                     plans[i].conversation.append({"role": "assistant",
                                                   "content": self.message_text(out)})
         views = [self.views(p) for p in plans]
-        teacher = self.teacher_targets([(t, tg) for t, tg, _, _ in views], context)
+        targets = self.teacher_targets([(t, tg) for t, tg, _, _ in views], context)
         convs = []
-        for p, (_, _, student, mask), (ids, logprobs) in zip(plans, views, teacher):
+        for p, (_, _, student, mask), (ids, logprobs) in zip(plans, views, targets):
             convs.append(dataset.Conversation(
                 tokens=student, loss_mask=mask, teacher_ids=ids, teacher_logprobs=logprobs,
                 doc_id=p.item.doc_id, conversation_index=p.item.conversation_index,
@@ -395,54 +310,18 @@ class SelfStudy:
         return convs, generated
 
     def views(self, plan: Plan):
-        """(teacher tokens [Tt], teacher target indices [M], student tokens [T], loss_mask [T])."""
-        conv = plan.conversation
-        student = self.render.conversation(conv, add_generation_prompt=False)
-        block = self.system_tokens(plan)
-        offset = len(block)
-        teacher = block + student
-        mask = np.zeros(len(student), bool)
-        for start, end in self.render.assistant_spans(conv):
-            if start == 0:
-                raise ValueError("an assistant turn starts the conversation; nothing predicts it")
-            stops = [j for j in range(start, end) if student[j] in self.stop_ids]
-            end = stops[0] + 1 if stops else end
-            mask[start - 1:end - 1] = True
-        return (np.asarray(teacher, np.int32), np.flatnonzero(mask) + offset,
-                np.asarray(student, np.int32), mask)
+        """(teacher tokens [Tt], teacher target indices [M], student tokens [T], loss_mask [T])
+        of a finished conversation (`teacher.views`)."""
+        return teacher.views(self.render, self.system_tokens(plan), plan.conversation,
+                             self.stop_ids)
 
     def teacher_targets(self, rows: list[tuple[np.ndarray, np.ndarray]],
-                         context: SystemContext | None = None
-                         ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per row (teacher tokens, target indices [M]) -> (ids [M, k], logprobs [M, k]).
-
-        context: the K/V of each row's first `context.lengths[i]` teacher tokens (its system
-        message, already prefilled for the agents); only the tokens after them are run."""
-        out = []
-        n = self.config.teacher_batch_size
-        if context is not None:
-            rows = [(context.strip(i, tk), tg - len(context.ids[i]))
-                    for i, (tk, tg) in enumerate(rows)]
-        skip = np.zeros(len(rows), np.int32) if context is None else context.lengths
-        for i in range(0, len(rows), n):
-            group = rows[i:i + n]
-            b = sampling.bucket(len(group), minimum=1)
-            m = sampling.bucket(max(len(tg) for _, tg in group))
-            tokens, positions = sampling.right_pad(
-                [tk for tk, _ in group], sampling.bucket(max(len(tk) for tk, _ in group)), b,
-                starts=skip[i:i + n])
-            targets = np.zeros((b, m), np.int32)
-            for j, (_, tg) in enumerate(group):
-                targets[j, :len(tg)] = tg
-            prefix = None if context is None else context.prefix(i, i + len(group), rows=b)
-            ids, logprobs = teacher_topk(self.model.params, jnp.asarray(tokens),
-                                         jnp.asarray(positions), jnp.asarray(targets), prefix,
-                                         config=self.model.config, k=self.config.topk,
-                                         chunk=min(m, 128))
-            ids, logprobs = np.asarray(ids), np.asarray(logprobs)
-            out.extend((ids[j, :len(tg)], logprobs[j, :len(tg)])
-                       for j, (_, tg) in enumerate(group))
-        return out
+                        context: teacher.SystemContext | None = None
+                        ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per row (teacher tokens, target indices [M]) -> (ids [M, k], logprobs [M, k])
+        (`teacher.teacher_targets`, with this study's top-k and teacher batch size)."""
+        return teacher.teacher_targets(self.model, rows, context, topk=self.config.topk,
+                                       batch_size=self.config.teacher_batch_size)
 
 
 @dataclasses.dataclass(frozen=True)
