@@ -99,6 +99,8 @@ class EvalConfig:
       been trained under the same one.
     geometry: how composed cartridges stand before the question (`attention.Geometry`); it
       should be the one they were trained under. ICL and RAG contexts are read as they are.
+    retrieval_cache: a folder keeping dense retrievers' embeddings (`retrieval.DenseRetriever`)
+      between runs; "" keeps none.
     """
 
     window: int | None = None
@@ -111,6 +113,7 @@ class EvalConfig:
     chunk_tokens: int = 256
     format: str = rendering.DEFAULT_FORMAT
     geometry: attention.Geometry = attention.DEFAULT_GEOMETRY
+    retrieval_cache: str = ""
 
     def __post_init__(self):
         if self.format not in rendering.FORMATS:
@@ -307,7 +310,8 @@ class Evaluator:
 
     def _retriever(self, kind: str, over: str, texts: Callable[[], dict[str, str]]):
         if (kind, over) not in self._retrievers:
-            self._retrievers[kind, over] = retrieval.make_retriever(kind, texts())
+            self._retrievers[kind, over] = retrieval.make_retriever(
+                kind, texts(), cache_dir=self.config.retrieval_cache or None)
         return self._retrievers[kind, over]
 
     def _rag_chunks(self) -> dict[str, tuple[str, str]]:

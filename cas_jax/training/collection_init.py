@@ -2,7 +2,8 @@
 
 Every cartridge of a collection has its own Adam state: `optimizer.init` of its `single_parts`
 (the {frozen, trainable} split of `train.split_cartridges`, with no slot axis), saved with it in
-the store. `initialise_store` creates the cartridges a store lacks; `opt_template_fn` is what
+the store. `initial_cartridge` makes one document's step-0 cartridge, `initialise_store`
+creates the cartridges a store lacks; `opt_template_fn` is what
 the store restores their optimizer state into.
 """
 
@@ -48,6 +49,26 @@ def opt_template_fn(optimizer: optax.GradientTransformation) -> Callable[[Cartri
     return cached_opt_template(lambda c: optimizer.init(single_parts(c)))
 
 
+def initial_cartridge(model: LoadedModel, doc_id: str, text: str, tokens_per_doc: int,
+                      num_frozen: int = 1, init: str = "first_tokens",
+                      geometry: str = "serial") -> Cartridge:
+    """`doc_id`'s cartridge at step 0, as host arrays: what `initialise_store` saves for it
+    (init and geometry as there); also the untrained stand-in for a document whose cartridge
+    was never trained."""
+    if init not in INITS:
+        raise ValueError(f"init {init!r}: expected one of {INITS}")
+    common = dict(fingerprint=model.fingerprint, doc_id=doc_id, num_frozen=num_frozen)
+    block = document_tokens(model.tokenizer, text, None)
+    if init == "document_kv" and len(block) > tokens_per_doc:
+        c = kv_compression.init_from_document_kv(model.config, model.params, block,
+                                                 tokens_per_doc, **common)
+    else:
+        c = cart_lib.init_from_tokens(model.config, model.params,
+                                      np.resize(block, tokens_per_doc), **common)
+    c = jax.device_get(c)
+    return c.replace(meta=dataclasses.replace(c.meta, geometry=geometry))
+
+
 def initialise_store(store: CartridgeStore, model: LoadedModel, texts: dict[str, str],
                      tokens_per_doc: int, optimizer: optax.GradientTransformation,
                      num_frozen: int = 1, init: str = "first_tokens",
@@ -64,16 +85,7 @@ def initialise_store(store: CartridgeStore, model: LoadedModel, texts: dict[str,
     for doc_id, text in texts.items():
         if store.exists(doc_id):
             continue
-        common = dict(fingerprint=model.fingerprint, doc_id=doc_id, num_frozen=num_frozen)
-        block = document_tokens(model.tokenizer, text, None)
-        if init == "document_kv" and len(block) > tokens_per_doc:
-            c = kv_compression.init_from_document_kv(model.config, model.params, block,
-                                                     tokens_per_doc, **common)
-        else:
-            c = cart_lib.init_from_tokens(model.config, model.params,
-                                          np.resize(block, tokens_per_doc), **common)
-        c = jax.device_get(c)
-        c = c.replace(meta=dataclasses.replace(c.meta, geometry=geometry))
+        c = initial_cartridge(model, doc_id, text, tokens_per_doc, num_frozen, init, geometry)
         store.save(doc_id, c, jax.device_get(optimizer.init(single_parts(c))), step=0)
         made.append(doc_id)
     return made
