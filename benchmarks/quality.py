@@ -82,9 +82,13 @@ HELPS = {
                             "(multiple choice is scored by option log-likelihood without it).",
     "study.rag_top_k": "RAG chunks per question.",
     P + "seed": "Seed of questions, synthesis and training.",
-    P + "train.geometry": "Composition geometry of training and evaluation "
+    P + "train.geometry": "Composition geometry of the training rows "
                           "(attention.Geometry: serial, parallel, optionally "
                           "',temperature=T,scale=S,count_power=C').",
+    P + "collection.read_geometry": "Composition geometry the cartridges are read by "
+                                    "(evaluation; kept in each CAS cartridge); 'none' = the "
+                                    "training one. Recorded rows read under serial (results/"
+                                    "quality_cas*) are reused only with 'serial' here.",
     "cas": "Also the collection methods (issue 12, `cas_jax.studies.cas_study`): CAS oracle "
            "and composed, naive composed, monolithic, retrieval + CAS, RAG.",
     "cas_epochs": "CAS training length in epochs of the self-study data (0: --epochs, the "

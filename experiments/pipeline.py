@@ -62,9 +62,12 @@ CONFIG = config_flags.define(
            "train.lr": "Adam learning rate.",
            "collection.init": "Cartridge initialisation (train_collection.initialise_store).",
            "seed": "Seed for synthesis, training and questions.",
-           "train.geometry": "Composition geometry of training and evaluation "
+           "train.geometry": "Composition geometry of the CAS training rows "
                              "(attention.Geometry spec: serial or parallel, optionally "
                              "',temperature=T,scale=S,count_power=C').",
+           "collection.read_geometry": "Composition geometry kept in every CAS cartridge and "
+                                       "used by evaluation, chat and the server ('none' = "
+                                       "--geometry).",
            "collection.distractors.kind": "How CAS training draws k (distractors module doc).",
            "collection.distractors.p_iso": "Mixed schedule: share of rows read alone.",
            "collection.distractors.quiet": "Share of quiet CAS steps (distilled toward the "
@@ -136,7 +139,7 @@ def main(argv):
                                                    cfg.seed)
     questions_lib.write_questions(os.path.join(out, "questions.jsonl"), qs)
     ev = evaluate.Evaluator(model, docs, evaluate.EvalConfig(max_new_tokens=FLAGS.max_new_tokens,
-                                                             geometry=cfg.train.geometry))
+                                                             geometry=pipeline.read_geometry(cfg)))
     results = pipeline.evaluate_baselines(ev, qs, cfg.top_k, on_result=_eval_report)
     for label, source in sources.items():
         results += pipeline.evaluate_cartridges(ev, qs, source, label, cfg.top_k,

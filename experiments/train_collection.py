@@ -48,7 +48,10 @@ flags.DEFINE_float("p_iso", 0.0, "Mixed schedule: share of rows that read their 
 flags.DEFINE_float("quiet", 0.0, "Share of quiet steps: rows read only other documents' "
                    "cartridges and are distilled toward the model with none.")
 flags.DEFINE_string("geometry", str(attention.DEFAULT_GEOMETRY),
-                    "Composition geometry (attention.Geometry spec), kept in every cartridge.")
+                    "Composition geometry of the training rows (attention.Geometry spec).")
+flags.DEFINE_string("read_geometry", "", "Composition geometry kept in every cartridge, the "
+                    "one evaluation, chat and the server compose it by; empty = --geometry "
+                    "(issue 24's dev choice: serial training, read parallel,count_power=0.5).")
 flags.DEFINE_integer("ramp_steps", 100, "Steps for the 'ramp' schedule to reach k_max.")
 flags.DEFINE_enum("grad_scope", "target", GRAD_SCOPES, "Which active cartridges get updates.")
 flags.DEFINE_integer("budget_bytes", 1 << 30, "Device bytes for resident cartridges + Adam.")
@@ -87,8 +90,10 @@ def main(argv):
         checkpoint_every=FLAGS.checkpoint_every, prefetch=FLAGS.prefetch, seed=FLAGS.seed)
     try:
         geometry = attention.Geometry.parse(FLAGS.geometry)
+        read = attention.Geometry.parse(FLAGS.read_geometry) if FLAGS.read_geometry else None
     except ValueError as e:
-        raise app.UsageError(f"--geometry: {e}")
+        raise app.UsageError(f"--geometry / --read_geometry: {e}")
+    cfg = dataclasses.replace(cfg, read_geometry=read)
     tcfg = train.TrainConfig(lr=FLAGS.lr, total_steps=FLAGS.steps, geometry=geometry)
     if distributed.is_primary():
         os.makedirs(FLAGS.store, exist_ok=True)

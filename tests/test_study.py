@@ -354,8 +354,9 @@ def _recorded_claims_run(tmp_path, monkeypatch):
     (rec / "curve.jsonl").write_text("".join(json.dumps(
         {"step": s, "heldout_loss": 1.0, "heldout_floor": 2.0, "gold_nll": 1.5,
          "accuracy": 0.5}) + "\n" for s in (0, 4)))
-    isolated = pipeline.stamp(cfg.pipeline)
-    cas = pipeline.stamp(study_runs.cas_pipeline(cfg.pipeline, recipe), distractors=3)
+    read_by = {"read_geometry": str(pipeline.read_geometry(cfg.pipeline))}  # not serial
+    isolated = {**pipeline.stamp(cfg.pipeline), **read_by}
+    cas = pipeline.stamp(study_runs.cas_pipeline(cfg.pipeline, recipe), distractors=3, **read_by)
     for name, folder, stamp in [("closed_book", rec, None), ("icl", rec, None),
                                 ("rag_bm25_k2", rec, None), ("oracle_cartridge_step4", rec,
                                                              None),

@@ -239,3 +239,20 @@ def test_quiet_training_makes_cartridges_quieter(setup, tmp_path):
     after = composition.interference(model, data, pipeline.StoreSource(
         CartridgeStore(root + "/cartridges", model.fingerprint)), attention.SERIAL, seq_len=16)
     assert after < 0.7 * before, (before, after)
+
+
+def test_cartridges_record_the_geometry_they_are_read_by(tmp_path):
+    """Training composes its rows by TrainConfig.geometry; the store's cartridges record
+    read_geometry (else that one), which evaluation, chat and the server compose them by."""
+    from conftest import tiny_model
+    from cas_jax.cartridges.attention import Geometry
+
+    model = tiny_model(vocab_size=64, max_position_embeddings=8192)
+    _dataset(tmp_path / "data", np.random.default_rng(0))
+    root = str(tmp_path / "store")
+    read = "parallel,count_power=0.5"
+    cfg = _cfg(steps=1, read_geometry=Geometry.parse(read))
+    tc.train_collection(model, str(tmp_path / "data"), root, cfg, train.TrainConfig(),
+                        texts={d: f"Document {d} is about the letter {d}." for d in DOCS})
+    store = CartridgeStore(root + "/cartridges", model.fingerprint)
+    assert {store.load_cartridge(d).meta.geometry for d in DOCS} == {read}

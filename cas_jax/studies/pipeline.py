@@ -33,7 +33,8 @@ SYNTHESIS = synthesis.SynthesisConfig(chunk_min=1024, chunk_max=1024, max_user_t
                                       max_answer_tokens=96, family_weights=SPANS_ONLY,
                                       no_repeat_ngram_size=4)
 COLLECTION = CollectionConfig(tokens_per_doc=64, batch_size=4, seq_len=320, steps=48,
-                              distractors=DistractorSchedule(k_max=2))
+                              distractors=DistractorSchedule(k_max=2),
+                              read_geometry=Geometry("parallel", count_power=0.5))
 TRAIN = train.TrainConfig(lr=2e-2)
 """The sections of the default PipelineConfig."""
 
@@ -136,6 +137,12 @@ for _name, _path in FLAT.items():
 LATER_FIELDS = ("p_iso", "quiet", "geometry")
 """Flat settings added after results were recorded: `stamp` leaves them out while they hold
 their defaults, so the recorded results still match the configs that made them."""
+
+
+def read_geometry(cfg: PipelineConfig) -> Geometry:
+    """The geometry cartridges trained under `cfg` are composed by wherever they are read:
+    `collection.read_geometry`, else the one training composes its rows by."""
+    return cfg.collection.read_geometry or cfg.train.geometry
 
 
 def stamp(cfg: PipelineConfig, **extra) -> dict:

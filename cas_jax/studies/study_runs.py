@@ -428,7 +428,7 @@ def run_quality_study(model: LoadedModel, run: QualityRun) -> list[dict]:
     clock.start()
     print("== 2. baselines ==", flush=True)
     ev = evaluate.Evaluator(model, docs, evaluate.EvalConfig(max_new_tokens=cfg.max_new_tokens,
-                                                             geometry=cfg.pipeline.geometry))
+                                                             geometry=pipeline.read_geometry(cfg.pipeline)))
     rag_name = f"rag_bm25_k{cfg.rag_top_k}"
     recorded = ((run.reuse,) if run.reuse else ()) + run.reuse_eval  # they read no cartridges
     results = {name: study.cached_method(out, name, method, recorded=recorded)

@@ -42,6 +42,7 @@ import jax
 import numpy as np
 
 from cas_jax import distributed, progress
+from cas_jax.cartridges.attention import Geometry
 from cas_jax.cartridges.budget import BudgetManager
 from cas_jax.model.loading import LoadedModel
 from cas_jax.training import dataset, train
@@ -68,7 +69,11 @@ class CollectionConfig:
     (`initialise_store`). length_bucket: batches are cut to their longest row rounded up to
     this many tokens (`dataset.trim_batch`; 0 pads to seq_len). budget_bytes: device bytes for
     resident cartridges + optimizer state. checkpoint_every: steps between checkpoints. io_threads:
-    the budget manager's reader threads."""
+    the budget manager's reader threads. read_geometry: the composition geometry recorded in
+    each cartridge (`CartridgeMeta.geometry`), the one every reader composes it by (evaluation,
+    chat, the server, exports); None = the geometry training composes its rows by
+    (`TrainConfig.geometry`). Issue 24's dev study chose cartridges trained under serial and
+    read under parallel,count_power=0.5."""
 
     tokens_per_doc: int = 128
     init: str = "first_tokens"
@@ -84,6 +89,7 @@ class CollectionConfig:
     io_threads: int = 1
     seed: int = 0
     log_every: int = 5
+    read_geometry: Geometry | None = None
 
     def __post_init__(self):
         if self.grad_scope not in GRAD_SCOPES:
@@ -99,7 +105,8 @@ def _initialise_missing(main, model: LoadedModel, store_dir: str, cfg: Collectio
                          "text given to initialise them")
     if missing and jax.process_index() == 0:
         initialise_store(main, model, {d: texts[d] for d in missing}, cfg.tokens_per_doc,
-                         optimizer, init=cfg.init, geometry=str(train_config.geometry))
+                         optimizer, init=cfg.init,
+                         geometry=str(cfg.read_geometry or train_config.geometry))
     distributed.barrier("cas-store-initialised")
 
 
