@@ -7,7 +7,7 @@ from benchmarks.configs import SETS
 def test_cas_dev_commands_are_the_scripts():
     cmds = variants.commands(SETS["cas_dev"], ["all3"])
     name, env, argv, log = cmds[0]
-    assert env == {"OUT": "runs/cas_dev_all3", "CAS_REC": "benchmarks/results/cas_dev_all3",
+    assert env == {"OUT": "runs/cas_dev_all3", "CAS_REC": "benchmarks/results/archive/cas_dev_all3",
                    "REC": "benchmarks/results/dev_epochs"}
     assert argv == ["benchmarks/cas_claims.sh", "--split=dev", "--profiles=8", "--epochs=6",
                     "--nocas_naive", "--compose_k=3", "--positions=", "--retrievers=",
@@ -29,7 +29,7 @@ def test_ablation_commands_are_the_scripts():
 def test_schedule_commands_are_the_scripts():
     cmds = variants.commands(SETS["cas_schedules"], list(SETS["cas_schedules"].variants))
     assert [c[1] for c in cmds[:2]] == [
-        {"OUT": "runs/cas_scope_all", "CAS_REC": "benchmarks/results/cas_scope_all"},
-        {"OUT": "runs/cas_ramp", "CAS_REC": "benchmarks/results/cas_ramp"}]
+        {"OUT": "runs/cas_scope_all", "CAS_REC": "benchmarks/results/archive/cas_scope_all"},
+        {"OUT": "runs/cas_ramp", "CAS_REC": "benchmarks/results/archive/cas_ramp"}]
     assert cmds[1][2][-1] == "--cas_schedule=ramp"
     assert cmds[2][2][-2] == "--runs=runs/quality_cas,runs/cas_scope_all,runs/cas_ramp"
