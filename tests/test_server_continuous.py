@@ -1,7 +1,9 @@
 """The continuous-batching engine (cas_jax.serving.continuous) with the tiny random model:
 joining at the next step, cancellation, per-row sampling, stop strings, logprobs, compiling
-off the engine's path, and composition through the one geometry."""
+off the engine's path, composition through the one geometry, and long prompts prefilled in
+chunks (cas_jax.serving.prefill)."""
 
+import concurrent.futures
 import dataclasses
 import threading
 import time
@@ -242,3 +244,88 @@ def test_the_server_composes_by_the_geometry_its_cartridges_were_trained_under(t
     s.save("z", _cartridge(tiny, "z", 8))  # trained under the default, serial
     with pytest.raises(ValueError, match=r"different composition geometries.*'z'"):
         _engine(tiny, s)
+
+
+# ---------------------------------------------------------------- chunked prefill
+
+CHUNK = 64  # the smallest prefill_chunk (kernels.CHUNK)
+SAMPLED = serving_engine.Sampling(max_tokens=8, temperature=1.0, top_p=0.9, seed=3,
+                                  logprobs=True)
+
+
+@pytest.mark.parametrize("spec,requests", [
+    ("serial", [([], _greedy(8, logprobs=True)), (["b", "a"], _greedy(8, logprobs=True)),
+                (["a"], SAMPLED)]),
+    ("parallel,temperature=0.8,count_power=1", [(["b", "a"], _greedy(8, logprobs=True))])])
+def test_a_prompt_prefilled_in_chunks_answers_as_a_whole_one(tiny, store, spec, requests):
+    """Greedy tokens, sampled tokens (seeded) and logprobs, with and without cartridges
+    composed under the geometry (a parallel one with reshaped logits): prefill_chunk=64 (three
+    chunks, the last partial) against 512 (the whole prompt in one call)."""
+    prompt = _prompt(tiny, "word " * 140)
+    assert 2 * CHUNK < len(prompt) < 3 * CHUNK
+    got = {}
+    for chunk in (CHUNK, 512):
+        engine = _engine(tiny, store, geometry=attention.Geometry.parse(spec),
+                         prefill_chunk=chunk)
+        try:
+            got[chunk] = [engine.submit(prompt, ids, p).result(120) for ids, p in requests]
+            compiled = dict(engine.kernels.compiled)
+        finally:
+            engine.close()
+        # The chunked engine compiled chunk kernels (one per cartridge presence), no prefill.
+        kinds = {bool(ids) for ids, _ in requests}
+        assert (compiled.get("chunk", 0), compiled.get("prefill", 0)) == (
+            (len(kinds), 0) if chunk == CHUNK else (0, len(kinds))), compiled
+    for (ids, _), chunked, whole in zip(requests, got[CHUNK], got[512]):
+        assert [e.token for e in chunked.logprobs] == [e.token for e in whole.logprobs], ids
+        assert chunked.text == whole.text and chunked.completion_tokens == 8
+        for a, b in zip(chunked.logprobs, whole.logprobs):
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-5), ids
+
+
+def _short_then_long(engine, tiny, long_prompt):
+    """A short request decodes, a long one arrives: (their events, the engine's steps when the
+    long one was queued)."""
+    short_ev, long_ev = _Events(engine), _Events(engine)
+    # Logprobs: a delta at every step. max_tokens: the long row's slot bucket (512), so
+    # the pool keeps one slot bucket and the runs after the first compile nothing.
+    short = engine.submit(_prompt(tiny, "Tell me a long story."), ["a"],
+                          _greedy(440, logprobs=True), short_ev)
+    while len(short_ev.deltas()) < 3:
+        time.sleep(0.005)
+    queued = engine.steps
+    engine.submit(long_prompt, ["b"], _greedy(4), long_ev).result(120)
+    short.cancel()  # (it may have finished while the first run compiled)
+    concurrent.futures.wait([short.future], 120)
+    return short_ev, long_ev, queued
+
+
+def test_running_rows_decode_between_the_chunks_of_a_long_prompt(tiny, store):
+    """A short request decodes; a prompt of five chunks arrives: one chunk per engine
+    iteration, each followed by a decode step that gives the short row a token, and the long
+    request starts at its last chunk. (Whole, it starts at the next step.) Observed in a run
+    that compiled nothing, so no step counted is a wait for a compile."""
+    engine = _engine(tiny, store, prefill_chunk=CHUNK)
+    long_prompt = _prompt(tiny, "word " * 280)
+    chunks = -(-len(long_prompt) // CHUNK)
+    assert chunks == 5
+    try:
+        for _ in range(3):  # until a run in which nothing compiled (the first ones compile)
+            compiled = sum(engine.kernels.compiled.values())
+            short_ev, long_ev, queued = _short_then_long(engine, tiny, long_prompt)
+            _wait_for_warmup(engine)  # what it asked for compiles now, not in the next run
+            if sum(engine.kernels.compiled.values()) == compiled:
+                break
+        else:
+            pytest.fail(f"kernels still compiled in the 3rd run: {engine.kernels.compiled}")
+        started = long_ev.step_of("start")
+        # Chunk 1 in the iteration that admits it, chunk 5 (and the row) four steps later; the
+        # engine may have been one step further on than `queued` when the request arrived.
+        assert chunks - 1 <= started - queued <= chunks + 1, (queued, started)
+        during = [s for k, _, s in short_ev.events if k == "delta" and queued < s <= started]
+        assert len(during) >= chunks - 1, during
+        status = engine.status()
+        assert status["prefilling"] is None
+        assert status["compiles"]["chunk"] == 1  # one buffer bucket, with cartridges
+    finally:
+        engine.close()

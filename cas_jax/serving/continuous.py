@@ -13,11 +13,14 @@ thread
      `ServeConfig.geometry`, prefills its prompt at positions from `attention.query_start`
      (exactly the layout of training, scoring and `sampling.generate`) together with up to
      prefill_rows - 1 others of its prompt bucket, samples its first token and writes its K/V
-     into a free row, growing the pool when no row is free;
-  3. runs one decode step of every row: per-row temperature, top-p, penalties and seed;
-  4. hands each row's token to its detokeniser and stop-string matcher, emits the text made
+     into a free row, growing the pool when no row is free; a prompt longer than
+     prefill_chunk instead begins its chunked prefill (3) when none is under way;
+  3. prefills the next chunk of that prompt (`serving_prefill`) and, once its last chunk is
+     done, gives it a row as in 2 (no request is admitted while it waits for one);
+  4. runs one decode step of every row: per-row temperature, top-p, penalties and seed;
+  5. hands each row's token to its detokeniser and stop-string matcher, emits the text made
      final, and finishes rows on a stop token, a stop string or max_tokens;
-  5. shrinks the pool when a quarter of it would do (and drops it when idle).
+  6. shrinks the pool when a quarter of it would do (and drops it when idle).
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ from cas_jax.model.loading import LoadedModel
 from cas_jax.serving.cartridges import EngineBase
 from cas_jax.serving.engine import Completion, Delta, Handle, Listener, Sampling, ServeConfig
 from cas_jax.serving.engine import ServeError, cancelled
-from cas_jax.serving.kernels import Kernels, row_arrays, rows_tuple
+from cas_jax.serving.kernels import Kernels, rows_tuple
 from cas_jax.serving.pool import Job, Pool, Shapes
+from cas_jax.serving.prefill import LongPrefill, prefill_group, row_values
 from cas_jax.serving.text import Detokenizer, StopText, TokenLogprob
 
 _WAKE, _CLOSE = "wake", "close"
@@ -61,6 +65,8 @@ class ContinuousEngine(EngineBase):
             geometry=config.geometry)
         self._pool: Pool | None = None
         self._waiting: collections.deque[Job] = collections.deque()
+        self._long: LongPrefill | None = None  # the prompt prefilling in chunks
+        self._moved = False  # it moved in the last iteration: the next one does not wait
         self.steps = 0  # decode steps run
         self._lock = threading.Lock()  # guards the counters read by status()
         if config.warmup:
@@ -99,10 +105,10 @@ class ContinuousEngine(EngineBase):
     def _loop(self) -> None:
         closing = False
         while not closing:
-            live = bool(self._live())
+            busy = bool(self._live()) or self._moved
             try:
-                item = self._inbox.get(block=not live,
-                                       timeout=0.05 if self._waiting and not live else None)
+                item = self._inbox.get(block=not busy, timeout=0.05 if (
+                    self._waiting or self._long) and not busy else None)
             except queue.Empty:
                 item = None
             while item is not None:
@@ -119,6 +125,7 @@ class ContinuousEngine(EngineBase):
             try:
                 self._drop_cancelled()
                 self._admit()
+                self._moved = self._advance_long()
                 if self._live():
                     self._step()
                 self._shrink()
@@ -127,11 +134,12 @@ class ContinuousEngine(EngineBase):
         self._fail_all(ServeError(503, "the server is shutting down", type="server_error"))
 
     def _fail_all(self, error: Exception) -> None:
-        for job in self._live() + list(self._waiting):
+        long = [] if self._long is None else [self._long.job]
+        for job in self._live() + list(self._waiting) + long:
             self._end(job)
             job.handle.emit("error", error)
         self._waiting.clear()
-        self._pool = None
+        self._pool, self._long = None, None
 
     def _drop_cancelled(self) -> None:
         for job in [j for j in self._waiting if j.handle.cancelled]:
@@ -141,6 +149,14 @@ class ContinuousEngine(EngineBase):
             if job.handle.cancelled:
                 self._end(job)
                 job.handle.emit("error", cancelled())
+        if self._long is not None and self._long.job.handle.cancelled:
+            self._drop_long(cancelled())
+
+    def _drop_long(self, error: Exception) -> None:
+        """Ends the request prefilling in chunks with `error`."""
+        job, self._long = self._long.job, None
+        self._end(job)
+        job.handle.emit("error", error)
 
     def _end(self, job: Job) -> None:
         """Frees the row, bank slots and pins a job holds."""
@@ -157,10 +173,19 @@ class ContinuousEngine(EngineBase):
     def _admit(self) -> None:
         """Admits waiting requests in order, those of one prefill key together (module doc). A
         request that must wait is passed by later ones, until max_batch have passed it."""
-        used, skipped, group = 0, [], []
+        if self._long is not None and self._long.done:
+            return  # it waits for a row: nothing takes one before it
+        used, skipped, group, started = 0, [], [], []
         for job in list(self._waiting):
-            if any(j.passed >= self.config.max_batch for j in skipped) or (
-                    group and used + len(job.prompt) > self.config.prefill_tokens_per_step):
+            if any(j.passed >= self.config.max_batch for j in skipped):
+                break
+            if self.shapes.chunked(job):
+                if self._long is None and self._begin_long(job):
+                    started.append(job)
+                elif self._long is None and job in self._waiting:
+                    skipped.append(job)
+                continue  # a long prompt waits for the one prefilling to end
+            if group and used + len(job.prompt) > self.config.prefill_tokens_per_step:
                 break
             if group and (self.shapes.prefill_key(job) != self.shapes.prefill_key(group[0])
                           or len(group) >= self.config.prefill_rows):
@@ -172,13 +197,12 @@ class ContinuousEngine(EngineBase):
             group.append(job)
             used += len(job.prompt)
         try:
-            started = self._start(group, skipped) if group else []
+            started += self._start(group, skipped) if group else []
         except ServeError as e:  # the group's kernels failed to compile
             self._unpin(group)
             for job in group:
                 self._waiting.remove(job)
                 job.handle.emit("error", e)
-            started = []
         order = {id(job): i for i, job in enumerate(self._waiting)}
         for job in skipped:
             job.passed += sum(order[id(s)] > order[id(job)] for s in started)
@@ -189,14 +213,14 @@ class ContinuousEngine(EngineBase):
         return (self.shapes.new_pool(jobs) if self._pool is None
                 else self._pool.target(self.shapes, jobs))
 
-    def _kernels(self, keys: list[tuple]) -> list | None:
-        """The compiled kernels of `keys`, or None while one is still compiling."""
+    def _kernels(self, keys: list[tuple]) -> dict | None:
+        """The compiled kernels of `keys` by kind, or None while one is still compiling."""
         try:
-            kernels = [self.kernels.get(k) for k in keys]
+            kernels = {k[0]: self.kernels.get(k) for k in keys}
         except Exception as e:
             raise ServeError(500, f"compiling the kernels of this request failed: "
                              f"{type(e).__name__}", type="server_error") from None
-        return None if any(k is None for k in kernels) else kernels
+        return None if any(k is None for k in kernels.values()) else kernels
 
     def _pin(self, job: Job) -> bool:
         """Pins the job's cartridges and holds their bank slots; False while they must wait.
@@ -226,21 +250,29 @@ class ContinuousEngine(EngineBase):
                 self.budget.release(job.ids)
             job.pinned = False
 
-    def _group_kernels(self, group: list[Job]) -> tuple[list[Job], tuple, list]:
+    def _pool_kernels(self, jobs: list[Job], keys: list[tuple]) -> tuple[tuple, dict | None]:
+        """The pool shape that takes `jobs` (None while they must wait) and the kernels of
+        `keys`, reset, insert, step and the relayout to it if the pool changes shape (None
+        while one compiles)."""
+        target = self._target(jobs)
+        if target is None:
+            return target, None
+        keys = keys + [("reset", *target), ("insert", *target[:2]), ("step", *target)]
+        if self._pool is not None and self._pool.shape != target:
+            keys.append(("relayout", self._pool.shape, target))
+        return target, self._kernels(keys)
+
+    def _group_kernels(self, group: list[Job]) -> tuple[list[Job], tuple, dict]:
         """The longest head of `group` whose kernels are compiled (all of it, else its first
-        job alone), with its target shape and kernels: prefill, reset, insert, step and the
-        relayout to the target if the pool changes shape. ([], ...) while they compile."""
+        job alone), with its target shape and kernels (`_pool_kernels` and the prefill).
+        ([], ...) while they compile."""
         t, pfx = self.shapes.prefill_key(group[0])
         for jobs in ([group, group[:1]] if len(group) > 1 else [group]):
-            target = self._target(jobs)
-            keys = [("prefill", self.shapes.prefill_rows(len(jobs)), t, pfx),
-                    ("reset", *target), ("insert", *target[:2]), ("step", *target)]
-            if self._pool is not None and self._pool.shape != target:
-                keys.append(("relayout", self._pool.shape, target))
-            kernels = self._kernels(keys)
+            prefill = ("prefill", self.shapes.prefill_rows(len(jobs)), t, pfx)
+            target, kernels = self._pool_kernels(jobs, [prefill])
             if kernels is not None:
                 return jobs, target, kernels
-        return [], target, []
+        return [], target, {}
 
     def _start(self, group: list[Job], skipped: list[Job]) -> list[Job]:
         """Prefills `group`'s jobs (pinned) in one call and gives each a row; the jobs started.
@@ -250,22 +282,68 @@ class ContinuousEngine(EngineBase):
         skipped += group[len(jobs):]
         if not jobs:
             return []
-        n = self.shapes.prefill_rows(len(jobs))
+        composed = [self._compose(job) for job in jobs]
+        k, v, *first = prefill_group(self.kernels, self.shapes, jobs, kernels["prefill"],
+                                     self.shapes.prefill_rows(len(jobs)), composed)
+        for i, job in enumerate(jobs):
+            self._join(job, target, kernels, composed[i], lambda c, i=i: (k[i, c], v[i, c]),
+                       [a[i] for a in first])
+        return jobs
+
+    def _join(self, job: Job, target: tuple, kernels: dict, composed: dict, piece,
+              first: list) -> None:
+        """Gives prefilled `job` a row of the pool (of shape `target`: made, or relaid out to
+        it) with its prompt's K/V (`Pool.place`), and takes its first token."""
         if self._pool is None:
             self._pool = Pool.empty(self.kernels, target)
         elif self._pool.shape != target:
-            self._pool = self._pool.relayout(target, kernels[4])
-        composed = [self._compose(job) for job in jobs]
-        k, v, *first = self._prefill(jobs, kernels[0], n, composed)
-        for i, job in enumerate(jobs):
-            self._pool.place(job, composed[i], kernels[1], kernels[2], (k, v), i)
-            job.detok = Detokenizer(self.model.tokenizer)
-            job.stops = StopText(job.params.stop) if job.params.stop else None
-            job.joined_step = self.steps
-            job.handle.emit("start")
-            self._take(job, *(a[i] for a in first))
+            self._pool = self._pool.relayout(target, kernels["relayout"])
+        self._pool.place(job, composed, kernels["reset"], kernels["insert"], piece)
+        job.detok = Detokenizer(self.model.tokenizer)
+        job.stops = StopText(job.params.stop) if job.params.stop else None
+        job.joined_step = self.steps
+        job.handle.emit("start")
+        self._take(job, *first)
         self.largest_batch = max(self.largest_batch, len(self._pool.live()))
-        return jobs
+
+    def _begin_long(self, job: Job) -> bool:
+        """Begins prefilling `job`'s long prompt in chunks (pinned); False while it must wait
+        (its chunk kernel compiles or its cartridges wait for the budget; dropped, with the
+        error emitted, if one cannot be read or compiled)."""
+        try:
+            ready = self._kernels([self.shapes.chunk_key(job)]) is not None
+        except ServeError as e:
+            self._waiting.remove(job)
+            job.handle.emit("error", e)
+            return False
+        if not ready or not self._pin(job):
+            return False
+        self._long = LongPrefill(self.kernels, self.shapes, job, self._compose(job))
+        return True
+
+    def _advance_long(self) -> bool:
+        """The next chunk of the prompt prefilling in chunks; once it is done, its row (module
+        doc, step 3). Whether it moved."""
+        long = self._long
+        if long is None:
+            return False
+        moved = False
+        try:
+            if not long.done:
+                chunk = self._kernels([long.key])
+                if chunk is None:
+                    return False
+                long.run(chunk["chunk"])
+                moved = True
+            target, kernels = self._pool_kernels([long.job], []) if long.done else (None, None)
+        except ServeError as e:  # its kernels failed to compile
+            self._drop_long(e)
+            return False
+        if kernels is not None:
+            self._long = None
+            self._join(long.job, target, kernels, long.composed, long.piece, long.first)
+            moved = True
+        return moved
 
     def _compose(self, job: Job) -> dict:
         if not job.infos:
@@ -278,26 +356,6 @@ class ContinuousEngine(EngineBase):
         return self.kernels.compose(self.bank.bank, selection, selected,
                                     geometry=self.config.geometry)
 
-    def _prefill(self, jobs: list[Job], prefill, n: int, composed: list[dict]) -> tuple:
-        """Keys and values [n, chunks, L, CHUNK, K, Dh] of the jobs' prompts (padded to the
-        call's n rows by repeating the last), and their first tokens, logprobs and top
-        alternatives (host arrays)."""
-        t = self.shapes.prompt(len(jobs[0].prompt))
-        tokens = np.zeros((n, t), np.int32)
-        positions = np.full((n, t), -1, np.int32)
-        last = np.zeros((n,), np.int32)
-        for i, job in enumerate(jobs):
-            m = len(job.prompt)
-            tokens[i, :m] = job.prompt
-            positions[i, :m] = job.start + np.arange(m)
-            last[i] = m - 1
-        padded = composed + composed[-1:] * (n - len(jobs))
-        rows = self._row_values(list(enumerate(jobs)), n)
-        k, v, *first = prefill(
-            self.kernels.params, tokens, positions, tuple(padded) if jobs[0].infos else None,
-            last, rows_tuple(rows, any(j.params.top_logprobs for j in jobs)))
-        return k, v, *jax.device_get(first)
-
     def _shrink(self) -> None:
         """Drops the pool when idle; a quarter of its rows once the live rows fit them."""
         if self._pool is None or (not self._live() and not self._waiting):
@@ -306,22 +364,11 @@ class ContinuousEngine(EngineBase):
         target = self._pool.shrunk(self.shapes)
         if target is None:
             return
-        relayout = self.kernels.get(("relayout", self._pool.shape, target))
-        if relayout is not None and self.kernels.get(("step", *target)) is not None:
-            self._pool = self._pool.relayout(target, relayout)
+        kernels = self._kernels([("relayout", self._pool.shape, target), ("step", *target)])
+        if kernels is not None:  # both are asked for at once: one wait for compiles, not two
+            self._pool = self._pool.relayout(target, kernels["relayout"])
 
     # ------------------------------------------------------------------ decoding
-
-    @staticmethod
-    def _row_values(rows: list[tuple[int, Job]], n: int) -> dict[str, np.ndarray]:
-        """Per-row sampling arrays [n] with each (row, job)'s values."""
-        arrays = row_arrays(n)
-        for r, job in rows:
-            p = job.params
-            arrays["temperature"][r], arrays["top_p"][r] = p.temperature, p.top_p
-            arrays["frequency"][r], arrays["presence"][r] = p.frequency_penalty, p.presence_penalty
-            arrays["seed"][r], arrays["draw"][r] = job.seed, len(job.tokens)
-        return arrays
 
     def _step(self) -> None:
         pool = self._pool
@@ -331,7 +378,7 @@ class ContinuousEngine(EngineBase):
         jobs = pool.live()
         tokens, positions = pool.inputs()
         want_top = any(j.params.top_logprobs for j in jobs)
-        rows = self._row_values([(j.row, j) for j in jobs], pool.rows)
+        rows = row_values([(j.row, j) for j in jobs], pool.rows)
         pool.cache, pool.counts, nxt, lp, top_ids, top_lp = step(
             self.kernels.unrolled, pool.cache, pool.prefix, pool.counts, tokens, positions,
             np.int32(pool.pointer), rows_tuple(rows, want_top))
@@ -347,33 +394,12 @@ class ContinuousEngine(EngineBase):
                        else top_lp[r])
 
     def _take(self, job: Job, token: int, logprob: float, top_ids, top_lp) -> None:
-        """One new token of `job`: its text, logprobs and whether it ends the request."""
-        token = int(token)
-        job.tokens.append(token)
-        p = job.params
-        if token in self.stop_ids:
-            text, stopped = job.detok.flush(), False
-            if job.stops is not None:
-                text, stopped = job.stops.push(text)
-                text += "" if stopped else job.stops.flush()
-            return self._finish(job, "stop", text, [])
-        entries = []
-        if p.logprobs:
-            top = tuple((int(i), float(v)) for i, v in
-                        zip(top_ids[:p.top_logprobs], top_lp[:p.top_logprobs])) \
-                if p.top_logprobs else ()
-            entries.append(TokenLogprob(token, float(logprob), top))
-        text, stopped = job.detok.push(token), False
-        if len(job.tokens) >= p.max_tokens:
-            text += job.detok.flush()
-        if job.stops is not None:
-            text, stopped = job.stops.push(text)
-        if stopped:
-            return self._finish(job, "stop", text, entries)
-        if len(job.tokens) >= p.max_tokens:
-            return self._finish(job, "length", text + (job.stops.flush() if job.stops else ""),
-                                entries)
-        self._emit(job, text, entries)
+        """One new token of `job`: its text and logprobs, and the request's end if it ends it."""
+        text, entries, reason = job.take(token, logprob, top_ids, top_lp, self.stop_ids)
+        if reason is None:
+            self._emit(job, text, entries)
+        else:
+            self._finish(job, reason, text, entries)
 
     def _emit(self, job: Job, text: str, entries: list[TokenLogprob]) -> None:
         job.text.append(text)
@@ -393,11 +419,13 @@ class ContinuousEngine(EngineBase):
 
     def status(self) -> dict:
         budget = self.budget_status()
-        pool = self._pool
+        pool, long = self._pool, self._long
         with self._lock:
             return {"engine": "continuous", "queued": self._inbox.qsize() + len(self._waiting),
                     "running": 0 if pool is None else len(pool.live()),
                     "pool": None if pool is None else list(pool.shape), "steps": self.steps,
+                    "prefilling": None if long is None else [long.done_tokens,
+                                                             len(long.job.prompt)],
                     "requests": self.requests, "largest_batch": self.largest_batch,
                     "compiles": dict(self.kernels.compiled),
                     "compile_s": round(self.kernels.compile_s, 3),

@@ -54,6 +54,10 @@ class ServeConfig:
     prefill_tokens_per_step (continuous): prompt tokens admitted between two decode steps
       (at least one request is), so joining requests do not stall the running ones for long.
     prefill_rows (continuous): most prompts of one prompt bucket prefilled in one call.
+    prefill_chunk (continuous): a prompt longer than this (a multiple of 64) is prefilled in
+      chunks of this many tokens, one per decode step of the running rows, besides the
+      prefill_tokens_per_step of shorter prompts (`serving_prefill`): a long prompt does not
+      stall the running rows, and prompt shapes stay few.
     warmup (continuous): compile the common shapes at start-up, on a background thread.
     escape_special_tokens: the default of the request field of that name (`serving_prompt`).
     max_body_bytes: request bodies larger than this get 413 before they are parsed.
@@ -74,6 +78,7 @@ class ServeConfig:
     min_cache_tokens: int = 128
     prefill_tokens_per_step: int = 512
     prefill_rows: int = 8
+    prefill_chunk: int = 512
     warmup: bool = True
     escape_special_tokens: bool = False
     max_body_bytes: int = 1 << 20

@@ -14,7 +14,10 @@ before the row ends (`serving_continuous`).
 Kernels (each compiled once per key; `Kernels.compiled` counts them):
   ("step", R, S, pfx)       one decode step of every row, per-row sampling
   ("prefill", N, T, pfx)    N prompts of T tokens (bucketed) -> their K/V in CHUNK-token
-                            chunks and their first tokens
+                            pieces and their first tokens
+  ("chunk", C, B, pfx)      the next C tokens of one long prompt, attending to its earlier
+                            chunks' K/V in a buffer of B slots (`serving_prefill`) -> the
+                            buffer, the chunk's K/V in CHUNK-token pieces, a next token
   ("insert", R, S)          one chunk of a prompt's K/V into a row's slots
   ("reset", R, S, pfx)      clears a row and sets its prefix
   ("relayout", a, b)        gathers rows and slots of a pool of shape a into one of shape b
@@ -113,15 +116,33 @@ def _prefill(params, tokens, positions, prefixes, last, rows, *, config):
                                    return_hidden=True)
     logits = model_lib.logits_from_hidden(params, hidden[jnp.arange(tokens.shape[0]), last],
                                           config)
-    counts = jnp.zeros(logits.shape, jnp.int32)
-    first, lp, top_ids, top_lp = choose(logits, counts, rows)
+    first = choose(logits, jnp.zeros(logits.shape, jnp.int32), rows)
+    return _pieces(kv["k"]), _pieces(kv["v"]), *first
 
-    def chunks(x):  # [L, N, T, K, Dh] -> [N, T / CHUNK, L, CHUNK, K, Dh]
-        n_layers, n, t, kh, dh = x.shape
-        x = jnp.pad(x, ((0, 0), (0, 0), (0, -t % CHUNK), (0, 0), (0, 0)))
-        return jnp.moveaxis(x.reshape(n_layers, n, -1, CHUNK, kh, dh), 0, 2)
 
-    return chunks(kv["k"]), chunks(kv["v"]), first, lp, top_ids, top_lp
+def _pieces(x):
+    """[L, N, T, K, Dh] -> [N, T / CHUNK, L, CHUNK, K, Dh] (zero-padded), `_insert`'s pieces."""
+    n_layers, n, t, kh, dh = x.shape
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, -t % CHUNK), (0, 0), (0, 0)))
+    return jnp.moveaxis(x.reshape(n_layers, n, -1, CHUNK, kh, dh), 0, 2)
+
+
+def _chunk(params, buffer, prefix, tokens, positions, index, last, rows, *, config):
+    """The next chunk of one long prompt: tokens, positions [1, C] (-1 = padding), written at
+    slots index .. index + C - 1 of `buffer` (k, v [L, 1, B, K, Dh], pos [1, B]: the prompt's
+    earlier chunks, which it attends to, as it does to `prefix`, None or one row's
+    composition) -> (buffer, the chunk's keys, values: C / CHUNK arrays [L, CHUNK, K, Dh]
+    each, and the token after the chunk's token `last`: token, logprob, top ids, top logprobs
+    [1, ...]). (Pieces as separate outputs: the engine thread indexes nothing, compiles
+    nothing.)"""
+    hidden, kv = model_lib.forward(params, tokens, positions, {**buffer, "index": index}, prefix,
+                                   config=config, return_hidden=True)
+    logits = model_lib.logits_from_hidden(params, hidden[:, last], config)
+    first = choose(logits, jnp.zeros(logits.shape, jnp.int32), rows)
+    k, v = (jax.lax.dynamic_slice_in_dim(kv[name], index, tokens.shape[1], axis=2)
+            for name in ("k", "v"))
+    buffer = {"k": kv["k"], "v": kv["v"], "pos": kv["pos"]}
+    return buffer, tuple(_pieces(k)[0]), tuple(_pieces(v)[0]), *first
 
 
 def _insert(cache, row, slots, keys, values, positions):
@@ -220,6 +241,19 @@ class Kernels:
                                              self.pool_like(rows, slots, prefixed))
         return {**cache, "pos": jnp.full((rows, slots), -1, jnp.int32)}, prefix, counts
 
+    def buffer_like(self, slots: int):
+        """Abstract buffer of a long prompt's K/V (`_chunk`)."""
+        cfg = self.config
+        kv = jax.ShapeDtypeStruct((cfg.num_layers, 1, slots, cfg.num_kv_heads, cfg.head_dim),
+                                  self.dtype)
+        return {"k": kv, "v": kv, "pos": jax.ShapeDtypeStruct((1, slots), jnp.int32)}
+
+    def empty_buffer(self, slots: int) -> dict:
+        """A buffer of `slots` empty slots."""
+        kv = self.buffer_like(slots)["k"]
+        return {"k": jnp.zeros(kv.shape, kv.dtype), "v": jnp.zeros(kv.shape, kv.dtype),
+                "pos": jnp.full((1, slots), -1, jnp.int32)}
+
     @staticmethod
     def rows_like(n: int):
         f32, scalar = jax.ShapeDtypeStruct((n,), jnp.float32), jax.ShapeDtypeStruct((), bool)
@@ -242,6 +276,12 @@ class Kernels:
             fn = jax.jit(functools.partial(_prefill, config=cfg))
             return fn.lower(self.params, tok, tok, prefixes, jax.ShapeDtypeStruct((n,), jnp.int32),
                             self.rows_like(n))
+        if kind == "chunk":
+            _, c, b, pfx = key
+            tok = jax.ShapeDtypeStruct((1, c), jnp.int32)
+            fn = jax.jit(functools.partial(_chunk, config=cfg), donate_argnums=1)
+            return fn.lower(self.params, self.buffer_like(b), self.composed_like if pfx else None,
+                            tok, tok, i32, i32, self.rows_like(1))
         if kind == "insert":
             _, r, s = key
             cache = self.pool_like(r, s, False)[0]

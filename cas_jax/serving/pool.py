@@ -6,7 +6,9 @@ powers of two up to max_batch; KV slots per row are powers of two from min_cache
 capped by the window and max_cache_tokens (rows x slots never exceed max_cache_tokens), and a
 pool has at least the slots of a short prompt answered at default_max_tokens (`base_slots`),
 so common requests share one slot bucket; prompts are bucketed as `sampling.bucket` does
-(powers of two to 256, then multiples of 256), capped by the window. A pool also has a prefix
+(powers of two to 256, then multiples of 256), capped by the window and by prefill_chunk
+(a longer prompt is prefilled in chunks into a buffer whose slots are powers of two: `buffer`,
+`serving_prefill`). A pool also has a prefix
 (C*P_max slots per row) once a row with cartridges joins. A pool grows when a request needs
 more rows or slots; its rows shrink to a quarter once a quarter holds them, its slots to what
 its rows need (at least base_slots) once that is a quarter or less; an idle pool is dropped.
@@ -62,6 +64,36 @@ class Job:
     def ids(self) -> list[str]:
         return [i.id for i in self.infos]
 
+    def take(self, token: int, logprob: float, top_ids, top_lp, stop_ids: frozenset[int]
+             ) -> tuple[str, list[TokenLogprob], str | None]:
+        """One new token: the text it makes final, its logprob entry (when asked for) and
+        the finish reason if it ends the request ("stop": a stop token or string; "length")."""
+        token = int(token)
+        self.tokens.append(token)
+        p = self.params
+        if token in stop_ids:
+            text, stopped = self.detok.flush(), False
+            if self.stops is not None:
+                text, stopped = self.stops.push(text)
+                text += "" if stopped else self.stops.flush()
+            return text, [], "stop"
+        entries = []
+        if p.logprobs:
+            top = tuple((int(i), float(v)) for i, v in
+                        zip(top_ids[:p.top_logprobs], top_lp[:p.top_logprobs])) \
+                if p.top_logprobs else ()
+            entries.append(TokenLogprob(token, float(logprob), top))
+        text, stopped = self.detok.push(token), False
+        if len(self.tokens) >= p.max_tokens:
+            text += self.detok.flush()
+        if self.stops is not None:
+            text, stopped = self.stops.push(text)
+        if stopped:
+            return text, entries, "stop"
+        if len(self.tokens) >= p.max_tokens:
+            return text + (self.stops.flush() if self.stops else ""), entries, "length"
+        return text, entries, None
+
 
 class Shapes:
     """The buckets of a pool's shapes (module doc)."""
@@ -71,6 +103,10 @@ class Shapes:
         self.max_cache_tokens = config.max_cache_tokens or max(window, config.max_batch * 1024)
         self.prompt_cap = -(-window // CHUNK) * CHUNK
         self.slot_cap = min(self.prompt_cap, self.max_cache_tokens)
+        self.chunk = config.prefill_chunk
+        if self.chunk < CHUNK or self.chunk % CHUNK:
+            raise ValueError(f"prefill_chunk={self.chunk}: expected a positive multiple of "
+                             f"{CHUNK}")
 
     def rows(self, n: int) -> int:
         return min(_pow2(n), self.config.max_batch)
@@ -98,9 +134,23 @@ class Shapes:
     def prompt(self, n: int) -> int:
         return min(sampling.bucket(n), self.prompt_cap)
 
+    def chunked(self, job: "Job") -> bool:
+        """Whether `job`'s prompt is prefilled in chunks: it is longer than prefill_chunk."""
+        return len(job.prompt) > self.chunk
+
+    def buffer(self, n: int) -> int:
+        """Slots of the buffer of a prompt of n tokens prefilled in chunks."""
+        chunks = -(-n // self.chunk) * self.chunk
+        return min(_pow2(chunks), -(-self.prompt_cap // self.chunk) * self.chunk)
+
+    def chunk_key(self, job: "Job") -> tuple:
+        """The kernel prefilling `job`'s chunks: ("chunk", C, buffer slots, has cartridges)."""
+        return "chunk", self.chunk, self.buffer(len(job.prompt)), bool(job.infos)
+
     def warm_keys(self) -> list[tuple]:
         """The kernels of short prompts answered at default_max_tokens: every row bucket, its
-        growth, its shrinking and its change to a pool with prefixes."""
+        growth, its shrinking and its change to a pool with prefixes; then the chunk kernel of
+        every buffer bucket."""
         s = self.base_slots
         prefixes = (False, True) if self.config.max_cartridges else (False,)
         keys = [("prefill", n, t, p) for t in (16, 32, 64, 128) for p in prefixes
@@ -116,11 +166,14 @@ class Shapes:
                 if r >= 4:
                     keys.append(("relayout", (r, s, p), (self.rows(r // 4), s, p)))
             if r >= self.config.max_batch:
-                return keys
+                break
             nxt = self.rows(r + 1)
             keys += [("relayout", (r, s, p), (nxt, s, q)) for p in prefixes for q in prefixes
                      if q >= p]
             r = nxt
+        buffers = sorted({self.buffer(n) for n in range(self.chunk + 1, self.prompt_cap + 1,
+                                                        self.chunk)})
+        return keys + [("chunk", self.chunk, b, p) for b in buffers for p in prefixes]
 
 
 @dataclasses.dataclass
@@ -182,10 +235,10 @@ class Pool:
         return Pool(rows, slots, prefixed, cache, prefix, counts,
                     jobs + [None] * (rows - len(jobs)))
 
-    def place(self, job: Job, composed: dict, reset, insert, kv: tuple, i: int) -> None:
+    def place(self, job: Job, composed: dict, reset, insert, piece) -> None:
         """Gives `job` a free row with the prefix `composed` and writes its prefilled prompt
-        (kv[0][i], kv[1][i]: keys, values [chunks, L, CHUNK, K, Dh]) after the slots its
-        decode steps use."""
+        (`piece(c)`: keys, values [L, CHUNK, K, Dh] of its tokens c*CHUNK ..) after the slots
+        its decode steps use."""
         job.row = self.jobs.index(None)
         self.jobs[job.row] = job
         self.cache, self.prefix, self.counts = reset(self.cache, self.prefix, self.counts,
@@ -196,8 +249,7 @@ class Pool:
             idx = np.arange(c * CHUNK, (c + 1) * CHUNK)
             slots = np.where(idx < n, (base + idx) % self.slots, self.slots).astype(np.int32)
             positions = np.where(idx < n, job.start + idx, -1).astype(np.int32)
-            self.cache = insert(self.cache, np.int32(job.row), slots, kv[0][i, c],
-                                kv[1][i, c], positions)
+            self.cache = insert(self.cache, np.int32(job.row), slots, *piece(c), positions)
 
     def inputs(self) -> tuple[np.ndarray, np.ndarray]:
         """Each row's last token and its position [R] (-1: an empty row)."""
