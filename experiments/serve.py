@@ -45,6 +45,8 @@ flags.DEFINE_integer("max_cache_tokens", 0, "Continuous engine: rows x KV slots 
                      "pool; 0 = max(context window, max_batch * 1024).")
 flags.DEFINE_integer("prefill_tokens_per_step", 512, "Continuous engine: prompt tokens "
                      "admitted between two decode steps.")
+flags.DEFINE_integer("prefill_chunk", 512, "Continuous engine: a prompt longer than this (a "
+                     "multiple of 64) is prefilled in chunks of it, one per decode step.")
 flags.DEFINE_bool("warmup", True, "Continuous engine: compile the common shapes at start-up, "
                   "in the background.")
 flags.DEFINE_bool("escape_special_tokens", False, "Tokenise message text that spells a special "
@@ -96,7 +98,8 @@ def config_from_flags() -> serving_engine.ServeConfig:
         max_cartridge_tokens=FLAGS.max_cartridge_tokens or None,
         default_max_tokens=FLAGS.default_max_tokens, model_id=FLAGS.model_id or None,
         geometry=geometry, max_cache_tokens=FLAGS.max_cache_tokens or None,
-        prefill_tokens_per_step=FLAGS.prefill_tokens_per_step, warmup=FLAGS.warmup,
+        prefill_tokens_per_step=FLAGS.prefill_tokens_per_step,
+        prefill_chunk=FLAGS.prefill_chunk, warmup=FLAGS.warmup,
         escape_special_tokens=FLAGS.escape_special_tokens, max_body_bytes=FLAGS.max_body_bytes)
 
 
