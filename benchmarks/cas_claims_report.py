@@ -52,6 +52,9 @@ def report(res: dict[str, dict]) -> str:
                              recall=cas_study.recall(o)) for n, o in res.items()]
     k7 = [r for r in cas_study.claims(res, k=7) if r["claim"] in ("naive collapse",
                                                                    "CAS composes")]
+    for r in k7:  # issue 24's bar with 7 others: within 8 points of the oracle
+        if r["claim"] == "CAS composes":
+            r.update(bar="diff >= -0.08", met=bool(r["diff"] >= -0.08))
     return (study.format_rows(rows) + "\n\n" + cas_study.format_claims(
         cas_study.claims(res, k=3) + k7) + "\n\n" + claims_line(res))
 
