@@ -29,7 +29,7 @@ from cas_jax.cartridges.attention import (CartridgeBank, Geometry, bank_from_car
                                           num_prefix_tokens)
 from cas_jax.cartridges.cartridge import Cartridge, CartridgeMeta
 from cas_jax.model.config import ModelConfig
-from cas_jax.model.decoder import Decoder
+from cas_jax.model.decoder import CompressibleKV, Decoder
 from cas_jax.model.llama import LlamaDecoder, forward, forward_jit, init_cache, prefill_kv
 from cas_jax.model.loading import LoadedModel, default_model_path, load_model
 from cas_jax.model.sampling import SamplingParams, generate
@@ -38,7 +38,7 @@ from cas_jax.model.tokenizer import encode_chat, load_tokenizer, stop_token_ids
 __all__ = [
     "CartridgeBank", "Geometry", "bank_from_cartridges", "compose", "num_prefix_tokens",
     "Cartridge",
-    "CartridgeMeta", "ModelConfig", "Decoder", "LlamaDecoder", "LoadedModel", "default_model_path", "load_model", "forward",
+    "CartridgeMeta", "ModelConfig", "Decoder", "CompressibleKV", "LlamaDecoder", "LoadedModel", "default_model_path", "load_model", "forward",
     "forward_jit", "init_cache", "prefill_kv", "SamplingParams", "generate", "encode_chat",
     "load_tokenizer", "stop_token_ids",
 ]
