@@ -32,7 +32,7 @@ from cas_jax.evaluation import evaluate
 from cas_jax.evaluation.questions import Question
 from cas_jax.model import llama as model_lib
 from cas_jax.model.loading import LoadedModel
-from cas_jax.studies import study
+from cas_jax.studies import cas_study, study
 from cas_jax.training import dataset, distractors
 
 
@@ -45,6 +45,13 @@ def row_name(source: str, geometry: attention.Geometry, k: int) -> str:
     return f"{source}_{slug(geometry)}_k{k}"
 
 
+def _reading_by(model: LoadedModel, ev: evaluate.Evaluator,
+                geometry: attention.Geometry) -> evaluate.Evaluator:
+    """`ev` composing cartridges by `geometry`."""
+    return evaluate.Evaluator(model, ev.collection,
+                              dataclasses.replace(ev.config, geometry=geometry))
+
+
 def composed_row(model: LoadedModel, ev: evaluate.Evaluator, questions: Sequence[Question],
                  out: str, source_name: str, source, geometry: attention.Geometry, k: int,
                  seed: int = 0, stamp: dict | None = None) -> dict:
@@ -53,8 +60,7 @@ def composed_row(model: LoadedModel, ev: evaluate.Evaluator, questions: Sequence
     ids = ev.collection.ids
 
     def run():
-        g_ev = evaluate.Evaluator(model, ev.collection,
-                                  dataclasses.replace(ev.config, geometry=geometry))
+        g_ev = _reading_by(model, ev, geometry)
         if k == 0:
             return g_ev.oracle_cartridge(questions, source, name=name)
         sets = distractors.composed_sets(questions, ids, k, seed, "random")
@@ -75,10 +81,8 @@ def retrieval_row(model: LoadedModel, ev: evaluate.Evaluator, questions: Sequenc
     name = f"retrieval_{source_name}_{retriever}_{slug(geometry)}_k{k}"
 
     def run():
-        g_ev = evaluate.Evaluator(model, ev.collection,
-                                  dataclasses.replace(ev.config, geometry=geometry))
-        return g_ev.retrieval_cartridges(questions, source, top_k=k, retriever=retriever,
-                                         slots=slots, name=name)
+        return _reading_by(model, ev, geometry).retrieval_cartridges(
+            questions, source, top_k=k, retriever=retriever, slots=slots, name=name)
 
     return study.cached_method(out, name, run, stamp=stamp)
 
@@ -138,12 +142,10 @@ def format_retrieval(rows: dict[tuple[str, str, str, int], dict]) -> str:
     for (src, geo, r, k), obj in sorted(rows.items()):
         acc = study.mc_accuracy(obj)
         lo, hi = study.bootstrap_ci(acc)
-        hits = [rec["retrieval_hit"] for rec in obj["records"] if "retrieval_hit" in rec]
-        recall = f"{np.mean(hits):.3f}" if hits else "-"
-        s = obj["summary"]
-        pos = float(s["prompt_tokens"]) + float(s["cartridge_tokens"])
+        recall = cas_study.recall(obj)
         lines.append(f"| {src} | {geo} | {r} | {k} | {acc.mean():.3f} [{lo:.3f}, {hi:.3f}] "
-                     f"| {recall} | {pos:.0f} |")
+                     f"| {'-' if recall is None else f'{recall:.3f}'} "
+                     f"| {cas_study.attended_positions(obj):.0f} |")
     return "\n".join(lines)
 
 
