@@ -50,6 +50,35 @@ SETS = {
         common=("--split=dev", "--profiles=8", "--steps=288", "--eval_every=48",
                 f"--reuse={ABLATIONS_BASE}"),
         wait_for="benchmarks.quality.*--out=runs/abl8_"),
+    "dev26": VariantSet(
+        doc="The larger DEV study (issues 24 and 25, session 15): Geography sections of 26 dev "
+            "profiles (~320 questions, as many as the test study's), isolated cartridges at "
+            "the test recipe (6 epochs) with their learning curve, closed book, ICL and RAG. "
+            "The base that compose_dev26 and recipe_dev26 reuse (record it as "
+            "benchmarks/results/dev26 when it is done).",
+        runner=QUALITY,
+        variants={"dev26": ("--epochs=6",)},
+        common=("--split=dev", "--profiles=26"),
+        out="runs/{name}"),
+    "compose_dev26": VariantSet(
+        doc="Issue 24: one-change CAS training ablations from the TEST run's base (all6: "
+            "serial rows, uniform k <= 3, gradients to all, 6 epochs) on dev26's questions, "
+            "read under serial (cas_claims.sh); compare with `benchmarks.compose --run=OUT "
+            "--sources=cas --geometries=...` for other read geometries.",
+        runner=CLAIMS,
+        variants={
+            "base": ("--cas_epochs=6", "--cas_grad_scope=all"),
+            "quiet": ("--cas_epochs=6", "--cas_grad_scope=all", "--cas_quiet=0.1"),
+            "mixed": ("--cas_epochs=6", "--cas_grad_scope=all", "--cas_schedule=mixed",
+                      "--cas_p_iso=0.5"),
+            "k7": ("--cas_epochs=6", "--cas_grad_scope=all", "--cas_distractors=7"),
+            "target": ("--cas_epochs=6",),
+        },
+        common=("--split=dev", "--profiles=26", "--epochs=6", "--nocas_naive",
+                "--compose_k=1,3,7", "--positions=", "--retrievers="),
+        out="runs/compose_dev26_{name}", rec="benchmarks/results/dev26",
+        report=("benchmarks.cas_schedules", "--runs={runs}",
+                "--isolated=benchmarks/results/dev26", "--out=runs/compose_dev26.md")),
     "cas_dev": VariantSet(
         doc="Issue 12: a CAS recipe chosen on the DEV questions (8 Geography sections of dev "
             "profiles, 104 questions, benchmarks/results/dev_epochs); the isolated cartridges "
