@@ -133,9 +133,20 @@ def test_claims_results_name_the_rows_read_under_one_geometry():
                              "icl", "rag_bm25_k2", "retrieval_cas_bm25_k1"]
     assert table["cas_composed_k3"] is rows[("cas", "parallel", 3)]  # not the serial row
     line = cas_claims_report.claims_line(table)
-    assert line == ("composed_k3_minus_oracle=-0.0250 composed_k7_minus_oracle=-0.5000 "
-                    "retrieval_cas_minus_rag=+0.5000 token_ratio=5.95 questions=40")
+    # cas_oracle is the single-cartridge oracle here (no isolated one); it reads no cartridge
+    # tokens in this table, so no compression.
+    assert line == ("oracle_minus_icl=+0.0000 recovered_acc=1.0000 questions=40 "
+                    "composed_k3_minus_oracle=-0.0250 composed_k7_minus_oracle=-0.5000 "
+                    "retrieval_cas_minus_rag=+0.5000 token_ratio=5.95")
+    meta = {"median_document_tokens": 640.0, "documents": 2538, "collection_tokens": 2068190}
+    table["cas_oracle"]["summary"]["cartridge_tokens"] = 64.0
+    assert cas_claims_report.claims_line(table, meta=meta).endswith(
+        "token_ratio=5.95 documents=2538 collection_tokens=2068190")
+    assert "compression=10.00 " in cas_claims_report.claims_line(table, meta=meta)
     text = composition.format_retrieval(retrieval)
     assert "| cas | parallel | bm25 | 1 | 1.000" in text and "| 1.000 | 84 |" in text
     del table["retrieval_cas_bm25_k1"]
-    assert "retrieval_cas_minus_rag=nan token_ratio=nan" in cas_claims_report.claims_line(table)
+    line = cas_claims_report.claims_line(table)  # a figure the folder cannot support is left out
+    assert "retrieval_cas_minus_rag" not in line and "token_ratio" not in line
+    del table["icl"]
+    assert cas_claims_report.claims_line(table).startswith("questions=40 composed_k3")
