@@ -60,6 +60,21 @@ SETS = {
         variants={"dev26": ("--epochs=6",)},
         common=("--split=dev", "--profiles=26"),
         out="runs/{name}"),
+    "recipe_dev26": VariantSet(
+        doc="Issue 25 item 1: the single cartridge's recipe, one change at a time against "
+            "dev26 (its self-study data, held-out set and baselines are reused where the "
+            "synthesis flags match). Tabulate with `python -m benchmarks.ablation_report "
+            "--base=benchmarks/results/dev26 --runs=runs/recipe_dev26_convs48,...`.",
+        runner=QUALITY,
+        variants={
+            "init_chunks": ("--init=sampled_chunks",),  # opening + sampled chunks of the doc
+            "cosine5e-2": ("--lr=5e-2", "--train.schedule=cosine", "--train.warmup_steps=50"),
+            "epochs10": ("--epochs=10",),
+            "convs48": ("--conversations_per_doc=48",),  # new synthesis: 2x the data and steps
+        },
+        common=("--split=dev", "--profiles=26", "--epochs=6",
+                "--reuse=benchmarks/results/dev26"),
+        out="runs/recipe_dev26_{name}"),
     "compose_dev26": VariantSet(
         doc="Issue 24: one-change CAS training ablations from the TEST run's base (all6: "
             "serial rows, uniform k <= 3, gradients to all, 6 epochs) on dev26's questions, "

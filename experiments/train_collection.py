@@ -29,7 +29,7 @@ from cas_jax.model import loading
 from cas_jax.studies import pipeline
 from cas_jax.training import dataset, train
 from cas_jax.training.distractors import SCHEDULES, DistractorSchedule
-from cas_jax.training.train_collection import GRAD_SCOPES, CollectionConfig, train_collection
+from cas_jax.training.train_collection import GRAD_SCOPES, INITS, CollectionConfig, train_collection
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "", "HF folder or GGUF file; empty = embedded SmolLM2-135M-Instruct.")
@@ -37,7 +37,7 @@ flags.DEFINE_string("data", None, "Self-study dataset folder (from experiments.s
 flags.DEFINE_string("store", None, "Cartridge store folder (created or resumed).")
 flags.DEFINE_string("collection", "factbook", "'factbook', 'factbook_sections' or a folder: the "
                     "documents' texts, used to initialise their cartridges.")
-flags.DEFINE_enum("init", "first_tokens", ["first_tokens", "document_kv"],
+flags.DEFINE_enum("init", "first_tokens", INITS,
                   "Cartridge initialisation (train_collection.initialise_store).")
 flags.DEFINE_integer("tokens_per_doc", 128, "Cartridge tokens P per document.")
 flags.DEFINE_integer("distractors", 3, "Most distractor cartridges per example (k_max).")

@@ -184,3 +184,43 @@ def test_the_run_reports_every_stage_and_resumes_from_its_folder(tmp_path, model
     assert cr.run(model, QS, DOCS, cfg)["last"] == report["last"]
     with pytest.raises(ValueError, match="budget_share"):
         cr.run(model, QS, DOCS, dataclasses.replace(cfg, budget_share=0.2))
+
+
+def test_sampled_chunks_take_the_opening_then_chunks_in_document_order():
+    block = np.arange(1000, 1200, dtype=np.int32)  # 200 distinct tokens
+    got = collection_init.sampled_chunk_tokens(block, 64, "fr-geography")
+    assert got.shape == (64,) and got.dtype == np.int32
+    assert np.array_equal(got[:16], block[:16])  # the sink and the block's opening
+    starts = [int(got[i]) - 1000 for i in range(16, 64, 16)]
+    assert starts == sorted(starts) and len(set(starts)) == 3
+    for i, s in zip(range(16, 64, 16), starts):  # whole chunks cut at multiples of 16
+        assert s % 16 == 0 and s >= 16 and np.array_equal(got[i:i + 16], block[s:s + 16])
+    again = collection_init.sampled_chunk_tokens(block, 64, "fr-geography")
+    other = collection_init.sampled_chunk_tokens(block, 64, "de-geography")
+    assert np.array_equal(got, again) and not np.array_equal(got, other)
+    # A last partial chunk is cut to fit; a short block is repeated, as first_tokens does.
+    assert np.array_equal(collection_init.sampled_chunk_tokens(block, 40, "x")[:16], block[:16])
+    assert collection_init.sampled_chunk_tokens(block, 40, "x").shape == (40,)
+    assert np.array_equal(collection_init.sampled_chunk_tokens(block[:50], 64, "x"),
+                          np.resize(block[:50], 64))
+
+
+def test_sampled_chunks_init_is_the_kv_of_those_tokens(tmp_path, model):
+    from cas_jax.cartridges import cartridge as cart_lib
+    text = DOCS["zo"].text * 3
+    c = collection_init.initial_cartridge(model, "zo", text, P, init="sampled_chunks")
+    tokens = collection_init.sampled_chunk_tokens(
+        collection_init.document_tokens(model.tokenizer, text, None), P, "zo")
+    want = cart_lib.init_from_tokens(model.config, model.params, tokens,
+                                     fingerprint=model.fingerprint, doc_id="zo")
+    np.testing.assert_array_equal(np.asarray(c.keys), np.asarray(want.keys))
+    assert c.meta.init == "sampled_chunks"
+    # The substitution check's initial cartridges follow the trained ones' init.
+    store = CartridgeStore(str(tmp_path / "s"), model.fingerprint)
+    collection_init.initialise_store(store, model, {d: DOCS[d].text for d in GOLD}, P,
+                                     optax.adam(1e-2), init="sampled_chunks")
+    assert cc.trained_settings(store, GOLD).init == "sampled_chunks"
+    store.save("ta", collection_init.initial_cartridge(model, "ta", DOCS["ta"].text, P,
+                                                       init="document_kv"))
+    with pytest.raises(ValueError, match="one init"):
+        cc.trained_settings(store, [*GOLD, "ta"])

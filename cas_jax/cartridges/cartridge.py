@@ -40,7 +40,8 @@ class CartridgeMeta:
     model_fingerprint: `ModelConfig.fingerprint()` + tokenizer hash of the model it was made for.
     doc_id: the source document id ("" for a collection-wide cartridge).
     num_frozen: leading tokens that training never changes (the attention sink).
-    init: how it was initialised ("first_tokens", "random_tokens", "random_vectors").
+    init: how it was initialised ("first_tokens", "random_tokens", "random_vectors",
+      "document_kv", "sampled_chunks").
     geometry: the composition geometry it was trained under (`attention.Geometry` spec;
       "serial" for every cartridge made before geometries were named); readers compose it
       the same way.

@@ -69,8 +69,8 @@ class InitialSettings:
 
 def trained_settings(store: CartridgeStore, doc_ids: Sequence[str]) -> InitialSettings:
     """The settings `doc_ids`' trained cartridges were made with, read from their manifests:
-    P, frozen tokens, init ("document_kv" if any says so: a document shorter than P falls
-    back to first tokens) and the geometry they share (`attention.common_geometry`)."""
+    P, frozen tokens, init (the one other than "first_tokens" if any says so: a
+    document shorter than P falls back to first tokens under document_kv) and the geometry they share (`attention.common_geometry`)."""
     if not doc_ids:
         raise ValueError("no trained cartridges to read the settings of")
     metas, tokens = [], set()
@@ -83,7 +83,11 @@ def trained_settings(store: CartridgeStore, doc_ids: Sequence[str]) -> InitialSe
         raise ValueError(f"{store.root}: cartridges of {sorted(tokens)} tokens and "
                          f"{sorted(frozen)} frozen ones; one size is needed")
     geometry = attention.common_geometry([(m.doc_id, m.geometry) for m in metas])
-    init = "document_kv" if any(m.init == "document_kv" for m in metas) else "first_tokens"
+    inits = {m.init for m in metas} - {"first_tokens"}
+    if len(inits) > 1:
+        raise ValueError(f"{store.root}: cartridges initialised by {sorted(inits)}; one init "
+                         f"is needed to make the others' initial cartridges alike")
+    init = inits.pop() if inits else "first_tokens"
     return InitialSettings(tokens.pop(), frozen.pop(), init, str(geometry))
 
 

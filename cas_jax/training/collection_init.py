@@ -10,6 +10,7 @@ the store restores their optimizer state into.
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +25,9 @@ from cas_jax.model import rendering
 from cas_jax.model.loading import LoadedModel
 from cas_jax.training import train
 
-INITS = ("first_tokens", "document_kv")
+INITS = ("first_tokens", "document_kv", "sampled_chunks")
+CHUNK_TOKENS = 16
+"""Chunk length of the `sampled_chunks` init."""
 
 
 def document_tokens(tokenizer, text: str, num_tokens: int | None,
@@ -35,6 +38,25 @@ def document_tokens(tokenizer, text: str, num_tokens: int | None,
         raise ValueError("cannot initialise a cartridge from an empty document")
     ids = np.asarray(rendering.rendering_for(tokenizer, format).document(text), np.int32)
     return ids if num_tokens is None else np.resize(ids, num_tokens)
+
+
+def sampled_chunk_tokens(block: np.ndarray, num_tokens: int, doc_id: str,
+                         chunk: int = CHUNK_TOKENS) -> np.ndarray:
+    """`num_tokens` tokens of a document block for the `sampled_chunks` init: its first
+    `chunk` tokens (the sink and the block's opening), then chunks drawn without replacement
+    from the rest of the block cut at multiples of `chunk`, kept in document order, the last
+    one cut to fit. The draw is seeded by `doc_id`, so a document always gets the same tokens.
+    A block of at most `num_tokens` tokens gives `document_tokens`' (repeated to fill)."""
+    block = np.asarray(block, np.int32).reshape(-1)
+    if len(block) <= num_tokens:
+        return np.resize(block, num_tokens)
+    head = min(chunk, num_tokens)
+    starts = np.arange(head, len(block), chunk)
+    need = -(-(num_tokens - head) // chunk)
+    rng = np.random.default_rng(zlib.crc32(doc_id.encode()))
+    picked = np.sort(rng.choice(starts, size=min(need, len(starts)), replace=False))
+    tokens = np.concatenate([block[:head], *(block[s:s + chunk] for s in picked)])
+    return np.resize(tokens, num_tokens) if len(tokens) < num_tokens else tokens[:num_tokens]
 
 
 def single_parts(c: Cartridge) -> dict:
@@ -62,6 +84,11 @@ def initial_cartridge(model: LoadedModel, doc_id: str, text: str, tokens_per_doc
     if init == "document_kv" and len(block) > tokens_per_doc:
         c = kv_compression.init_from_document_kv(model.config, model.params, block,
                                                  tokens_per_doc, **common)
+    elif init == "sampled_chunks":
+        c = cart_lib.init_from_tokens(model.config, model.params,
+                                      sampled_chunk_tokens(block, tokens_per_doc, doc_id),
+                                      **common)
+        c = c.replace(meta=dataclasses.replace(c.meta, init="sampled_chunks"))
     else:
         c = cart_lib.init_from_tokens(model.config, model.params,
                                       np.resize(block, tokens_per_doc), **common)
@@ -77,8 +104,9 @@ def initialise_store(store: CartridgeStore, model: LoadedModel, texts: dict[str,
     returns the ids it created. init: "first_tokens" (the K/V of the document block's first P
     tokens, the paper's default) or "document_kv" (`kv_compression`: the whole block's K/V
     compressed to its P most-attended positions; a block shorter than P falls back to
-    first_tokens). geometry: the composition geometry training will use, kept in each
-    cartridge's meta."""
+    first_tokens) or "sampled_chunks" (the K/V of the block's opening and chunks sampled
+    through the rest of it, `sampled_chunk_tokens`). geometry: the composition geometry
+    training will use, kept in each cartridge's meta."""
     if init not in INITS:
         raise ValueError(f"init {init!r}: expected one of {INITS}")
     made = []
