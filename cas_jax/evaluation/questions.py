@@ -8,6 +8,12 @@ removed ("Tripoli (Tarabulus)" -> "Tripoli", "157 (2013)" -> "157"); a value tha
 "NA"/"none"/"no ...", or longer than `MAX_ANSWER_CHARS` gives no question; some fields also
 keep only the part matching their `pattern` (a date must hold a year, ".fr" is extracted).
 
+Fields come in groups (`FIELD_GROUPS`), in the order they were added: the first holds the fields
+every recorded study drew its questions from (its Geography questions, 13 fields a section); the
+second (issue 25) makes People and Society (15 fields) and Government (12) sections studies of
+their own. Each group draws with its own random stream, so adding a group leaves the questions of
+the earlier ones unchanged.
+
 Multiple choice ("mc"): the gold answer plus 3 distractors, the same field's values for other
 Factbook profiles (distinct from the gold and from each other, case-insensitively), in a
 seeded random order. Free answer ("free"): the gold text only.
@@ -118,7 +124,7 @@ class FactField:
         return None
 
 
-FIELDS = (
+_RECORDED_FIELDS = (
     FactField("capital", (("Government", "Capital", "name"),), "What is the capital of {name}?"),
     FactField("total_area", (("Geography", "Area", "total"),), "What is the total area of {name}?"),
     FactField("coastline", (("Geography", "Coastline"), ("Geography", "Coastline", "total")),
@@ -166,6 +172,53 @@ FIELDS = (
               "What are the total renewable water resources of {name}?",
               pattern=r"[\d.,]+ cu km"),
 )
+_PEOPLE, _GOVERNMENT = "People and Society", "Government"
+_SECTION_FIELDS = (
+    # People and Society: 10 more (15 with the 5 above); answers are the figure and its unit,
+    # or the bare figure where the unit has a "(s)" that cleaning would cut.
+    FactField("death_rate", ((_PEOPLE, "Death rate"),), "What is the death rate of {name}?"),
+    FactField("net_migration_rate", ((_PEOPLE, "Net migration rate"),),
+              "What is the net migration rate of {name}, in migrants per 1,000 population?",
+              pattern=r"^-?[\d.]+(?= migrant)"),
+    FactField("total_fertility_rate", ((_PEOPLE, "Total fertility rate"),),
+              "What is the total fertility rate of {name}?"),
+    FactField("infant_mortality_rate", ((_PEOPLE, "Infant mortality rate", "total"),),
+              "What is the infant mortality rate of {name}?"),
+    FactField("urban_population", ((_PEOPLE, "Urbanization", "urban population"),),
+              "What share of the population of {name} is urban?", pattern=r"^[\d.]+%"),
+    FactField("urbanization_rate", ((_PEOPLE, "Urbanization", "rate of urbanization"),),
+              "What is the annual rate of urbanization of {name}?", pattern=r"^-?[\d.]+%"),
+    FactField("major_urban_area", ((_PEOPLE, "Major urban areas - population"),),
+              "What is the first major urban area listed for {name}, and its population?"),
+    FactField("dependency_ratio", ((_PEOPLE, "Dependency ratios", "total dependency ratio"),),
+              "What is the total dependency ratio of {name}?", pattern=r"^[\d.]+%"),
+    FactField("population_0_14", ((_PEOPLE, "Age structure", "0-14 years"),),
+              "What share of the population of {name} is 0-14 years old?", pattern=r"^[\d.]+%"),
+    FactField("obesity_rate", ((_PEOPLE, "Obesity - adult prevalence rate"),),
+              "What is the adult obesity prevalence rate of {name}?", pattern=r"^[\d.]+%"),
+    # Government: 8 more (12 with capital, national holiday, independence and anthem).
+    FactField("long_name", ((_GOVERNMENT, "Country name", "conventional long form"),),
+              "What is the conventional long-form name of {name}?"),
+    FactField("government_type", ((_GOVERNMENT, "Government type"),),
+              "What is the government type of {name}?"),
+    FactField("legal_system", ((_GOVERNMENT, "Legal system"),),
+              "What is the legal system of {name}?"),
+    FactField("chief_of_state", ((_GOVERNMENT, "Executive branch", "chief of state"),),
+              "Who is the chief of state of {name}?"),
+    FactField("head_of_government", ((_GOVERNMENT, "Executive branch", "head of government"),),
+              "Who is the head of government of {name}?"),
+    FactField("suffrage_age", ((_GOVERNMENT, "Suffrage"),), "At what age does suffrage begin in {name}?",
+              pattern=r"^\d+ years of age"),
+    FactField("administrative_divisions", ((_GOVERNMENT, "Administrative divisions"),),
+              "How many administrative divisions does {name} have, and of what kind?",
+              pattern=r"^\d.*"),
+    FactField("national_symbol", ((_GOVERNMENT, "National symbol(s)"),),
+              "What is a national symbol of {name}?", pattern=r"^(?!national colou?rs?:).+"),
+)
+FIELD_GROUPS = (_RECORDED_FIELDS, _SECTION_FIELDS)
+"""Question fields in the order they were added; `generate_factbook_questions` draws each group
+with its own random stream (the first with `seed` itself, as every recorded study did)."""
+FIELDS = tuple(f for group in FIELD_GROUPS for f in group)
 FIELD_NAMES = tuple(f.name for f in FIELDS)
 _FIELDS_BY_NAME = {f.name: f for f in FIELDS}
 
@@ -205,9 +258,11 @@ def generate_factbook_questions(collection_or_ids: corpus.Collection | Iterable[
     A document is a profile id ("fr": any field) or a `factbook_sections` id ("fr-government":
     only fields held by that section, so most sections give none); each question's doc_id is
     the id asked for. Fields are drawn per document without replacement from those it has (so
-    a sparse profile may give fewer); each drawn field gives one question of every kind in
-    `kinds`. Distractors come from all 261 profiles, not only the requested ones. Same
-    arguments, same questions.
+    a sparse profile may give fewer), group by group (`FIELD_GROUPS`): a later group's fields
+    only fill what the earlier ones leave of `num_per_doc`, and each group draws from its own
+    stream seeded from `seed`, so the questions of earlier groups do not depend on later ones.
+    Each drawn field gives one question of every kind in `kinds`. Distractors come from all 261
+    profiles, not only the requested ones. Same arguments, same questions.
     """
     ids = list(collection_or_ids.ids if isinstance(collection_or_ids, corpus.Collection)
                else collection_or_ids)
@@ -224,24 +279,36 @@ def generate_factbook_questions(collection_or_ids: corpus.Collection | Iterable[
         raise ValueError(f"unknown Factbook document ids {unknown}; expected profile ids, e.g. "
                          f"{list(profiles)[:5]}, or section ids, e.g. fr-government")
     values = {f.name: field_values(f.name, cache_dir) for f in FIELDS}
-    rng = np.random.default_rng(seed)
+    rngs = [np.random.default_rng(seed if g == 0 else (seed, g)) for g in range(len(FIELD_GROUPS))]
     questions = []
     for doc_id in ids:
         profile_id, section = sections[doc_id] if doc_id in sections else (doc_id, None)
-        fields = [f for f in FIELDS if profile_id in values[f.name] and section in (None, f.section)]
-        for i in rng.permutation(len(fields))[:num_per_doc]:
-            field = fields[i]
-            gold = values[field.name][profile_id]
-            text = field.template.format(name=titles[profile_id])
-            for kind in kinds:
-                if kind == "free":
-                    questions.append(Question(doc_id, text, gold, field.name))
-                    continue
-                options = [gold, *_distractors(gold, profile_id, values[field.name], rng)]
-                order = rng.permutation(NUM_OPTIONS)
-                options = [options[j] for j in order]
-                questions.append(Question(doc_id, text, gold, field.name, tuple(options),
-                                          options.index(gold)))
+        left = num_per_doc
+        for group, rng in zip(FIELD_GROUPS, rngs):
+            fields = [f for f in group if profile_id in values[f.name] and section in (None, f.section)]
+            drawn = rng.permutation(len(fields))[:left]
+            left -= len(drawn)
+            for i in drawn:
+                field = fields[i]
+                questions += _field_questions(doc_id, profile_id, field.template.format(
+                    name=titles[profile_id]), field.name, values[field.name], kinds, rng)
+    return questions
+
+
+def _field_questions(doc_id: str, profile_id: str, text: str, field: str, values: Mapping[str, str],
+                     kinds: tuple[str, ...], rng: np.random.Generator) -> list[Question]:
+    """The questions of every kind in `kinds` asking `text` of `profile_id`, whose answer is
+    `values[profile_id]`; multiple choice draws its distractors and order from `rng`."""
+    gold = values[profile_id]
+    questions = []
+    for kind in kinds:
+        if kind == "free":
+            questions.append(Question(doc_id, text, gold, field))
+            continue
+        options = [gold, *_distractors(gold, profile_id, values, rng)]
+        order = rng.permutation(NUM_OPTIONS)
+        options = [options[j] for j in order]
+        questions.append(Question(doc_id, text, gold, field, tuple(options), options.index(gold)))
     return questions
 
 
