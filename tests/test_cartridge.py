@@ -235,6 +235,33 @@ def test_geometry_spec_round_trips_and_rejects_bad_names():
         attention.Geometry("serial", temperature=0.0)
 
 
+def test_relevance_routing_biases_each_cartridge_by_its_own_value(params):
+    g = attention.Geometry.parse("parallel,count_power=0.5,relevance=2")
+    assert g.relevance == 2.0 and attention.Geometry.parse(str(g)) == g
+    assert str(g) == "parallel,count_power=0.5,relevance=2"
+    with pytest.raises(ValueError, match="relevance must be >= 0"):
+        attention.Geometry("parallel", relevance=-1.0)
+    _, bank = _bank(params, [7, 12, 5], max_tokens=12)
+    selection = jnp.array([[2, 0, 1]])
+    selected = jnp.array([[True, True, True]])
+    with pytest.raises(ValueError, match="routes by relevance: its reader must pass"):
+        attention.compose(bank, selection, selected, g)
+    bias = jnp.array([[0.0, -1.0, -2.0]])
+    prefix = attention.compose(bank, selection, selected, g, cartridge_bias=bias)
+    plain = attention.compose(bank, selection, selected,
+                              attention.Geometry("parallel", count_power=0.5))
+    got = np.asarray(prefix["logit_bias"]).reshape(3, 12)
+    want = np.asarray(plain["logit_bias"]).reshape(3, 12) + np.array([[0.0], [-1.0], [-2.0]])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    for key in ("k", "v", "mask", "start"):
+        np.testing.assert_array_equal(np.asarray(prefix[key]), np.asarray(plain[key]))
+    # A bias under the identity geometry adds the logit entries with only the bias in them.
+    ident = attention.compose(bank, selection, selected, attention.PARALLEL, cartridge_bias=bias)
+    np.testing.assert_allclose(np.asarray(ident["logit_bias"]).reshape(3, 12)[:, 0],
+                               [0.0, -1.0, -2.0])
+    assert "logit_bias" not in attention.compose(bank, selection, selected, attention.PARALLEL)
+
+
 def test_parallel_queries_start_after_the_longest_cartridge(params):
     _, bank = _bank(params, [7, 12, 5], max_tokens=12)
     selection = jnp.array([[2, 0, 1], [1, 0, 0], [0, 0, 0]])

@@ -23,7 +23,12 @@ server alike, so a cartridge is always read the way it was trained):
   * the prefix block's attention logits may be reshaped (APE-style, `temperature`, `scale`,
     `count_power`): logit / temperature + log(scale) - count_power * log(n_active), where
     n_active is the number of composed cartridges of the row. The identity (1, 1, 0) leaves
-    the prefix without "logit_scale"/"logit_bias" entries, so the forward is unchanged.
+    the prefix without "logit_scale"/"logit_bias" entries, so the forward is unchanged;
+  * relevance routing (`relevance` = r > 0): each composed cartridge's logits also get
+    -r * d, where d in [0, 1] is how far its document's retrieval score for the question
+    falls below the best of the row's set ((best - score) / (best - worst)). The reader
+    computes d from the documents' texts and passes it as `compose(cartridge_bias=)`; a
+    reader without the texts (the server, chat) cannot read such a geometry.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from cas_jax.cartridges.cartridge import Cartridge
 from cas_jax.model.decoder import num_prefix_tokens  # noqa: F401
 
 LAYOUTS = ("serial", "parallel")
+_LOGIT_FIELDS = ("temperature", "scale", "count_power", "relevance")  # a spec's key=value names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,13 +56,16 @@ class Geometry:
     layout: "serial" or "parallel". temperature: prefix logits are divided by it (< 1
     sharpens). scale: prefix attention weights are multiplied by it. count_power: they are
     further multiplied by n_active ** -count_power (1 = a composed set weighs what one
-    cartridge weighs when each draws equal mass).
+    cartridge weighs when each draws equal mass). relevance: a cartridge's weights are
+    multiplied by exp(-relevance * d), d its document's normalised retrieval distance from
+    the best of the set (module doc; 0 = off).
     """
 
     layout: str = "serial"
     temperature: float = 1.0
     scale: float = 1.0
     count_power: float = 0.0
+    relevance: float = 0.0
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -64,10 +73,13 @@ class Geometry:
         if not self.temperature > 0 or not self.scale > 0:
             raise ValueError(f"geometry temperature and scale must be > 0, got "
                              f"{self.temperature} and {self.scale}")
+        if not self.relevance >= 0:
+            raise ValueError(f"geometry relevance must be >= 0, got {self.relevance}")
 
     @property
     def reshapes_logits(self) -> bool:
-        return (self.temperature, self.scale, self.count_power) != (1.0, 1.0, 0.0)
+        return (self.temperature, self.scale, self.count_power,
+                self.relevance) != (1.0, 1.0, 0.0, 0.0)
 
     @property
     def reshapes_one(self) -> bool:
@@ -77,7 +89,7 @@ class Geometry:
 
     def __str__(self) -> str:
         """The spec `parse` reads: the layout, then any non-default logit settings."""
-        extra = [f"{f}={getattr(self, f):g}" for f in ("temperature", "scale", "count_power")
+        extra = [f"{f}={getattr(self, f):g}" for f in _LOGIT_FIELDS
                  if getattr(self, f) != getattr(Geometry, f)]
         return ",".join([self.layout] + extra)
 
@@ -86,7 +98,7 @@ class Geometry:
         """"serial", "parallel" or e.g. "parallel,temperature=0.8,count_power=1"."""
         layout, *pairs = [p.strip() for p in spec.split(",") if p.strip()] or ["serial"]
         kw = {}
-        names = ("temperature", "scale", "count_power")
+        names = _LOGIT_FIELDS
         for pair in pairs:
             name, eq, value = pair.partition("=")
             if not eq or name not in names:
@@ -167,14 +179,21 @@ def bank_from_cartridges(cartridges: list[Cartridge], capacity: int | None = Non
 
 
 def compose(bank: CartridgeBank, selection: jax.Array, selected: jax.Array,
-            geometry: Geometry = DEFAULT_GEOMETRY) -> dict:
+            geometry: Geometry = DEFAULT_GEOMETRY, cartridge_bias: jax.Array | None = None
+            ) -> dict:
     """The prefix for `model.forward`: {k, v: [L, B, C*P_max, K, Dh], mask: [B, C*P_max],
     start: [B] int32 (the rows' first query position)}, plus logit_scale / logit_bias
     [B, C*P_max] float32 when `geometry` reshapes the prefix logits (module doc).
 
-    selection [B, C] int32 slot ids into the bank; selected [B, C] bool. Differentiable in the
-    bank's keys/values (gradients land in the selected slots only).
+    selection [B, C] int32 slot ids into the bank; selected [B, C] bool. cartridge_bias
+    [B, C] float32: added to every logit of that cartridge's slots (relevance routing: -r * d;
+    required when geometry.relevance > 0). Differentiable in the bank's keys/values
+    (gradients land in the selected slots only).
     """
+    if geometry.relevance > 0 and cartridge_bias is None:
+        raise ValueError(f"geometry {geometry} routes by relevance: its reader must pass "
+                         f"cartridge_bias, computed from the documents' retrieval scores "
+                         f"(evaluation does; the server and chat have no texts to score)")
     b, c = selection.shape
     _, n_layers, p, kh, dh = bank.keys.shape
     k = bank.keys[selection]  # [B, C, L, P, K, Dh]
@@ -193,11 +212,14 @@ def compose(bank: CartridgeBank, selection: jax.Array, selected: jax.Array,
     else:
         start = jnp.max(lengths, axis=1)
     prefix = {"k": k, "v": v, "mask": mask.reshape(b, c * p), "start": start.astype(jnp.int32)}
-    if geometry.reshapes_logits:
+    if geometry.reshapes_logits or cartridge_bias is not None:
         n_active = jnp.maximum(jnp.sum(active, axis=1), 1).astype(jnp.float32)  # [B]
         bias = math.log(geometry.scale) - geometry.count_power * jnp.log(n_active)
+        bias = jnp.broadcast_to(bias[:, None, None], (b, c, p))
+        if cartridge_bias is not None:
+            bias = bias + jnp.asarray(cartridge_bias, jnp.float32)[:, :, None]
         prefix["logit_scale"] = jnp.full((b, c * p), 1.0 / geometry.temperature, jnp.float32)
-        prefix["logit_bias"] = jnp.broadcast_to(bias[:, None], (b, c * p)).astype(jnp.float32)
+        prefix["logit_bias"] = bias.reshape(b, c * p).astype(jnp.float32)
     return prefix
 
 

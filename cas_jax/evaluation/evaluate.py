@@ -101,6 +101,8 @@ class EvalConfig:
       should be the one they were trained under. ICL and RAG contexts are read as they are.
     retrieval_cache: a folder keeping dense retrievers' embeddings (`retrieval.DenseRetriever`)
       between runs; "" keeps none.
+    router: the retriever ("bm25" or "dense") whose scores of the question against the
+      composed documents give a geometry's relevance routing (`attention.Geometry.relevance`).
     """
 
     window: int | None = None
@@ -114,10 +116,14 @@ class EvalConfig:
     format: str = rendering.DEFAULT_FORMAT
     geometry: attention.Geometry = attention.DEFAULT_GEOMETRY
     retrieval_cache: str = ""
+    router: str = "bm25"
 
     def __post_init__(self):
         if self.format not in rendering.FORMATS:
             raise ValueError(f"format must be one of {rendering.FORMATS}, got {self.format!r}")
+        if self.router not in retrieval.RETRIEVER_KINDS:
+            raise ValueError(f"router must be one of {retrieval.RETRIEVER_KINDS}, "
+                             f"got {self.router!r}")
         if self.option_score not in OPTION_SCORES:
             raise ValueError(f"option_score must be one of {OPTION_SCORES}, "
                              f"got {self.option_score!r}")
@@ -346,14 +352,32 @@ class Evaluator:
         if slots * max_tokens + room > self.window:
             raise ValueError(f"{slots} slots of {max_tokens} cartridge tokens plus {room} for "
                              f"the queries exceed the window {self.window}")
-        records = self._records(questions, entries, bank, slots, capacity,
-                                geometry=self.config.geometry)
+        geometry = self.config.geometry
+        biases = self.relevance_biases(questions, entries) if geometry.relevance > 0 else None
+        records = self._records(questions, entries, bank, slots, capacity, geometry=geometry,
+                                biases=biases)
         for r, e in zip(records, entries):
             lengths = [bank[i].num_tokens for i in e]
             # composition shows one attention sink: later cartridges' token 0 is masked
             r.update(context_tokens=0, truncated_tokens=0,
                      cartridge_tokens=sum(lengths) - max(len(lengths) - 1, 0))
         return records
+
+    def relevance_biases(self, questions: Sequence[Question], entries: list[list[str]]
+                         ) -> list[list[float]]:
+        """Per question, its composed documents' logit biases under the geometry's relevance
+        r: -r * (best - score) / (best - worst) of the `router`'s scores of the question
+        against the documents (0 for the best, -r for the worst; 0 for all when they tie)."""
+        r = self.config.geometry.relevance
+        index = self._retriever(self.config.router, "docs", lambda: self.collection.texts)
+        n = len(self.collection)
+        out = []
+        for q, e in zip(questions, entries):
+            scores = dict(index.search(q.question, n))
+            s = np.asarray([scores[d] for d in e], np.float64)
+            spread = s.max() - s.min() if len(s) else 0.0
+            out.append([0.0] * len(e) if spread <= 0 else (-r * (s.max() - s) / spread).tolist())
+        return out
 
     def _context_records(self, questions: Sequence[Question], contexts: list[_Context],
                          budget: int) -> list[dict[str, Any]]:
@@ -399,7 +423,8 @@ class Evaluator:
     def _records(self, questions: Sequence[Question], entries: list[list[str]],
                  cartridges: dict[str, Cartridge], slots: int, capacity: int | None = None,
                  max_tokens: int | None = None,
-                 geometry: attention.Geometry = attention.SERIAL) -> list[dict[str, Any]]:
+                 geometry: attention.Geometry = attention.SERIAL,
+                 biases: list[list[float]] | None = None) -> list[dict[str, Any]]:
         """Scores every option (or the gold answer) and generates a reply for each question,
         with prefix = cartridges[entries[i]] composed in order by `geometry` (serial for a
         prefilled context, which stands exactly where the document did); one record each.
@@ -426,10 +451,12 @@ class Evaluator:
                 conts.append(ids)
         kw = dict(bank=bank, slots=slots, rows_per_call=cfg.rows_per_call,
                   prefix_tokens_per_call=cfg.prefix_tokens_per_call, geometry=geometry)
-        scored = score_continuations(self.model, [queries[i] for i in owner], conts,
-                                     selections=[selections[i] for i in owner], **kw)
+        scored = score_continuations(
+            self.model, [queries[i] for i in owner], conts,
+            selections=[selections[i] for i in owner],
+            biases=None if biases is None else [biases[i] for i in owner], **kw)
         generated = (generate_answers(self.model, queries, cfg.max_new_tokens,
-                                      selections=selections, **kw)
+                                      selections=selections, biases=biases, **kw)
                      if cfg.max_new_tokens else [None] * len(questions))
 
         records, row = [], 0

@@ -27,16 +27,17 @@ from cas_jax.model.loading import LoadedModel
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_targets", "geometry"))
-def _score_rows(params, bank, selection, selected, tokens, lengths, starts, *,
+def _score_rows(params, bank, selection, selected, bias, tokens, lengths, starts, *,
                 config, num_targets: int, geometry: attention.Geometry):
     """Log-probabilities [B, num_targets] of tokens[b, starts[b]:lengths[b]] (0 past the end).
 
     tokens [B, T] right-padded; lengths, starts [B]; the prefix is compose(bank, selection
-    [B, C], selected [B, C], geometry) (none when bank is None) and positions start where
-    the geometry puts them.
+    [B, C], selected [B, C], geometry, bias [B, C] or None) (none when bank is None) and
+    positions start where the geometry puts them.
     """
     b, t = tokens.shape
-    prefix = None if bank is None else attention.compose(bank, selection, selected, geometry)
+    prefix = None if bank is None else attention.compose(bank, selection, selected, geometry,
+                                                         bias)
     n_prefix = attention.num_prefix_tokens(prefix, b)
     idx = jnp.arange(t)[None, :]
     positions = jnp.where(idx < lengths[:, None], n_prefix[:, None] + idx, -1)
@@ -79,17 +80,28 @@ def _rows_per_call(rows_per_call: int, prefix_slots: int, prefix_tokens_per_call
     return b
 
 
-def _selection_arrays(selections: Sequence[Sequence[int]], slots: int
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """[N, slots] int32 bank slots and bool `selected` from per-row lists (best first)."""
+def _selection_arrays(selections: Sequence[Sequence[int]], slots: int,
+                      biases: Sequence[Sequence[float]] | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """[N, slots] int32 bank slots, bool `selected` and float32 per-cartridge logit biases
+    (None without `biases`) from per-row lists (best first)."""
     sel = np.zeros((len(selections), slots), np.int32)
     on = np.zeros((len(selections), slots), bool)
+    bias = None if biases is None else np.zeros((len(selections), slots), np.float32)
     for i, s in enumerate(selections):
         if len(s) > slots:
             raise ValueError(f"row {i} selects {len(s)} cartridges, only {slots} slots per row")
         sel[i, :len(s)] = s
         on[i, :len(s)] = True
-    return sel, on
+        if bias is not None:
+            if len(biases[i]) != len(s):
+                raise ValueError(f"row {i}: {len(biases[i])} biases for {len(s)} cartridges")
+            bias[i, :len(s)] = biases[i]
+    return sel, on, bias
+
+
+def _rows(x: np.ndarray | None, rows: list[int]) -> jax.Array | None:
+    return None if x is None else jnp.asarray(x[rows])
 
 
 def score_continuations(model: LoadedModel, prompts: Sequence[list[int]],
@@ -97,21 +109,22 @@ def score_continuations(model: LoadedModel, prompts: Sequence[list[int]],
                         bank: attention.CartridgeBank | None = None,
                         selections: Sequence[Sequence[int]] | None = None, slots: int = 1,
                         rows_per_call: int = 16, prefix_tokens_per_call: int = 32768,
-                        geometry: attention.Geometry = attention.DEFAULT_GEOMETRY
-                        ) -> list[np.ndarray]:
+                        geometry: attention.Geometry = attention.DEFAULT_GEOMETRY,
+                        biases: Sequence[Sequence[float]] | None = None) -> list[np.ndarray]:
     """Per row, the log-probabilities [len(continuation)] of `continuation` after `prompt`.
 
     With a bank, row i's prefix composes the bank slots `selections[i]` (at most `slots`) by
-    `geometry`, which also says where its prompt positions start.
+    `geometry`, which also says where its prompt positions start; `biases[i]` (one per
+    selected cartridge) are added to their attention logits (`attention.compose`).
     """
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
     n = len(prompts)
     if bank is None:
-        sel = on = None
+        sel = on = bias = None
         b = rows_per_call
     else:
-        sel, on = _selection_arrays(selections, slots)
+        sel, on, bias = _selection_arrays(selections, slots, biases)
         b = _rows_per_call(rows_per_call, slots * bank.max_tokens, prefix_tokens_per_call)
     order = sorted(range(n), key=lambda i: len(prompts[i]) + len(continuations[i]))
     out: list[np.ndarray] = [np.zeros(0, np.float32)] * n
@@ -130,10 +143,8 @@ def score_continuations(model: LoadedModel, prompts: Sequence[list[int]],
             tokens[r, :len(seq)] = seq
             lengths[r], starts[r] = len(seq), len(prompts[i])
         pad = [rows[0]] * (b - len(rows))
-        lp = _score_rows(model.params, bank,
-                         None if sel is None else jnp.asarray(sel[rows + pad]),
-                         None if on is None else jnp.asarray(on[rows + pad]),
-                         jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(starts),
+        lp = _score_rows(model.params, bank, _rows(sel, rows + pad), _rows(on, rows + pad),
+                         _rows(bias, rows + pad), jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(starts),
                          config=model.config, num_targets=tc, geometry=geometry)
         lp = np.asarray(lp)
         for r, i in enumerate(rows):
@@ -151,25 +162,27 @@ def generate_answers(model: LoadedModel, prompts: Sequence[list[int]], max_new_t
                      bank: attention.CartridgeBank | None = None,
                      selections: Sequence[Sequence[int]] | None = None, slots: int = 1,
                      rows_per_call: int = 16, prefix_tokens_per_call: int = 32768,
-                     geometry: attention.Geometry = attention.DEFAULT_GEOMETRY) -> list[str]:
+                     geometry: attention.Geometry = attention.DEFAULT_GEOMETRY,
+                     biases: Sequence[Sequence[float]] | None = None) -> list[str]:
     """Greedy replies (decoded, up to the end of turn) to `prompts`, batched as in
-    `score_continuations` (cartridges composed by `geometry`); every call gets the same row
-    count, so shapes repeat."""
+    `score_continuations` (cartridges composed by `geometry`, `biases` as there); every call
+    gets the same row count, so shapes repeat."""
     stops = tuple(tok_lib.stop_token_ids(model.tokenizer))
     params = sampling.SamplingParams(max_new_tokens=max_new_tokens, stop_ids=stops)
     n = len(prompts)
     if bank is None:
         b = rows_per_call
     else:
-        sel, on = _selection_arrays(selections, slots)
+        sel, on, bias = _selection_arrays(selections, slots, biases)
         b = _rows_per_call(rows_per_call, slots * bank.max_tokens, prefix_tokens_per_call)
     texts = []
     pbar = progress.bar(n, "generating", "answer")
     for start in range(0, n, b):
         rows = list(range(start, min(start + b, n)))
         rows += [rows[-1]] * (b - len(rows))
-        prefix = None if bank is None else _compose(bank, jnp.asarray(sel[rows]),
-                                                    jnp.asarray(on[rows]), geometry=geometry)
+        prefix = None if bank is None else _compose(bank, _rows(sel, rows), _rows(on, rows),
+                                                    geometry=geometry,
+                                                    cartridge_bias=_rows(bias, rows))
         out = sampling.generate(model.params, model.config, [prompts[i] for i in rows], params,
                                 prefix=prefix)
         for r in range(min(b, n - start)):

@@ -1,0 +1,74 @@
+"""Relevance routing (`attention.Geometry.relevance`): the evaluator biases each composed
+cartridge by its document's retrieval score for the question, on the tiny model."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cas_jax.cartridges import attention
+from cas_jax.documents.corpus import Collection, Document
+from cas_jax.evaluation import evaluate
+from cas_jax.evaluation.questions import Question
+from cas_jax.training import collection_init
+
+P = 8
+DOCS = Collection([
+    Document("zo", "Zorbania", "Zorbania is a small republic. The capital of Zorbania is "
+             "Quillton. Its national animal is the marsh heron."),
+    Document("ve", "Vexland", "Vexland is an island kingdom. The highest point of Vexland is "
+             "Mount Brel, and its currency is the vex crown."),
+    Document("ta", "Tarmesh", "Tarmesh is a desert federation whose largest river is the Olun."),
+    Document("pl", "Plimb", "Plimb exports copper and tin; its capital is Harrowgate."),
+])
+QS = [Question("zo", "What is the capital of Zorbania?", "Quillton",
+               options=("Paris", "Quillton", "Tokyo", "Rome"), answer=1),
+      Question("ve", "What is the currency of Vexland?", "vex crown",
+               options=("euro", "vex crown"), answer=1)]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny):
+    cartridges = {d: collection_init.initial_cartridge(tiny, d, DOCS[d].text, P)
+                  for d in DOCS.ids}
+    return tiny, cartridges
+
+
+def _evaluator(model, spec: str) -> evaluate.Evaluator:
+    return evaluate.Evaluator(model, DOCS, evaluate.EvalConfig(
+        max_new_tokens=0, geometry=attention.Geometry.parse(spec)))
+
+
+def test_biases_put_the_best_scored_document_at_zero_and_the_worst_at_minus_r(setup):
+    model, _ = setup
+    ev = _evaluator(model, "parallel,relevance=3")
+    entries = [["ta", "zo", "pl"], ["ve"], ["zo", "ve"]]
+    biases = ev.relevance_biases([QS[0], QS[0], QS[1]], entries)
+    assert biases[0][1] == 0.0 and min(biases[0]) == -3.0 and all(-3 <= b <= 0 for b in biases[0])
+    assert biases[1] == [0.0]  # one cartridge: nothing to route
+    assert biases[2][1] == 0.0 and biases[2][0] == -3.0
+
+
+def test_strong_routing_reads_a_composed_set_as_its_best_document_alone(setup):
+    """With the question's document first and a huge relevance, the other cartridges get no
+    attention: the composed set scores the options as the oracle (parallel: same positions)."""
+    model, cartridges = setup
+    oracle = _evaluator(model, "parallel").oracle_cartridge(QS, cartridges)
+    select = {"zo": ["zo", "ta", "pl"], "ve": ["ve", "pl", "zo"]}
+    routed = _evaluator(model, "parallel,relevance=1e4").cartridges(
+        QS, cartridges, lambda q: select[q.doc_id])
+    plain = _evaluator(model, "parallel").cartridges(QS, cartridges, lambda q: select[q.doc_id])
+    for o, r, p in zip(oracle.records, routed.records, plain.records):
+        np.testing.assert_allclose(r["option_logprobs"], o["option_logprobs"], atol=2e-3)
+        assert not np.allclose(p["option_logprobs"], o["option_logprobs"], atol=2e-3)
+
+
+def test_a_routing_geometry_needs_the_biases_and_a_known_router(setup):
+    _, cartridges = setup
+    bank = attention.bank_from_cartridges([cartridges["zo"], cartridges["ve"]])
+    with pytest.raises(ValueError, match="routes by relevance"):
+        attention.compose(bank, jnp.array([[0, 1]]), jnp.array([[True, True]]),
+                          attention.Geometry("serial", relevance=1.0))
+    with pytest.raises(ValueError, match="router must be one of"):
+        evaluate.EvalConfig(router="tfidf")
