@@ -81,7 +81,7 @@ def client(running):
     return openai.OpenAI(base_url=running[0].url + "/v1", api_key="unused", max_retries=0)
 
 
-def _wait_for_warmup(engine, timeout=300):
+def _wait_for_warmup(engine, timeout=900):
     t0 = time.monotonic()
     while engine.kernels.pending() and time.monotonic() - t0 < timeout:
         time.sleep(0.2)

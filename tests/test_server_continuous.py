@@ -8,15 +8,21 @@ import dataclasses
 import threading
 import time
 
+import jax
+import jax.monitoring
 import numpy as np
 import pytest
+from flax import nnx
 
 from cas_jax.cartridges import attention, store as store_lib
 from cas_jax.evaluation import scoring
 from cas_jax.model import rendering, sampling, tokenizer as tok_lib
+from cas_jax.model.loading import LoadedModel
 from cas_jax.serving import (continuous as serving_continuous, engine as serving_engine,
                              static as serving_static)
-from test_server import TOKENS, _config, _user, _wait_for_warmup, store, tiny  # noqa: F401
+from test_own_decoder import NNXDecoder, TinyLM
+from test_server import (TOKENS, WINDOW, _cartridge, _config, _user, _wait_for_warmup,  # noqa: F401
+                         store, tiny)
 
 
 def _engine(tiny, store, **kw):
@@ -223,7 +229,6 @@ def test_a_request_waiting_for_the_budget_is_passed_by_one_that_fits(warm, tiny)
 
 
 def test_the_server_composes_by_the_geometry_its_cartridges_were_trained_under(tiny, tmp_path):
-    from test_server import _cartridge
     par = attention.Geometry.parse("parallel,count_power=0.5")
     s = store_lib.CartridgeStore(str(tmp_path / "store"))
     for doc_id in ("x", "y"):
@@ -329,3 +334,93 @@ def test_running_rows_decode_between_the_chunks_of_a_long_prompt(tiny, store):
         assert status["compiles"]["chunk"] == 1  # one buffer bucket, with cartridges
     finally:
         engine.close()
+
+
+# ---------------------------------------------------------------- where XLA compiles
+
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"  # jax's event, per compile
+
+
+def test_every_compile_runs_on_the_compile_thread(tiny, store):
+    """XLA:CPU crashed (SIGSEGV/SIGABRT in backend_compile_and_load) while the compile thread
+    and the engine thread compiled at once (BUILD_NOTES, "CI"). Every compile an engine makes
+    (its kernels, the composition, bank writes, empty pools and buffers, any eager array op)
+    runs on its compile thread, one at a time: jax's backend-compile spans, recorded from the
+    engine's construction to its close, over requests with and without cartridges, a prompt
+    prefilled in chunks, a pool that grows and one that starts afresh."""
+    spans = []
+
+    def listener(event, start, end, **kw):
+        if event == BACKEND_COMPILE:
+            spans.append((threading.current_thread().name, start, end, kw.get("fun_name")))
+
+    jax.clear_caches()  # eager ops compile again, as in a fresh process
+    jax.monitoring.register_event_time_span_listener(listener)
+    try:
+        engine = _engine(tiny, store, prefill_chunk=CHUNK)
+        try:
+            first = engine.submit(_prompt(tiny, "Tell me a long story."), ["a"], _greedy(40))
+            time.sleep(0.5)
+            more = [engine.submit(_prompt(tiny, q), ids, p) for q, ids, p in [
+                ("Q?", [], _greedy(6)), ("word " * 140, ["b"], _greedy(4)),
+                ("Q2?", ["b", "a"], serving_engine.Sampling(max_tokens=6, temperature=1.0,
+                                                            top_p=0.9, seed=1, logprobs=True,
+                                                            top_logprobs=2))]]
+            for h in [first] + more:
+                h.result(300)
+            _wait_for_warmup(engine)
+            _solo(engine, tiny, "Q3?", _greedy(4), ["c"])  # a new pool, after the idle drop
+            _wait_for_warmup(engine)
+        finally:
+            engine.close()
+    finally:
+        jax.monitoring.unregister_event_time_span_listener(listener)
+    elsewhere = sorted({(name, fun) for name, _, _, fun in spans
+                        if name != "cas-serving-compile"})
+    assert len(spans) > 5 and not elsewhere, elsewhere
+
+
+# ---------------------------------------------------------------- another decoder
+
+
+def test_it_serves_a_decoder_that_is_not_cas_jaxs(tokenizer, tmp_path):
+    """The server runs its model only through the `Decoder` contract: the Flax NNX decoder of
+    tests/test_own_decoder.py (no decode_layout, so its pool keeps [L, R, S, K, Dh] arrays),
+    over the real tokenizer, answers requests with two cartridges composed under a reshaped
+    parallel geometry, one cartridge, none, and a prompt prefilled in chunks, with
+    the greedy tokens of `sampling.generate` for the same prompt and cartridges, and scoring's
+    logprobs."""
+    graphdef, params = nnx.split(TinyLM(nnx.Rngs(2), vocab=len(tokenizer)))
+    dec = NNXDecoder(graphdef, vocab_size=len(tokenizer), max_position_embeddings=WINDOW)
+    model = LoadedModel(config=dec, params=params, tokenizer=tokenizer, fingerprint="own",
+                        path="")
+    geometry = attention.Geometry.parse("parallel,temperature=0.8,count_power=1")
+    s = store_lib.CartridgeStore(str(tmp_path / "store"))
+    for doc_id, n in (("x", 8), ("y", 12)):
+        c = _cartridge(model, doc_id, n)
+        s.save(doc_id, c.replace(meta=dataclasses.replace(c.meta, geometry=str(geometry))))
+    question = _prompt(model, "What is the value of item x?")
+    requests = [(question, ["y", "x"]), (question, ["x"]), (question, []),
+                (_prompt(model, "word " * 140), ["y"])]
+    engine = _engine(model, s, prefill_chunk=CHUNK)
+    try:
+        assert engine.config.geometry == geometry
+        assert not isinstance(engine.kernels.pool_like(1, 128, True)[0]["k"], tuple)
+        handles = [engine.submit(p, ids, _greedy(8, logprobs=True)) for p, ids in requests]
+        results = [h.result(300) for h in handles]
+        assert engine.kernels.compiled["chunk"] == 1
+    finally:
+        engine.close()
+    stops = tuple(tok_lib.stop_token_ids(tokenizer))
+    for (prompt, ids), r in zip(requests, results):
+        cartridges = [s.load_cartridge(i) for i in ids]
+        prefix = attention.compose_in_order(cartridges, geometry) if ids else None
+        (want,) = sampling.generate(params, dec, [prompt], sampling.SamplingParams(
+            max_new_tokens=8, stop_ids=stops), prefix=prefix)
+        tokens = [e.token for e in r.logprobs]
+        assert tokens == [t for t in want if t not in stops], ids  # (no logprob for a stop)
+    (lp,) = scoring.score_continuations(
+        model, [question], [[e.token for e in results[0].logprobs]],
+        bank=attention.bank_from_cartridges([s.load_cartridge(i) for i in ("y", "x")]),
+        selections=[[0, 1]], slots=2, geometry=geometry)
+    np.testing.assert_allclose([e.logprob for e in results[0].logprobs], lp, atol=1e-4)

@@ -2,9 +2,11 @@
 
 The trainers (`train`, and `train_collection` through its step), the scoring and prefilling of
 the evaluator (`scoring`), the sampler (`sampling`), self-study synthesis (its agents, prefill
-and teacher: `synthesis`, `teacher`) and cartridge initialisation (`cartridge.init_*`, through
-`model.prefill_kv`; the `document_kv` init also needs `CompressibleKV`) run a model only through
-this protocol. Every one of them takes it where it takes a model `config`: a `ModelConfig`
+and teacher: `synthesis`, `teacher`), cartridge initialisation (`cartridge.init_*`, through
+`model.prefill_kv`; the `document_kv` init also needs `CompressibleKV`) and the server's
+engines (`serving.kernels`: prefill, chunked prefill, decode steps and logits, composed
+cartridges as the prefix; `serving.static` through the sampler) run a model only through this
+protocol. Every one of them takes it where it takes a model `config`: a `ModelConfig`
 stands for cas_jax's own decoder (`model.as_decoder` wraps it in `model.LlamaDecoder`); any
 other object is used as the decoder itself. So a researcher's own JAX decoder (Flax NNX,
 Equinox, plain functions) gets cartridges trained, composed, scored and sampled, and self-study
@@ -73,8 +75,10 @@ class Decoder(Protocol):
 
 
 # Optional: `decode_layout(params, cache, prefix) -> (params, cache, prefix)`, the arrays the
-# sampler's decode loop passes to `forward` instead (cas_jax's own decoder splits its layer
-# stacks there, `model.unroll_layers`); without it the arrays are passed as they are.
+# sampler's decode loop and the server's decode steps pass to `forward` instead (cas_jax's own
+# decoder splits its layer stacks there, `model.unroll_layers`); without it the arrays are
+# passed as they are. The server keeps its KV pool in this layout, so there a cache's and a
+# prefix's k and v must stay per layer: one [L, ...] array or a tuple of L arrays.
 
 
 @runtime_checkable

@@ -18,11 +18,11 @@ head_dim x 2 arrays in the model dtype.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import queue
 import threading
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,7 @@ import numpy as np
 
 from cas_jax.cartridges import attention, budget as budget_lib, store as store_lib
 from cas_jax.cartridges.cartridge import Cartridge, CartridgeMismatchError
+from cas_jax.model import decoder as decoder_lib
 from cas_jax.model.loading import LoadedModel
 from cas_jax.serving.engine import ServeConfig, ServeError
 
@@ -44,6 +45,7 @@ class CartridgeInfo:
     fingerprint: str
     shape: tuple[int, ...]  # keys [layers, tokens, kv_heads, head_dim]
     geometry: str = "serial"  # the composition geometry it was trained under (its meta)
+    dtype: str = "float32"  # of its keys and values
 
 
 def _refuse(status: int, message: str, code: str) -> ServeError:
@@ -91,7 +93,8 @@ class Catalogue:
             meta = manifest["meta"]
             info = CartridgeInfo(doc_id, int(keys["shape"][1]), 2 * int(keys["nbytes"]),
                                  meta["model_fingerprint"], tuple(keys["shape"]),
-                                 str(attention.Geometry.parse(meta.get("geometry", "serial"))))
+                                 str(attention.Geometry.parse(meta.get("geometry", "serial"))),
+                                 str(jnp.dtype(keys["dtype"])))
         except store_lib.CartridgeNotFoundError:
             raise _refuse(404, f"no cartridge {doc_id!r} in the store",
                           "cartridge_not_found") from None
@@ -129,6 +132,19 @@ class Catalogue:
                 row["error"] = e.message
             rows.append(row)
         return rows
+
+    def sizes(self) -> list[tuple[int, str]]:
+        """(tokens, dtype) of the store's usable cartridges: the bank copies to compile."""
+        usable = set()
+        for info in self._infos().values():
+            try:
+                if isinstance(info, ServeError):
+                    raise info
+                self.check_usable(info)
+            except ServeError:
+                continue
+            usable.add((info.tokens, info.dtype))
+        return sorted(usable)
 
     def check_usable(self, info: CartridgeInfo) -> None:
         cfg = self.model.config
@@ -189,8 +205,7 @@ class Catalogue:
             self.budget.close()
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _put_slot(bank: attention.CartridgeBank, slot, keys, values) -> attention.CartridgeBank:
+def put_slot(bank: attention.CartridgeBank, slot, keys, values) -> attention.CartridgeBank:
     """Writes one cartridge (keys/values [L, P, K, Dh], P <= P_max) into bank slot `slot`."""
     at = (slot, 0, 0, 0, 0)
     return attention.CartridgeBank(
@@ -200,13 +215,16 @@ def _put_slot(bank: attention.CartridgeBank, slot, keys, values) -> attention.Ca
 
 
 class BankSlots:
-    """The bank and which slot holds which pinned cartridge (module doc). Engine thread only."""
+    """The bank and which slot holds which pinned cartridge (module doc). Engine thread only.
+    `put(tokens, dtype)` gives the compiled `put_slot` for a cartridge of that many tokens and
+    dtype, or None while it compiles (the continuous engine's kernels); by default `put_slot`
+    jitted on the caller's thread (the static engine's)."""
 
     def __init__(self, catalogue: Catalogue):
         self.catalogue = catalogue
         cfg, config = catalogue.model.config, catalogue.config
         p_max = catalogue.max_cartridge_tokens
-        dtype = catalogue.model.params["embed"].dtype
+        dtype = decoder_lib.kv_dtype(catalogue.model.params)
         slot_bytes = 2 * cfg.num_layers * p_max * cfg.num_kv_heads * cfg.head_dim * \
             np.dtype(dtype).itemsize
         slots = config.bank_slots or min(config.max_batch * config.max_cartridges,
@@ -216,8 +234,10 @@ class BankSlots:
             raise ValueError(f"bank_slots={config.bank_slots} cannot hold the "
                              f"{config.max_cartridges} cartridges one request may use")
         shape = (slots, cfg.num_layers, p_max, cfg.num_kv_heads, cfg.head_dim)
-        self.bank = attention.CartridgeBank(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                                            jnp.zeros((slots,), jnp.int32))
+        self.bank = jax.device_put(attention.CartridgeBank(  # made on the host: no compile
+            np.zeros(shape, dtype), np.zeros(shape, dtype), np.zeros((slots,), np.int32)))
+        jitted = jax.jit(put_slot, donate_argnums=0)
+        self.put: Callable[[int, str], Callable | None] = lambda tokens, dtype: jitted
         self._held: list[tuple[str, jax.Array] | None] = [None] * slots  # (id, keys) in a slot
         self._refs = [0] * slots
 
@@ -227,13 +247,17 @@ class BankSlots:
 
     def place(self, cartridges: dict[str, Cartridge]) -> dict[str, int] | None:
         """Holds a slot for each cartridge (copying in those not there) and returns the slot of
-        each; None, holding nothing, when too few slots are free."""
+        each; None, holding nothing, when too few slots are free or a copy's kernel compiles."""
         slot_of = {}
         for s, held in enumerate(self._held):
             if held is not None and held[0] in cartridges and held[1] is cartridges[held[0]].keys:
                 slot_of[held[0]] = s
         free = [s for s in range(self.size) if not self._refs[s] and s not in slot_of.values()]
         if len(cartridges) - len(slot_of) > len(free):
+            return None
+        puts = {doc_id: self.put(c.num_tokens, str(c.keys.dtype))
+                for doc_id, c in cartridges.items() if doc_id not in slot_of}
+        if any(fn is None for fn in puts.values()):
             return None
         with self.catalogue.lock:
             resident = set(self.catalogue.budget.resident_ids())
@@ -242,7 +266,7 @@ class BankSlots:
         for doc_id, c in cartridges.items():
             if doc_id not in slot_of:
                 s = next(free_iter)
-                self.bank = _put_slot(self.bank, jnp.int32(s), c.keys, c.values)
+                self.bank = puts[doc_id](self.bank, np.int32(s), c.keys, c.values)
                 self._held[s] = (doc_id, c.keys)
                 slot_of[doc_id] = s
         for s in slot_of.values():

@@ -59,10 +59,8 @@ class ContinuousEngine(EngineBase):
         self.shapes = Shapes(config, model.config.max_position_embeddings)
         self.kernels = Kernels(model, self.bank.bank, config.max_cartridges, config.geometry,
                                on_ready=lambda: self._inbox.put(_WAKE))
-        c = max(config.max_cartridges, 1)
-        self._no_cartridges = self.kernels.compose(
-            self.bank.bank, np.zeros((1, c), np.int32), np.zeros((1, c), bool),
-            geometry=config.geometry)
+        self.bank.put = lambda tokens, dtype: self.kernels.get(("put", tokens, dtype))
+        self._no_cartridges: dict | None = None  # the prefix of a row without cartridges
         self._pool: Pool | None = None
         self._waiting: collections.deque[Job] = collections.deque()
         self._long: LongPrefill | None = None  # the prompt prefilling in chunks
@@ -70,7 +68,8 @@ class ContinuousEngine(EngineBase):
         self.steps = 0  # decode steps run
         self._lock = threading.Lock()  # guards the counters read by status()
         if config.warmup:
-            self.kernels.warm(self.shapes.warm_keys())
+            self.kernels.warm([("compose",)] + [("put", *s) for s in self.catalogue.sizes()]
+                              + self.shapes.warm_keys())
         self._thread = threading.Thread(target=self._loop, name="cas-serving-engine",
                                         daemon=True)
         self._thread.start()
@@ -257,7 +256,8 @@ class ContinuousEngine(EngineBase):
         target = self._target(jobs)
         if target is None:
             return target, None
-        keys = keys + [("reset", *target), ("insert", *target[:2]), ("step", *target)]
+        keys = keys + [("compose",), ("reset", *target), ("insert", *target[:2]),
+                       ("step", *target)]
         if self._pool is not None and self._pool.shape != target:
             keys.append(("relayout", self._pool.shape, target))
         return target, self._kernels(keys)
@@ -286,7 +286,7 @@ class ContinuousEngine(EngineBase):
         k, v, *first = prefill_group(self.kernels, self.shapes, jobs, kernels["prefill"],
                                      self.shapes.prefill_rows(len(jobs)), composed)
         for i, job in enumerate(jobs):
-            self._join(job, target, kernels, composed[i], lambda c, i=i: (k[i, c], v[i, c]),
+            self._join(job, target, kernels, composed[i], lambda c, i=i: (k[i][c], v[i][c]),
                        [a[i] for a in first])
         return jobs
 
@@ -311,7 +311,7 @@ class ContinuousEngine(EngineBase):
         (its chunk kernel compiles or its cartridges wait for the budget; dropped, with the
         error emitted, if one cannot be read or compiled)."""
         try:
-            ready = self._kernels([self.shapes.chunk_key(job)]) is not None
+            ready = self._kernels([self.shapes.chunk_key(job), ("compose",)]) is not None
         except ServeError as e:
             self._waiting.remove(job)
             job.handle.emit("error", e)
@@ -346,15 +346,19 @@ class ContinuousEngine(EngineBase):
         return moved
 
     def _compose(self, job: Job) -> dict:
-        if not job.infos:
+        """The job's prefix: one row of `attention.compose` of its bank slots (its callers
+        made sure the compose kernel is compiled)."""
+        if not job.infos and self._no_cartridges is not None:
             return self._no_cartridges
         c = max(self.config.max_cartridges, 1)
         selection = np.zeros((1, c), np.int32)
         selected = np.zeros((1, c), bool)
         selection[0, :len(job.bank_slots)] = job.bank_slots
         selected[0, :len(job.bank_slots)] = True
-        return self.kernels.compose(self.bank.bank, selection, selected,
-                                    geometry=self.config.geometry)
+        composed = self.kernels.get(("compose",))(self.bank.bank, selection, selected)
+        if not job.infos:
+            self._no_cartridges = composed
+        return composed
 
     def _shrink(self) -> None:
         """Drops the pool when idle; a quarter of its rows once the live rows fit them."""
@@ -380,7 +384,7 @@ class ContinuousEngine(EngineBase):
         want_top = any(j.params.top_logprobs for j in jobs)
         rows = row_values([(j.row, j) for j in jobs], pool.rows)
         pool.cache, pool.counts, nxt, lp, top_ids, top_lp = step(
-            self.kernels.unrolled, pool.cache, pool.prefix, pool.counts, tokens, positions,
+            self.kernels.step_params, pool.cache, pool.prefix, pool.counts, tokens, positions,
             np.int32(pool.pointer), rows_tuple(rows, want_top))
         pool.advance()
         nxt, lp = jax.device_get((nxt, lp))

@@ -32,6 +32,11 @@ from cas_jax.serving.text import TokenLogprob
 ENGINES = ("continuous", "static")
 MAX_TOP_LOGPROBS = 20
 
+COMPILE_LOCK = threading.Lock()
+"""Held by every XLA compile the serving engines make: the continuous engine's compile thread
+holds it per compile (`serving_kernels`), the static engine while it runs a batch. No two
+serving threads of a process compile at once (XLA:CPU crashed when two did, BUILD_NOTES "CI")."""
+
 
 @dataclasses.dataclass(frozen=True)
 class ServeConfig:

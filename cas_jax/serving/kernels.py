@@ -1,15 +1,18 @@
 """The continuous engine's jitted pieces, and their compilation off the engine's path.
 
-A pool holds R rows x S KV slots per row, in `model.forward`'s unrolled form (the sampler's
-tuned decode path, `model.unroll_layers`):
-  cache   k, v: tuples of L arrays [R, S, K, Dh]; pos [R, S] int32 (-1 = empty)
-  prefix  None, or k, v: tuples of L arrays [R, C*P_max, K, Dh]; mask [R, C*P_max]; and
+The model runs only through the `Decoder` contract (`model.decoder`): `forward` and `logits`,
+and, for decode steps, its optional `decode_layout` (cas_jax's own decoder: the layers
+unrolled, the sampler's tuned decode path). A pool holds R rows x S KV slots per row in that
+decode layout:
+  cache   k, v: per layer [R, S, K, Dh] (a tuple of L such arrays, or one [L, R, S, K, Dh]
+          array: the two forms serving supports); pos [R, S] int32 (-1 = empty)
+  prefix  None, or k, v: per layer [R, C*P_max, K, Dh] as the cache's; mask [R, C*P_max]; and
           logit_scale / logit_bias [R, C*P_max] when the geometry reshapes prefix logits.
           Each row's is `attention.compose` of its cartridges (rows without: mask False).
   counts  [R, V] int32, tokens each row generated (frequency and presence penalties)
-Every row writes its decode step's K/V at the same slot, the ring pointer (`model.forward`
-writes all rows at one index); the engine places each prompt where the pointer will not reach
-before the row ends (`serving_continuous`).
+Every row writes its decode step's K/V at the same slot, the ring pointer (the cache's
+`index`); the engine places each prompt where the pointer will not reach before the row ends
+(`serving_continuous`). Prompts are prefilled in the contract's own layout.
 
 Kernels (each compiled once per key; `Kernels.compiled` counts them):
   ("step", R, S, pfx)       one decode step of every row, per-row sampling
@@ -21,8 +24,14 @@ Kernels (each compiled once per key; `Kernels.compiled` counts them):
   ("insert", R, S)          one chunk of a prompt's K/V into a row's slots
   ("reset", R, S, pfx)      clears a row and sets its prefix
   ("relayout", a, b)        gathers rows and slots of a pool of shape a into one of shape b
+  ("compose",)              one row's prefix from the bank (`attention.compose`)
+  ("put", P, dtype)         one cartridge of P tokens into a bank slot
 Sampling is per row: temperature, top-p, penalties and the random stream (seed, draw index)
 are [R] arrays, so one batch mixes them; greedy rows never pay for a vocabulary sort.
+
+Every XLA compile an engine makes happens on its compile thread, under `COMPILE_LOCK`: the
+engine thread only runs compiled kernels and moves host arrays (`jax.device_put`), so no op of
+its own compiles (XLA:CPU crashed compiling on two threads at once, BUILD_NOTES "CI").
 """
 
 from __future__ import annotations
@@ -38,8 +47,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cas_jax.cartridges import attention
-from cas_jax.model import llama as model_lib
-from cas_jax.serving.engine import MAX_TOP_LOGPROBS
+from cas_jax.model import decoder as decoder_lib, llama as model_lib
+from cas_jax.serving.cartridges import put_slot
+from cas_jax.serving.engine import COMPILE_LOCK, MAX_TOP_LOGPROBS
 
 CHUNK = 64  # prompt K/V tokens per insert call
 
@@ -92,32 +102,40 @@ def choose(logits, counts, rows):
     return tokens, lp, top_ids.astype(jnp.int32), top_lp
 
 
-def _step(params, cache, prefix, counts, tokens, positions, pointer, rows, *, config):
-    """One decode step: tokens, positions [R] (-1 = idle row) -> (cache, counts, next tokens,
-    logprobs, top ids, top logprobs)."""
-    kv = {**cache, "index": pointer}
-    logits, kv = model_lib.forward(params, tokens[:, None], positions[:, None], kv, prefix,
-                                   config=config)
-    nxt, lp, top_ids, top_lp = choose(logits[:, 0], counts, rows)
+def _per_layer(f, kv, *per_layer):
+    """`f` on each layer's array [R, ...] of `kv` (a tuple of L of them, or one [L, R, ...]
+    array: module doc), given that layer's entry of each [L, ...] array in `per_layer`; the
+    result in `kv`'s form."""
+    if isinstance(kv, (tuple, list)):
+        return tuple(f(a, *(x[i] for x in per_layer)) for i, a in enumerate(kv))
+    return jax.vmap(f)(kv, *per_layer)
+
+
+def _step(params, cache, prefix, counts, tokens, positions, pointer, rows, *, decoder):
+    """One decode step (decode layout): tokens, positions [R] (-1 = idle row) -> (cache,
+    counts, next tokens, logprobs, top ids, top logprobs)."""
+    hidden, kv = decoder.forward(params, tokens[:, None], positions[:, None],
+                                 {**cache, "index": pointer}, prefix)
+    nxt, lp, top_ids, top_lp = choose(decoder.logits(params, hidden[:, 0]), counts, rows)
     live = (positions >= 0).astype(jnp.int32)
     counts = counts.at[jnp.arange(counts.shape[0]), nxt].add(live)
-    cache = {"k": kv["k"], "v": kv["v"], "pos": kv["pos"]}
-    return cache, counts, nxt, lp, top_ids, top_lp
+    return {name: kv[name] for name in cache}, counts, nxt, lp, top_ids, top_lp
 
 
-def _prefill(params, tokens, positions, prefixes, last, rows, *, config):
+def _prefill(params, tokens, positions, prefixes, last, rows, *, decoder):
     """N prompts: tokens, positions [N, T] (-1 = padding), prefixes: None or N one-row
-    compositions, last [N] = index of each prompt's last token -> (keys, values [N, T / CHUNK,
-    L, CHUNK, K, Dh], first tokens, logprobs, top ids, top logprobs)."""
+    compositions, last [N] = index of each prompt's last token -> (keys, values: per prompt
+    T / CHUNK pieces [L, CHUNK, K, Dh], first tokens, logprobs, top ids, top logprobs).
+    (Pieces as separate outputs: the engine thread indexes nothing, so compiles nothing.)"""
     prefix = None if prefixes is None else {
         name: jnp.concatenate([p[name] for p in prefixes], axis=1 if name in ("k", "v") else 0)
         for name in prefixes[0]}
-    hidden, kv = model_lib.forward(params, tokens, positions, None, prefix, config=config,
-                                   return_hidden=True)
-    logits = model_lib.logits_from_hidden(params, hidden[jnp.arange(tokens.shape[0]), last],
-                                          config)
+    hidden, kv = decoder.forward(params, tokens, positions, None, prefix)
+    logits = decoder.logits(params, hidden[jnp.arange(tokens.shape[0]), last])
     first = choose(logits, jnp.zeros(logits.shape, jnp.int32), rows)
-    return _pieces(kv["k"]), _pieces(kv["v"]), *first
+    k, v = _pieces(kv["k"]), _pieces(kv["v"])
+    return (tuple(tuple(k[i]) for i in range(k.shape[0])),
+            tuple(tuple(v[i]) for i in range(v.shape[0])), *first)
 
 
 def _pieces(x):
@@ -127,42 +145,41 @@ def _pieces(x):
     return jnp.moveaxis(x.reshape(n_layers, n, -1, CHUNK, kh, dh), 0, 2)
 
 
-def _chunk(params, buffer, prefix, tokens, positions, index, last, rows, *, config):
+def _chunk(params, buffer, prefix, tokens, positions, index, last, rows, *, decoder):
     """The next chunk of one long prompt: tokens, positions [1, C] (-1 = padding), written at
     slots index .. index + C - 1 of `buffer` (k, v [L, 1, B, K, Dh], pos [1, B]: the prompt's
     earlier chunks, which it attends to, as it does to `prefix`, None or one row's
     composition) -> (buffer, the chunk's keys, values: C / CHUNK arrays [L, CHUNK, K, Dh]
     each, and the token after the chunk's token `last`: token, logprob, top ids, top logprobs
-    [1, ...]). (Pieces as separate outputs: the engine thread indexes nothing, compiles
-    nothing.)"""
-    hidden, kv = model_lib.forward(params, tokens, positions, {**buffer, "index": index}, prefix,
-                                   config=config, return_hidden=True)
-    logits = model_lib.logits_from_hidden(params, hidden[:, last], config)
+    [1, ...])."""
+    hidden, kv = decoder.forward(params, tokens, positions, {**buffer, "index": index}, prefix)
+    logits = decoder.logits(params, hidden[:, last])
     first = choose(logits, jnp.zeros(logits.shape, jnp.int32), rows)
     k, v = (jax.lax.dynamic_slice_in_dim(kv[name], index, tokens.shape[1], axis=2)
             for name in ("k", "v"))
-    buffer = {"k": kv["k"], "v": kv["v"], "pos": kv["pos"]}
+    buffer = {name: kv[name] for name in buffer}
     return buffer, tuple(_pieces(k)[0]), tuple(_pieces(v)[0]), *first
 
 
 def _insert(cache, row, slots, keys, values, positions):
     """Writes CHUNK tokens' keys, values [L, CHUNK, K, Dh] and positions [CHUNK] into row
     `row` at `slots` [CHUNK] (a slot of S or more is dropped)."""
-    k = tuple(c.at[row, slots].set(keys[i].astype(c.dtype), mode="drop")
-              for i, c in enumerate(cache["k"]))
-    v = tuple(c.at[row, slots].set(values[i].astype(c.dtype), mode="drop")
-              for i, c in enumerate(cache["v"]))
-    return {"k": k, "v": v, "pos": cache["pos"].at[row, slots].set(positions, mode="drop")}
+    def write(c, new):
+        return c.at[row, slots].set(new.astype(c.dtype), mode="drop")
+
+    return {"k": _per_layer(write, cache["k"], keys), "v": _per_layer(write, cache["v"], values),
+            "pos": cache["pos"].at[row, slots].set(positions, mode="drop")}
 
 
 def _reset(cache, prefix, counts, row, composed):
     """Empties row `row` and gives it the prefix `composed` (`attention.compose` of one row)."""
     cache = {**cache, "pos": cache["pos"].at[row].set(-1)}
     if prefix is not None:
-        prefix = {name: (tuple(a.at[row].set(composed[name][i, 0].astype(a.dtype))
-                               for i, a in enumerate(arrays)) if name in ("k", "v")
-                         else arrays.at[row].set(composed[name][0]))
-                  for name, arrays in prefix.items()}
+        def write(a, new):
+            return a.at[row].set(new.astype(a.dtype))
+
+        prefix = {name: _per_layer(write, arrays, composed[name][:, 0]) if name in ("k", "v")
+                  else write(arrays, composed[name][0]) for name, arrays in prefix.items()}
     return cache, prefix, counts.at[row].set(0)
 
 
@@ -177,7 +194,7 @@ def _relayout(cache, prefix, counts, src_row, src_slot, *, prefix_like):
     def gather(c):
         return jnp.where(ok[:, :, None, None], c[r[:, None], s], 0).astype(c.dtype)
 
-    new = {"k": tuple(map(gather, cache["k"])), "v": tuple(map(gather, cache["v"])),
+    new = {"k": _per_layer(gather, cache["k"]), "v": _per_layer(gather, cache["v"]),
            "pos": jnp.where(ok, cache["pos"][r[:, None], s], -1)}
     counts = jnp.where(ok_row[:, None], counts[r], 0)
     if prefix_like is None:
@@ -188,25 +205,52 @@ def _relayout(cache, prefix, counts, src_row, src_slot, *, prefix_like):
     def rows_of(a):
         return jnp.where(ok_row.reshape((-1,) + (1,) * (a.ndim - 1)), a[r], 0).astype(a.dtype)
 
-    return new, jax.tree.map(rows_of, prefix), counts
+    return new, {name: _per_layer(rows_of, a) if name in ("k", "v") else rows_of(a)
+                 for name, a in prefix.items()}, counts
+
+
+def _decode_params(params, *, decoder):
+    """The params in the decoder's decode layout (`decode_layout`'s first output)."""
+    cache = model_lib.init_cache(decoder, 1, 1, decoder_lib.kv_dtype(params))
+    return decoder.decode_layout(params, cache, None)[0]
+
+
+def _check_layout(what: str, kv, layers: int, rows: int) -> None:
+    """Refuses a decode layout whose per-layer K/V is neither form of the module doc."""
+    if isinstance(kv, (tuple, list)):
+        ok = len(kv) == layers and all(a.shape[:1] == (rows,) for a in kv)
+    else:
+        ok = kv.shape[:2] == (layers, rows)
+    if not ok:
+        raise ValueError(f"serving needs the decoder's decode layout to keep the {what} as "
+                         f"L={layers} arrays [rows, ...] or one [L, rows, ...] array; got "
+                         f"{jax.tree.map(lambda a: a.shape, kv)}")
 
 
 class Kernels:
     """Compiled kernels by key (module doc), compiled on a background thread on request, so
     the engine runs what is ready while the rest compiles. `on_ready` is called (on that
-    thread) after each compile."""
+    thread) after each compile. `step_params` (the params in the decode layout) are made on
+    that thread before any step kernel compiles."""
 
     def __init__(self, model, bank: attention.CartridgeBank, max_cartridges: int,
                  geometry: attention.Geometry, on_ready: Callable[[], None]):
-        self.config, self.params = model.config, model.params
-        self.unrolled = model_lib.unroll_layers(model.params)
-        self.dtype = model.params["embed"].dtype
+        self.decoder = model_lib.as_decoder(model.config)
+        self.params = model.params
+        self.step_params = None if hasattr(self.decoder, "decode_layout") else model.params
+        self.dtype = decoder_lib.kv_dtype(model.params)
         self.geometry, self.on_ready = geometry, on_ready
-        sel = jax.ShapeDtypeStruct((1, max(max_cartridges, 1)), jnp.int32)
-        on = jax.ShapeDtypeStruct(sel.shape, bool)
+        self.bank_like = jax.eval_shape(lambda b: b, bank)
+        self.selection_like = jax.ShapeDtypeStruct((1, max(max_cartridges, 1)), jnp.int32)
         self.composed_like = jax.eval_shape(
-            functools.partial(attention.compose, geometry=geometry), bank, sel, on)
-        self.compose = jax.jit(attention.compose, static_argnames=("geometry",))
+            functools.partial(attention.compose, geometry=geometry), bank, self.selection_like,
+            jax.ShapeDtypeStruct(self.selection_like.shape, bool))
+        self._pools: dict[tuple, tuple] = {}  # pool_like's, by shape
+        cache, prefix, _ = self.pool_like(1, 1, True)  # refuses a layout serving cannot hold
+        layers = self.decoder.num_layers
+        for what, kv in (("cache k", cache["k"]), ("cache v", cache["v"]),
+                         ("prefix k", prefix["k"]), ("prefix v", prefix["v"])):
+            _check_layout(what, kv, layers, 1)
         self._done: dict[tuple, Callable] = {}
         self._failed: dict[tuple, Exception] = {}
         self._queue: collections.deque[tuple] = collections.deque()
@@ -215,6 +259,7 @@ class Kernels:
         self.compile_s = 0.0
         self._closing = False
         self._compiling = 0
+        self._step_error: Exception | None = None
         self._thread = threading.Thread(target=self._loop, name="cas-serving-compile",
                                         daemon=True)
         self._thread.start()
@@ -222,37 +267,47 @@ class Kernels:
     # -- shapes
 
     def pool_like(self, rows: int, slots: int, prefixed: bool):
-        """Abstract (cache, prefix, counts) of a pool."""
-        cfg = self.config
-        kv = jax.ShapeDtypeStruct((rows, slots, cfg.num_kv_heads, cfg.head_dim), self.dtype)
-        cache = {"k": (kv,) * cfg.num_layers, "v": (kv,) * cfg.num_layers,
-                 "pos": jax.ShapeDtypeStruct((rows, slots), jnp.int32)}
-        prefix = None
-        if prefixed:
-            prefix = {name: (tuple(jax.ShapeDtypeStruct((rows,) + a.shape[2:], a.dtype)
-                                   for _ in range(cfg.num_layers)) if name in ("k", "v")
-                             else jax.ShapeDtypeStruct((rows,) + a.shape[1:], a.dtype))
-                      for name, a in self.composed_like.items() if name != "start"}
-        return cache, prefix, jax.ShapeDtypeStruct((rows, cfg.vocab_size), jnp.int32)
+        """Abstract (cache, prefix, counts) of a pool, in the decode layout."""
+        key = (rows, slots, prefixed)
+        if key not in self._pools:
+            dec = self.decoder
+            kv = jax.ShapeDtypeStruct((dec.num_layers, rows, slots, dec.num_kv_heads,
+                                       dec.head_dim), self.dtype)
+            cache = {"k": kv, "v": kv, "pos": jax.ShapeDtypeStruct((rows, slots), jnp.int32),
+                     "index": jax.ShapeDtypeStruct((), jnp.int32)}
+            prefix = None
+            if prefixed:
+                prefix = {name: jax.ShapeDtypeStruct(
+                    (a.shape[0], rows) + a.shape[2:] if name in ("k", "v")
+                    else (rows,) + a.shape[1:], a.dtype)
+                    for name, a in self.composed_like.items() if name != "start"}
+            if hasattr(dec, "decode_layout"):  # abstract: params too, so nothing runs
+                _, cache, prefix = jax.eval_shape(dec.decode_layout, self.params, cache, prefix)
+            cache = {name: a for name, a in cache.items() if name != "index"}
+            self._pools[key] = (cache, prefix,
+                                jax.ShapeDtypeStruct((rows, dec.vocab_size), jnp.int32))
+        return self._pools[key]
 
     def empty_pool(self, rows: int, slots: int, prefixed: bool):
-        """A pool with every row empty."""
-        cache, prefix, counts = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+        """A pool with every row empty (made on the host: nothing compiles)."""
+        cache, prefix, counts = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
                                              self.pool_like(rows, slots, prefixed))
-        return {**cache, "pos": jnp.full((rows, slots), -1, jnp.int32)}, prefix, counts
+        cache["pos"] = np.full((rows, slots), -1, np.int32)
+        return jax.device_put((cache, prefix, counts))
 
     def buffer_like(self, slots: int):
         """Abstract buffer of a long prompt's K/V (`_chunk`)."""
-        cfg = self.config
-        kv = jax.ShapeDtypeStruct((cfg.num_layers, 1, slots, cfg.num_kv_heads, cfg.head_dim),
+        dec = self.decoder
+        kv = jax.ShapeDtypeStruct((dec.num_layers, 1, slots, dec.num_kv_heads, dec.head_dim),
                                   self.dtype)
         return {"k": kv, "v": kv, "pos": jax.ShapeDtypeStruct((1, slots), jnp.int32)}
 
     def empty_buffer(self, slots: int) -> dict:
-        """A buffer of `slots` empty slots."""
+        """A buffer of `slots` empty slots (made on the host)."""
         kv = self.buffer_like(slots)["k"]
-        return {"k": jnp.zeros(kv.shape, kv.dtype), "v": jnp.zeros(kv.shape, kv.dtype),
-                "pos": jnp.full((1, slots), -1, jnp.int32)}
+        return jax.device_put({"k": np.zeros(kv.shape, kv.dtype),
+                               "v": np.zeros(kv.shape, kv.dtype),
+                               "pos": np.full((1, slots), -1, np.int32)})
 
     @staticmethod
     def rows_like(n: int):
@@ -261,31 +316,33 @@ class Kernels:
                 jax.ShapeDtypeStruct((n,), jnp.int32), scalar)
 
     def _lower(self, key: tuple):
-        kind, cfg, i32 = key[0], self.config, jax.ShapeDtypeStruct((), jnp.int32)
+        kind, dec, i32 = key[0], self.decoder, jax.ShapeDtypeStruct((), jnp.int32)
         if kind == "step":
+            if self.step_params is None:
+                raise self._step_error
             _, r, s, pfx = key
             cache, prefix, counts = self.pool_like(r, s, pfx)
             vec = jax.ShapeDtypeStruct((r,), jnp.int32)
-            fn = jax.jit(functools.partial(_step, config=cfg), donate_argnums=(1, 3))
-            return fn.lower(self.unrolled, cache, prefix, counts, vec, vec, i32,
+            fn = jax.jit(functools.partial(_step, decoder=dec), donate_argnums=(1, 3))
+            return fn.lower(self.step_params, cache, prefix, counts, vec, vec, i32,
                             self.rows_like(r))
         if kind == "prefill":
             _, n, t, pfx = key
             tok = jax.ShapeDtypeStruct((n, t), jnp.int32)
             prefixes = (self.composed_like,) * n if pfx else None
-            fn = jax.jit(functools.partial(_prefill, config=cfg))
+            fn = jax.jit(functools.partial(_prefill, decoder=dec))
             return fn.lower(self.params, tok, tok, prefixes, jax.ShapeDtypeStruct((n,), jnp.int32),
                             self.rows_like(n))
         if kind == "chunk":
             _, c, b, pfx = key
             tok = jax.ShapeDtypeStruct((1, c), jnp.int32)
-            fn = jax.jit(functools.partial(_chunk, config=cfg), donate_argnums=1)
+            fn = jax.jit(functools.partial(_chunk, decoder=dec), donate_argnums=1)
             return fn.lower(self.params, self.buffer_like(b), self.composed_like if pfx else None,
                             tok, tok, i32, i32, self.rows_like(1))
         if kind == "insert":
             _, r, s = key
             cache = self.pool_like(r, s, False)[0]
-            kv = jax.ShapeDtypeStruct((cfg.num_layers, CHUNK, cfg.num_kv_heads, cfg.head_dim),
+            kv = jax.ShapeDtypeStruct((dec.num_layers, CHUNK, dec.num_kv_heads, dec.head_dim),
                                       self.dtype)
             vec = jax.ShapeDtypeStruct((CHUNK,), jnp.int32)
             return jax.jit(_insert, donate_argnums=0).lower(cache, i32, vec, kv, kv, vec)
@@ -301,6 +358,15 @@ class Kernels:
                                            prefix_like=self.pool_like(r2, s2, pfx2)[1]))
             return fn.lower(cache, prefix, counts, jax.ShapeDtypeStruct((r2,), jnp.int32),
                             jax.ShapeDtypeStruct((r2, s2), jnp.int32))
+        if kind == "compose":
+            fn = jax.jit(functools.partial(attention.compose, geometry=self.geometry))
+            return fn.lower(self.bank_like, self.selection_like,
+                            jax.ShapeDtypeStruct(self.selection_like.shape, bool))
+        if kind == "put":
+            _, p, dtype = key
+            kv = jax.ShapeDtypeStruct((dec.num_layers, p, dec.num_kv_heads, dec.head_dim),
+                                      np.dtype(dtype))
+            return jax.jit(put_slot, donate_argnums=0).lower(self.bank_like, i32, kv, kv)
         raise ValueError(f"unknown kernel {key!r}")
 
     # -- compilation
@@ -330,7 +396,22 @@ class Kernels:
         with self._cv:
             return len(self._queue) + self._compiling
 
+    def _make_step_params(self) -> None:
+        """The params in the decode layout, compiled and run here (class doc)."""
+        if self.step_params is not None:
+            return
+        try:
+            with COMPILE_LOCK:
+                fn = jax.jit(functools.partial(_decode_params, decoder=self.decoder))
+                step_params = fn.lower(self.params).compile()(self.params)
+        except Exception as e:  # every step kernel fails with it
+            self._step_error = e
+        else:
+            with self._cv:
+                self.step_params = step_params
+
     def _loop(self) -> None:
+        self._make_step_params()
         while True:
             with self._cv:
                 while not self._queue and not self._closing:
@@ -343,7 +424,8 @@ class Kernels:
                 self._compiling = 1
             t0 = time.perf_counter()
             try:
-                fn = self._lower(key).compile()
+                with COMPILE_LOCK:
+                    fn = self._lower(key).compile()
             except Exception as e:  # a shape that cannot compile fails its requests only
                 with self._cv:
                     self._failed[key] = e

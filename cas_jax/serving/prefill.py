@@ -35,9 +35,9 @@ def row_values(rows: list[tuple[int, Job]], n: int) -> dict[str, np.ndarray]:
 
 def prefill_group(kernels: Kernels, shapes: Shapes, jobs: list[Job], prefill, n: int,
                   composed: list[dict]) -> tuple:
-    """Keys and values [n, pieces, L, CHUNK, K, Dh] of the jobs' prompts (one prompt bucket;
-    padded to the call's n rows by repeating the last), and their first tokens, logprobs and
-    top alternatives (host arrays)."""
+    """Keys and values of the jobs' prompts (one prompt bucket; padded to the call's n rows by
+    repeating the last): per row, its pieces [L, CHUNK, K, Dh]; and their first tokens,
+    logprobs and top alternatives (host arrays)."""
     t = shapes.prompt(len(jobs[0].prompt))
     tokens = np.zeros((n, t), np.int32)
     positions = np.full((n, t), -1, np.int32)

@@ -29,7 +29,7 @@ from cas_jax.model import sampling, tokenizer as tok_lib
 from cas_jax.model.loading import LoadedModel
 from cas_jax.serving.cartridges import CartridgeInfo, EngineBase
 from cas_jax.serving.engine import Completion, Delta, Handle, Listener, Sampling, ServeConfig
-from cas_jax.serving.engine import ServeError, cancelled
+from cas_jax.serving.engine import COMPILE_LOCK, ServeError, cancelled
 
 _compose = jax.jit(attention.compose, static_argnames=("geometry",))
 
@@ -121,7 +121,8 @@ class StaticEngine(EngineBase):
             if pending:
                 batch = self._take_batch(pending)
                 pending = [j for j in pending if j not in batch]
-                self._run(batch)
+                with COMPILE_LOCK:  # a batch's calls compile on this thread (serving_engine)
+                    self._run(batch)
         for job in pending:
             job.handle.emit("error", ServeError(503, "the server is shutting down",
                                                 type="server_error"))
