@@ -124,10 +124,11 @@ def test_one_batch_mixes_temperatures_top_p_and_seeds(warm, tiny):
 def test_stop_strings_end_generation_where_they_appear(warm, tiny, store):
     full = _solo(warm, tiny, "Tell me.", _greedy(24), ["a"])
     ids = tok_lib.stop_token_ids(tiny.tokenizer)
-    tokens = sampling.generate(
-        tiny.params, tiny.config, [_prompt(tiny, "Tell me.")],
-        sampling.SamplingParams(max_new_tokens=24, stop_ids=tuple(ids)),
-        prefix=attention.compose_in_order([store.load_cartridge("a")]))[0]
+    with serving_engine.COMPILE_LOCK:  # `warm` may be compiling
+        tokens = sampling.generate(
+            tiny.params, tiny.config, [_prompt(tiny, "Tell me.")],
+            sampling.SamplingParams(max_new_tokens=24, stop_ids=tuple(ids)),
+            prefix=attention.compose_in_order([store.load_cartridge("a")]))[0]
     # A stop string inside token 6's text: generation ends at token 6.
     head = tiny.tokenizer.decode(tokens[:5], skip_special_tokens=True)
     sixth = tiny.tokenizer.decode(tokens[:6], skip_special_tokens=True)[len(head):]
@@ -151,7 +152,8 @@ def test_logprobs_are_the_models(warm, tiny):
     assert len(r.logprobs) == r.completion_tokens == 6
     tokens = [e.token for e in r.logprobs]
     assert tiny.tokenizer.decode(tokens) == r.text
-    want = scoring.score_continuations(tiny, [_prompt(tiny, "Q?")], [tokens])[0]
+    with serving_engine.COMPILE_LOCK:  # `warm` may be compiling
+        want = scoring.score_continuations(tiny, [_prompt(tiny, "Q?")], [tokens])[0]
     for e, lp in zip(r.logprobs, want):
         assert len(e.top) == 3 and e.top[0] == (e.token, pytest.approx(e.logprob))  # greedy
         assert e.logprob == pytest.approx(float(lp), abs=1e-4)

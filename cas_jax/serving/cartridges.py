@@ -214,11 +214,15 @@ def put_slot(bank: attention.CartridgeBank, slot, keys, values) -> attention.Car
         bank.lengths.at[slot].set(keys.shape[1]))
 
 
+put_slot_jitted = jax.jit(put_slot, donate_argnums=0)
+"""`put_slot` compiled on first use by the caller's thread: the static engine's bank copies."""
+
+
 class BankSlots:
     """The bank and which slot holds which pinned cartridge (module doc). Engine thread only.
     `put(tokens, dtype)` gives the compiled `put_slot` for a cartridge of that many tokens and
-    dtype, or None while it compiles (the continuous engine's kernels); by default `put_slot`
-    jitted on the caller's thread (the static engine's)."""
+    dtype, or None while it compiles (the continuous engine's kernels); by default
+    `put_slot_jitted` (the static engine's)."""
 
     def __init__(self, catalogue: Catalogue):
         self.catalogue = catalogue
@@ -236,8 +240,7 @@ class BankSlots:
         shape = (slots, cfg.num_layers, p_max, cfg.num_kv_heads, cfg.head_dim)
         self.bank = jax.device_put(attention.CartridgeBank(  # made on the host: no compile
             np.zeros(shape, dtype), np.zeros(shape, dtype), np.zeros((slots,), np.int32)))
-        jitted = jax.jit(put_slot, donate_argnums=0)
-        self.put: Callable[[int, str], Callable | None] = lambda tokens, dtype: jitted
+        self.put: Callable[[int, str], Callable | None] = lambda tokens, dtype: put_slot_jitted
         self._held: list[tuple[str, jax.Array] | None] = [None] * slots  # (id, keys) in a slot
         self._refs = [0] * slots
 
