@@ -248,6 +248,8 @@ def test_the_server_composes_by_the_geometry_its_cartridges_were_trained_under(t
         serial.catalogue.check_request(4, ["x", "y"], 4)
     finally:
         serial.close()
+    with pytest.raises(ValueError, match="routes by relevance.*without relevance"):
+        _engine(tiny, s, geometry=attention.Geometry.parse("parallel,relevance=2"))
     s.save("z", _cartridge(tiny, "z", 8))  # trained under the default, serial
     with pytest.raises(ValueError, match=r"different composition geometries.*'z'"):
         _engine(tiny, s)

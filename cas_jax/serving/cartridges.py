@@ -73,6 +73,10 @@ class Catalogue:
                 logging.warning("serving under geometry %r cartridges trained under another: "
                                 "%s", str(config.geometry), other)
         self.geometry: attention.Geometry = self.config.geometry
+        if self.geometry.relevance > 0:
+            raise ValueError(f"geometry {self.geometry} routes by relevance, which needs the "
+                             f"documents' texts to score; the server has none: serve with "
+                             f"--geometry set to the same geometry without relevance")
 
     def public(self, message: str) -> str:
         """`message` with the store's root removed from the paths it names."""
