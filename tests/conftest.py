@@ -10,6 +10,7 @@
   tiny               the fixture of `tiny_model()`, one per test module
   make_cartridge()   a random Cartridge of a given size, dtype and shape
   cartridge_prefix() one cartridge as a model prefix (`model.forward`'s `prefix`), batch 1
+  FICTION            six short documents about made-up countries (ids zo, ve, ta, pl, qu, ri)
 
 Test modules import the factories with `from conftest import ...` (tests/ is on sys.path).
 """
@@ -27,6 +28,24 @@ import pytest  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 TINY_FINGERPRINT = "tiny-test"
+
+
+def _fiction():
+    from cas_jax.documents.corpus import Collection, Document
+    return Collection([
+        Document("zo", "Zorbania", "Zorbania is a small republic. The capital of Zorbania is "
+                 "Quillton. Its national animal is the marsh heron."),
+        Document("ve", "Vexland", "Vexland is an island kingdom. The highest point of Vexland "
+                 "is Mount Brel, and its currency is the vex crown."),
+        Document("ta", "Tarmesh", "Tarmesh is a desert federation whose largest river is the "
+                 "Olun."),
+        Document("pl", "Plimb", "Plimb exports copper and tin; its capital is Harrowgate."),
+        Document("qu", "Quor", "Quor is a mountain state with a cold climate and no coast."),
+        Document("ri", "Rell", "Rell is a lowland country of canals, tulips and windmills."),
+    ])
+
+
+FICTION = _fiction()
 CARTRIDGE_FINGERPRINT = "tiny-fp"
 CARTRIDGE_SHAPE = (3, 2, 4)  # layers, kv heads, head dim
 

@@ -11,24 +11,14 @@ import optax
 import pytest
 
 from cas_jax.cartridges.store import CartridgeNotFoundError, CartridgeStore
-from cas_jax.documents.corpus import Collection, Document
 from cas_jax.evaluation import evaluate, retrieval
 from cas_jax.evaluation.questions import Question
 from cas_jax.studies import collection_cartridges as cc, collection_retrieval as cr
 from cas_jax.training import collection_init
-from conftest import assert_bitwise_equal, tiny_model
+from conftest import FICTION, assert_bitwise_equal, tiny_model
 
 P = 8
-DOCS = Collection([
-    Document("zo", "Zorbania", "Zorbania is a small republic. The capital of Zorbania is "
-             "Quillton. Its national animal is the marsh heron."),
-    Document("ve", "Vexland", "Vexland is an island kingdom. The highest point of Vexland is "
-             "Mount Brel, and its currency is the vex crown."),
-    Document("ta", "Tarmesh", "Tarmesh is a desert federation whose largest river is the Olun."),
-    Document("pl", "Plimb", "Plimb exports copper and tin; its capital is Harrowgate."),
-    Document("qu", "Quor", "Quor is a mountain state with a cold climate and no coast."),
-    Document("ri", "Rell", "Rell is a lowland country of canals, tulips and windmills."),
-])
+DOCS = FICTION
 QS = [Question("zo", "What is the capital of Zorbania?", "Quillton",
                options=("Paris", "Quillton", "Tokyo", "Rome"), answer=1),
       Question("zo", "What is the national animal of Zorbania?", "marsh heron",

@@ -8,20 +8,13 @@ import numpy as np
 import pytest
 
 from cas_jax.cartridges import attention
-from cas_jax.documents.corpus import Collection, Document
 from cas_jax.evaluation import evaluate
 from cas_jax.evaluation.questions import Question
 from cas_jax.training import collection_init
+from conftest import FICTION
 
 P = 8
-DOCS = Collection([
-    Document("zo", "Zorbania", "Zorbania is a small republic. The capital of Zorbania is "
-             "Quillton. Its national animal is the marsh heron."),
-    Document("ve", "Vexland", "Vexland is an island kingdom. The highest point of Vexland is "
-             "Mount Brel, and its currency is the vex crown."),
-    Document("ta", "Tarmesh", "Tarmesh is a desert federation whose largest river is the Olun."),
-    Document("pl", "Plimb", "Plimb exports copper and tin; its capital is Harrowgate."),
-])
+DOCS = FICTION.subset(["zo", "ve", "ta", "pl"])
 QS = [Question("zo", "What is the capital of Zorbania?", "Quillton",
                options=("Paris", "Quillton", "Tokyo", "Rome"), answer=1),
       Question("ve", "What is the currency of Vexland?", "vex crown",
