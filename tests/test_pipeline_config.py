@@ -154,6 +154,8 @@ def test_recorded_stamps_are_reproduced():
         recorded = json.load(open(path)).get("stamp")
         if not recorded or json.dumps(recorded, sort_keys=True) in seen:
             continue
+        if "pool" in recorded:  # collection_retrieval's stamps name a document pool, not a config
+            continue
         seen.add(json.dumps(recorded, sort_keys=True))
         flat = {k: v for k, v in recorded.items() if k in pipeline.FLAT}
         extra = {k: v for k, v in recorded.items() if k not in pipeline.FLAT}
