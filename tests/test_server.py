@@ -222,7 +222,12 @@ def test_continuous_engine_compiles_each_shape_once(tiny, store):
         for sets in ([["b", "a"], [], ["b"], ["a", "b"]], [["a", "c"], ["c"], [], ["c", "a"]]):
             got = run(sets)
             assert got == [chat_path(tiny, store, s, f"Q{i}?", 6) for i, s in enumerate(sets)]
-        assert dict(engine.kernels.compiled) == compiled
+        # Relayout kernels (a pool resized between two warmed shapes) depend on how the
+        # requests fall into batches, which timing decides (CI saw 18 vs 17 once); every
+        # other kernel kind must compile nothing more.
+        def fixed(c):
+            return {k: v for k, v in c.items() if k != "relayout"}
+        assert fixed(dict(engine.kernels.compiled)) == fixed(compiled)
     finally:
         engine.close()
 
