@@ -43,6 +43,22 @@ def test_biases_put_the_best_scored_document_at_zero_and_the_worst_at_minus_r(se
     assert biases[2][1] == 0.0 and biases[2][0] == -3.0
 
 
+def test_each_question_is_scored_once_across_routed_methods(setup):
+    """The composed sets and retrieval rows of one study route the same questions: the
+    second reading reuses the first's scores instead of searching the collection again."""
+    model, _ = setup
+    ev = _evaluator(model, "parallel,relevance=2")
+    first = ev.relevance_biases(QS, [["zo", "ve", "ta"], ["ve", "pl"]])
+    index = ev._retrievers["bm25", "docs"]
+    searches = []
+    search = index.search
+    index.search = lambda query, k: searches.append(query) or search(query, k)
+    again = ev.relevance_biases(QS, [["zo", "ve", "ta"], ["ve", "pl"]])
+    other = ev.relevance_biases(QS, [["ta", "zo"], ["pl", "ve"]])
+    assert searches == [] and again == first
+    assert other[0][1] == 0.0 and other[1][1] == 0.0  # each question's document is best
+
+
 def test_strong_routing_reads_a_composed_set_as_its_best_document_alone(setup):
     """With the question's document first and a huge relevance, the other cartridges get no
     attention: the composed set scores the options as the oracle (parallel: same positions)."""

@@ -184,6 +184,9 @@ class Evaluator:
             raise ValueError(f"window {self.window} exceeds the model's "
                              f"{model.config.max_position_embeddings} positions")
         self._retrievers: dict[tuple[str, str], retrieval.Retriever] = {}
+        # (router, question text) -> every document's score: the routed methods (composed sets
+        # at each k, retrieval at each k) share one full search per question.
+        self._doc_scores: dict[tuple[str, str], dict[str, float]] = {}
         self._chunks: dict[str, tuple[str, str]] | None = None
 
     # -- methods
@@ -368,12 +371,14 @@ class Evaluator:
         """Per question, its composed documents' logit biases under the geometry's relevance
         r: -r * (best - score) / (best - worst) of the `router`'s scores of the question
         against the documents (0 for the best, -r for the worst; 0 for all when they tie)."""
-        r = self.config.geometry.relevance
-        index = self._retriever(self.config.router, "docs", lambda: self.collection.texts)
+        r, router = self.config.geometry.relevance, self.config.router
+        index = self._retriever(router, "docs", lambda: self.collection.texts)
         n = len(self.collection)
         out = []
         for q, e in zip(questions, entries):
-            scores = dict(index.search(q.question, n))
+            if (router, q.question) not in self._doc_scores:
+                self._doc_scores[router, q.question] = dict(index.search(q.question, n))
+            scores = self._doc_scores[router, q.question]
             s = np.asarray([scores[d] for d in e], np.float64)
             spread = s.max() - s.min() if len(s) else 0.0
             out.append([0.0] * len(e) if spread <= 0 else (-r * (s.max() - s) / spread).tolist())
