@@ -49,7 +49,7 @@ def test_each_question_is_scored_once_across_routed_methods(setup):
     model, _ = setup
     ev = _evaluator(model, "parallel,relevance=2")
     first = ev.relevance_biases(QS, [["zo", "ve", "ta"], ["ve", "pl"]])
-    index = ev._retrievers["bm25", "docs"]
+    index = ev.index.retriever("bm25", "docs")
     searches = []
     search = index.search
     index.search = lambda query, k: searches.append(query) or search(query, k)

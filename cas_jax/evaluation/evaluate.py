@@ -61,9 +61,9 @@ import numpy as np
 
 from cas_jax.cartridges import attention
 from cas_jax.cartridges.cartridge import Cartridge, check_compatible
-from cas_jax.documents import chunking
 from cas_jax.documents.corpus import Collection
 from cas_jax.evaluation import prompts, results, retrieval
+from cas_jax.evaluation.lookup import CollectionIndex
 from cas_jax.evaluation.questions import Question
 from cas_jax.evaluation.results import EvalResult
 from cas_jax.evaluation.scoring import generate_answers, prefill_contexts, score_continuations
@@ -170,7 +170,8 @@ class _Context:
 class Evaluator:
     """Runs the methods on questions about `collection` with one model.
 
-    Retrievers and RAG chunks are built on first use and kept; prefilled contexts are not
+    Retrievers, RAG chunks and routing scores (`self.index`, a `lookup.CollectionIndex`) are
+    built on first use and kept; prefilled contexts are not
     (each method run prefills its own, in groups of at most `prefix_tokens_per_call` tokens).
     """
 
@@ -183,11 +184,8 @@ class Evaluator:
         if self.window > model.config.max_position_embeddings:
             raise ValueError(f"window {self.window} exceeds the model's "
                              f"{model.config.max_position_embeddings} positions")
-        self._retrievers: dict[tuple[str, str], retrieval.Retriever] = {}
-        # (router, question text) -> every document's score: the routed methods (composed sets
-        # at each k, retrieval at each k) share one full search per question.
-        self._doc_scores: dict[tuple[str, str], dict[str, float]] = {}
-        self._chunks: dict[str, tuple[str, str]] | None = None
+        self.index = CollectionIndex(collection, model.tokenizer, config.chunk_tokens,
+                                     config.retrieval_cache or None)
 
     # -- methods
 
@@ -219,9 +217,8 @@ class Evaluator:
             ) -> EvalResult:
         """The top_k chunks (`chunk_tokens` each, over all documents) retrieved for the question
         text, best first, as context; trailing chunks are dropped if over the budget."""
-        chunks = self._rag_chunks()
-        index = self._retriever(retriever, "chunks",
-                                lambda: {i: text for i, (_, text) in chunks.items()})
+        chunks = self.index.chunks()
+        index = self.index.retriever(retriever, "chunks")
         with _CompileClock() as clock:
             budget = self.context_budget(questions)
             contexts = []
@@ -267,7 +264,7 @@ class Evaluator:
         slots = slots or top_k
         if top_k > slots:
             raise ValueError(f"top_k {top_k} exceeds the {slots} composition slots")
-        index = self._retriever(retriever, "docs", lambda: self.collection.texts)
+        index = self.index.retriever(retriever, "docs")
         with _CompileClock() as clock:
             # Searching `slots` deep for every top_k keeps the retriever's shapes fixed too.
             entries = [[i for i, _ in index.search(q.question, slots)][:top_k] for q in questions]
@@ -317,24 +314,6 @@ class Evaluator:
             results.summarise(method, records, self.model.config.kv_bytes_per_token),
             seconds=clock.seconds, compile_s=clock.compile_s, compilations=clock.compilations)
 
-    def _retriever(self, kind: str, over: str, texts: Callable[[], dict[str, str]]):
-        if (kind, over) not in self._retrievers:
-            self._retrievers[kind, over] = retrieval.make_retriever(
-                kind, texts(), cache_dir=self.config.retrieval_cache or None)
-        return self._retrievers[kind, over]
-
-    def _rag_chunks(self) -> dict[str, tuple[str, str]]:
-        """chunk id "doc_id#i" -> (document title, chunk text), `chunk_tokens` tokens each."""
-        if self._chunks is None:
-            tok = self.model.tokenizer
-            self._chunks = {}
-            for doc_id, doc in self.collection.items():
-                ids = tok.encode(doc.text, add_special_tokens=False)
-                for i, (s, e) in enumerate(chunking.split_chunks(len(ids),
-                                                                 self.config.chunk_tokens)):
-                    self._chunks[f"{doc_id}#{i}"] = (doc.title, tok.decode(ids[s:e]))
-        return self._chunks
-
     def _load(self, source: CartridgeSource, doc_id: str) -> Cartridge:
         cartridge = source.get(doc_id)
         if cartridge is None:
@@ -369,20 +348,9 @@ class Evaluator:
     def relevance_biases(self, questions: Sequence[Question], entries: list[list[str]]
                          ) -> list[list[float]]:
         """Per question, its composed documents' logit biases under the geometry's relevance
-        r: -r * (best - score) / (best - worst) of the `router`'s scores of the question
-        against the documents (0 for the best, -r for the worst; 0 for all when they tie)."""
-        r, router = self.config.geometry.relevance, self.config.router
-        index = self._retriever(router, "docs", lambda: self.collection.texts)
-        n = len(self.collection)
-        out = []
-        for q, e in zip(questions, entries):
-            if (router, q.question) not in self._doc_scores:
-                self._doc_scores[router, q.question] = dict(index.search(q.question, n))
-            scores = self._doc_scores[router, q.question]
-            s = np.asarray([scores[d] for d in e], np.float64)
-            spread = s.max() - s.min() if len(s) else 0.0
-            out.append([0.0] * len(e) if spread <= 0 else (-r * (s.max() - s) / spread).tolist())
-        return out
+        (`lookup.CollectionIndex.relevance_biases`, scored by `EvalConfig.router`)."""
+        return self.index.relevance_biases(self.config.geometry.relevance, self.config.router,
+                                           questions, entries)
 
     def _context_records(self, questions: Sequence[Question], contexts: list[_Context],
                          budget: int) -> list[dict[str, Any]]:
