@@ -11,7 +11,8 @@ import optax
 import pytest
 
 from cas_jax.cartridges.store import CartridgeNotFoundError, CartridgeStore
-from cas_jax.evaluation import evaluate, retrieval
+from cas_jax.documents import retrieval
+from cas_jax.evaluation import evaluate
 from cas_jax.evaluation.questions import Question
 from cas_jax.studies import collection_cartridges as cc, collection_retrieval as cr
 from cas_jax.training import collection_init

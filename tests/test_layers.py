@@ -17,12 +17,12 @@ SUBPACKAGES = {"model", "documents", "cartridges", "training", "evaluation", "in
 # What each part may import besides itself; "utilities" are the top-level modules.
 ALLOWED = {
     "model": set(),
-    "documents": set(),
+    "documents": {"utilities"},
     "cartridges": {"model"},
     "training": {"model", "documents", "cartridges", "utilities"},
     "evaluation": {"model", "documents", "cartridges", "utilities"},
     "interop": {"model", "cartridges", "training", "utilities"},
-    "serving": {"model", "cartridges", "utilities"},
+    "serving": {"model", "documents", "cartridges", "utilities"},
     "studies": {"model", "documents", "cartridges", "training", "evaluation", "interop",
                 "utilities"},
     "utilities": set(),

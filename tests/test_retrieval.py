@@ -4,7 +4,7 @@ import pytest
 
 from cas_jax.documents.corpus import load_factbook
 from cas_jax.evaluation.questions import field_values
-from cas_jax.evaluation.retrieval import BM25Retriever, DenseRetriever, make_retriever
+from cas_jax.documents.retrieval import BM25Retriever, DenseRetriever, make_retriever
 
 SMALL = ["pc", "nf", "ck", "wf"]  # short profiles keep dense indexing fast on CPU
 

@@ -61,8 +61,9 @@ import numpy as np
 
 from cas_jax.cartridges import attention
 from cas_jax.cartridges.cartridge import Cartridge, check_compatible
+from cas_jax.documents import retrieval
 from cas_jax.documents.corpus import Collection
-from cas_jax.evaluation import prompts, results, retrieval
+from cas_jax.evaluation import prompts, results
 from cas_jax.evaluation.lookup import CollectionIndex
 from cas_jax.evaluation.questions import Question
 from cas_jax.evaluation.results import EvalResult

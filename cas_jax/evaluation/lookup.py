@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
 from cas_jax.documents import chunking
 from cas_jax.documents.corpus import Collection
-from cas_jax.evaluation import retrieval
+from cas_jax.documents import retrieval
 from cas_jax.evaluation.questions import Question
 
 INDEXES = ("docs", "chunks")
@@ -33,7 +31,7 @@ class CollectionIndex:
         self.cache_dir = cache_dir
         self._retrievers: dict[tuple[str, str], retrieval.Retriever] = {}
         self._chunks: dict[str, tuple[str, str]] | None = None
-        self._doc_scores: dict[tuple[str, str], dict[str, float]] = {}
+        self._routers: dict[str, retrieval.Router] = {}
 
     def retriever(self, kind: str, over: str) -> retrieval.Retriever:
         if over not in INDEXES:
@@ -55,24 +53,16 @@ class CollectionIndex:
                     self._chunks[f"{doc_id}#{i}"] = (doc.title, self.tokenizer.decode(ids[s:e]))
         return self._chunks
 
-    def doc_scores(self, router: str, question: str) -> dict[str, float]:
-        """Every document's `router` score for the question text (searched once, then kept)."""
-        if (router, question) not in self._doc_scores:
-            index = self.retriever(router, "docs")
-            self._doc_scores[router, question] = dict(
-                index.search(question, len(self.collection)))
-        return self._doc_scores[router, question]
+    def router(self, kind: str) -> retrieval.Router:
+        """The `kind` router over the documents (each question searched once, then kept)."""
+        if kind not in self._routers:
+            self._routers[kind] = retrieval.Router(self.retriever(kind, "docs"),
+                                                   self.collection.ids)
+        return self._routers[kind]
 
     def relevance_biases(self, relevance: float, router: str, questions: Sequence[Question],
                          entries: list[list[str]]) -> list[list[float]]:
-        """Per question, its composed documents' logit biases under relevance r:
-        -r * (best - score) / (best - worst) of the router's scores of the question against
-        the documents (0 for the best, -r for the worst; 0 for all when they tie)."""
-        out = []
-        for q, e in zip(questions, entries):
-            scores = self.doc_scores(router, q.question)
-            s = np.asarray([scores[d] for d in e], np.float64)
-            spread = s.max() - s.min() if len(s) else 0.0
-            out.append([0.0] * len(e) if spread <= 0
-                       else (-relevance * (s.max() - s) / spread).tolist())
-        return out
+        """Per question, its composed documents' logit biases under relevance r
+        (`retrieval.relevance_biases` of the router's scores for the question text)."""
+        route = self.router(router)
+        return [route.biases(q.question, e, relevance) for q, e in zip(questions, entries)]

@@ -5,5 +5,6 @@ the continuous-batching engine (`continuous`: its jitted `kernels`, KV `pool` an
 long prompts in chunks) and the static one (`static`), the served cartridges (`cartridges`),
 request messages as prompt tokens (`prompt`) and text out token by token (`text`).
 
-May import: `cas_jax.model`, `cas_jax.cartridges` and the top-level utilities.
+May import: `cas_jax.model`, `cas_jax.documents`, `cas_jax.cartridges` and the top-level
+utilities.
 """

@@ -37,8 +37,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from cas_jax.cartridges import attention
+from cas_jax.documents import retrieval
 from cas_jax.documents.corpus import Collection
-from cas_jax.evaluation import evaluate, retrieval
+from cas_jax.evaluation import evaluate
 from cas_jax.evaluation.questions import Question
 from cas_jax.evaluation.results import EvalResult
 from cas_jax.model.loading import LoadedModel

@@ -19,10 +19,11 @@ best first, `k` clipped to the number of texts; ties keep index order.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import importlib.util
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -150,6 +151,46 @@ def make_retriever(kind: str, texts: Mapping[str, str],
     if kind == "dense":
         return DenseRetriever(texts, cache_dir=cache_dir)
     raise ValueError(f"unknown retriever kind {kind!r}; expected one of {RETRIEVER_KINDS}")
+
+
+def relevance_biases(scores: Sequence[float], relevance: float) -> list[float]:
+    """Relevance routing's logit biases (`attention.Geometry.relevance` r) of a composed set
+    from its documents' retrieval scores: -r * (best - score) / (best - worst), so 0 for the
+    best, -r for the worst, and 0 for all when they tie."""
+    s = np.asarray(scores, np.float64)
+    spread = s.max() - s.min() if len(s) else 0.0
+    return [0.0] * len(s) if spread <= 0 else (-relevance * (s.max() - s) / spread).tolist()
+
+
+class Router:
+    """A query's scores against every text a retriever indexes (one search per query, the
+    last `keep` queries kept) and the relevance biases of any set of those texts: how
+    evaluation, chat and the server route one composed set alike."""
+
+    def __init__(self, retriever: Retriever, ids: Sequence[str], keep: int = 1 << 16):
+        self.retriever, self.ids, self.keep = retriever, frozenset(ids), keep
+        self._scores: collections.OrderedDict[str, dict[str, float]] = \
+            collections.OrderedDict()
+
+    def scores(self, query: str) -> dict[str, float]:
+        if query in self._scores:
+            self._scores.move_to_end(query)
+        else:
+            self._scores[query] = dict(self.retriever.search(query, len(self.ids)))
+            while len(self._scores) > self.keep:
+                self._scores.popitem(last=False)
+        return self._scores[query]
+
+    def biases(self, query: str, ids: Sequence[str], relevance: float) -> list[float]:
+        """`relevance_biases` of the texts `ids` for `query`; KeyError names ids not indexed."""
+        unknown = [i for i in ids if i not in self.ids]
+        if unknown:
+            raise KeyError(f"no document to route by for {unknown}: the router indexes "
+                           f"{len(self.ids)} documents")
+        if len(ids) < 2:
+            return [0.0] * len(ids)  # nothing to route, no search
+        scores = self.scores(query)
+        return relevance_biases([scores[i] for i in ids], relevance)
 
 
 def _check_texts(texts: Mapping[str, str]) -> list[str]:
