@@ -6,7 +6,8 @@
 The cartridges (directories written by `store.save_cartridge`, e.g. by
 `experiments.train_cartridge`) are composed in the order given (`attention.compose`: one sink,
 queries where --geometry puts them; by default the geometry the cartridges were trained
-under). A cartridge made for another model (fingerprint) or with another layout is refused
+under; a routing geometry, `...,relevance=R`, also needs --documents to score each
+cartridge's document against the prompt). A cartridge made for another model (fingerprint) or with another layout is refused
 with an error naming it.
 """
 
@@ -15,6 +16,7 @@ import sys
 from absl import app, flags
 
 from cas_jax.cartridges import attention, cartridge as cart_lib, store
+from cas_jax.documents import corpus, retrieval
 from cas_jax.model import loading, rendering, sampling, tokenizer as tok_lib
 
 FLAGS = flags.FLAGS
@@ -27,7 +29,28 @@ flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_string("geometry", "", "Composition geometry (attention.Geometry spec, e.g. "
                     "'parallel'); empty = the one the cartridges were trained under.")
+flags.DEFINE_string("documents", "", "The collection the cartridges stand for ('factbook', "
+                    "'factbook_sections' or a folder): a routing geometry (relevance > 0) "
+                    "biases each cartridge by its document's relevance to the prompt.")
+flags.DEFINE_enum("router", "bm25", ["bm25", "dense"], "Retriever of a routing geometry.")
 flags.mark_flag_as_required("prompt")
+
+
+def _routing(cartridges, geometry) -> list[float] | None:
+    """A routing geometry's biases: each cartridge's document (its meta's doc_id) scored
+    against the prompt by --router over --documents, as evaluation and the server route."""
+    if geometry.relevance <= 0:
+        return None
+    if not FLAGS.documents:
+        raise ValueError(f"geometry {geometry} routes by relevance: give --documents, the "
+                         f"collection the cartridges stand for")
+    docs = corpus.load_collection(FLAGS.documents)
+    router = retrieval.Router(retrieval.make_retriever(FLAGS.router, docs.texts), docs.ids)
+    ids = [c.meta.doc_id for c in cartridges]
+    try:
+        return router.biases(FLAGS.prompt, ids, geometry.relevance)
+    except KeyError as e:
+        raise ValueError(f"--documents={FLAGS.documents}: {e.args[0]}") from None
 
 
 def main(argv):
@@ -37,9 +60,10 @@ def main(argv):
         cartridges = [store.load_for_model(p, model) for p in FLAGS.cartridges]
         geometry = (attention.Geometry.parse(FLAGS.geometry) if FLAGS.geometry
                     else attention.geometry_of(cartridges))
+        biases = _routing(cartridges, geometry)
     except (cart_lib.CartridgeMismatchError, store.CartridgeStoreError, ValueError) as e:
         sys.exit(f"error: {e}")
-    prefix = attention.compose_in_order(cartridges, geometry)
+    prefix = attention.compose_in_order(cartridges, geometry, biases)
     # The one rendering (cas_jax.model.rendering): cartridges stand where the document block stood,
     # with nothing between them and the conversation.
     prompt = rendering.rendering_for(model.tokenizer).conversation(

@@ -2,7 +2,8 @@
 (`cas_jax.serving.server`).
 
   python -m experiments.serve --store=runs/cas [--model=...] [--host=127.0.0.1] [--port=8000] \
-      [--engine=continuous|static] [--geometry=parallel] [--budget_bytes=...] [--max_batch=16]
+      [--engine=continuous|static] [--geometry=parallel] [--budget_bytes=...] [--max_batch=16] \
+      [--documents=factbook_sections]  # routing geometries: ...,relevance=2
 
 Then, e.g. with the openai client:
   client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
@@ -17,6 +18,7 @@ import sys
 from absl import app, flags
 
 from cas_jax.cartridges import attention, store as store_lib
+from cas_jax.documents import corpus
 from cas_jax.interop import convert as interop
 from cas_jax.model import loading
 from cas_jax.serving import engine as serving_engine, server
@@ -32,8 +34,15 @@ flags.DEFINE_enum("engine", "continuous", list(serving_engine.ENGINES),
                   "static: request-level batches (kept for comparison).")
 flags.DEFINE_string("geometry", "",
                     "How a request's cartridges are composed (attention.Geometry.parse): "
-                    "serial or parallel, optionally ',temperature=X,scale=Y,count_power=Z'. "
-                    "Default: the one the store's cartridges were trained under.")
+                    "serial or parallel, optionally ',temperature=X,scale=Y,count_power=Z,"
+                    "relevance=R'. Default: the one the store's cartridges were trained under. "
+                    "A routing geometry (relevance > 0) needs --documents.")
+flags.DEFINE_string("documents", "", "The collection the cartridges stand for ('factbook', "
+                    "'factbook_sections' or a folder; corpus.load_collection): a routing "
+                    "geometry biases a request's cartridges by their documents' relevance to "
+                    "its last user message. Empty = none (a routing geometry is refused).")
+flags.DEFINE_enum("router", "bm25", ["bm25", "dense"], "Retriever that scores the documents for "
+                  "a routing geometry.")
 flags.DEFINE_integer("budget_bytes", 1 << 30, "Device bytes of resident cartridges.")
 flags.DEFINE_integer("max_batch", 16, "Most requests decoding at once (static: per call).")
 flags.DEFINE_float("batch_wait_ms", 5.0, "Static engine: batch more pending requests until "
@@ -92,12 +101,19 @@ def config_from_flags() -> serving_engine.ServeConfig:
         geometry = attention.Geometry.parse(FLAGS.geometry) if FLAGS.geometry else None
     except ValueError as e:
         raise app.UsageError(f"--geometry: {e}")
+    documents = None
+    if FLAGS.documents:
+        try:
+            documents = dict(corpus.load_collection(FLAGS.documents).texts)
+        except (ValueError, OSError) as e:
+            raise app.UsageError(f"--documents={FLAGS.documents}: {e}")
     return serving_engine.ServeConfig(
         budget_bytes=FLAGS.budget_bytes, engine=FLAGS.engine, max_batch=FLAGS.max_batch,
         batch_wait_ms=FLAGS.batch_wait_ms, max_cartridges=FLAGS.max_cartridges,
         max_cartridge_tokens=FLAGS.max_cartridge_tokens or None,
         default_max_tokens=FLAGS.default_max_tokens, model_id=FLAGS.model_id or None,
-        geometry=geometry, max_cache_tokens=FLAGS.max_cache_tokens or None,
+        geometry=geometry, documents=documents, router=FLAGS.router,
+        max_cache_tokens=FLAGS.max_cache_tokens or None,
         prefill_tokens_per_step=FLAGS.prefill_tokens_per_step,
         prefill_chunk=FLAGS.prefill_chunk, warmup=FLAGS.warmup,
         escape_special_tokens=FLAGS.escape_special_tokens, max_body_bytes=FLAGS.max_body_bytes)

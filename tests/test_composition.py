@@ -99,6 +99,43 @@ def test_training_scoring_and_sampling_lay_out_a_composed_request_alike():
         assert greedy[0] == int(np.argmax(logp[len(prompt) - 1]))
 
 
+def test_scoring_and_chat_route_a_composed_set_alike():
+    """Under a routing geometry, evaluation's scoring (per-row biases) and chat's
+    `compose_in_order(..., biases)` read the same prefix: the forward over that prefix gives
+    scoring's logprobs and chat's greedy token, and the biases change them."""
+    import jax.numpy as jnp
+
+    from cas_jax.evaluation import scoring
+    from cas_jax.model import sampling
+
+    params = model_lib.init_params(CFG, jax.random.PRNGKey(1))
+    model = LoadedModel(CFG, params, None, "tiny-model", "")
+    source = _Cartridges(params)
+    carts = [source.get(d) for d in ("c", "a", "f")]
+    prompt, answer = [5, 9, 2, 33, 7], [11, 40, 3]
+    g = attention.Geometry.parse("parallel,count_power=0.5,relevance=3")
+    biases = [0.0, -1.5, -3.0]
+    prefix = attention.compose_in_order(carts, g, biases)
+    tokens = jnp.asarray([prompt + answer])
+    start = attention.num_prefix_tokens(prefix, 1)
+    positions = start[:, None] + jnp.arange(tokens.shape[1])[None]
+    logits, _ = model_lib.forward(params, tokens, positions, prefix=prefix, config=CFG)
+    logp = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))
+    want = [logp[len(prompt) - 1 + i, t] for i, t in enumerate(answer)]
+    bank = attention.bank_from_cartridges(carts)
+    (got,) = scoring.score_continuations(model, [prompt], [answer], bank=bank,
+                                         selections=[[0, 1, 2]], slots=3, geometry=g,
+                                         biases=[biases])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    (flat,) = scoring.score_continuations(model, [prompt], [answer], bank=bank,
+                                          selections=[[0, 1, 2]], slots=3, geometry=g,
+                                          biases=[[0.0, 0.0, 0.0]])
+    assert np.abs(np.asarray(flat) - want).max() > 1e-4
+    (greedy,) = sampling.generate(params, CFG, [prompt], sampling.SamplingParams(
+        max_new_tokens=1), prefix=prefix)
+    assert greedy[0] == int(np.argmax(logp[len(prompt) - 1]))
+
+
 def test_common_geometry_is_the_one_the_cartridges_share():
     assert attention.common_geometry([]) == attention.DEFAULT_GEOMETRY
     par = "parallel,count_power=0.5"

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from cas_jax.cartridges import attention, store as store_lib
+from cas_jax.documents import retrieval
 from cas_jax.evaluation import scoring
 from cas_jax.model import rendering, sampling, tokenizer as tok_lib
 from cas_jax.model.loading import LoadedModel
@@ -214,6 +215,56 @@ def test_composed_requests_read_cartridges_as_scoring_does(tiny, store, spec):
     assert error < 2e-5 and np.abs(np.asarray(lp_other) - lp).max() > 10 * error, error
 
 
+ROUTED_DOCS = {"a": "Zorbania is a small country. The capital of Zorbania is Quillton.",
+               "b": "Vexland trades in the vex crown, its currency, along the river Tarn.",
+               "plinth": "Plinth is a mountain town known for its granite quarries."}
+
+
+@pytest.mark.parametrize("engine", ["continuous", "static"])
+def test_routed_requests_read_cartridges_as_evaluation_routes(tiny, store, engine):
+    """Under a routing geometry the server biases a request's cartridges by their documents'
+    relevance to its question (`retrieval.Router`, as the evaluator routes): greedy tokens
+    and logprobs are scoring's with those biases, and not the unrouted reading's."""
+    geometry = attention.Geometry.parse("parallel,count_power=0.5,relevance=4")
+    make = serving_continuous.ContinuousEngine if engine == "continuous" \
+        else serving_static.StaticEngine
+    server = make(tiny, store, _config(engine=engine, geometry=geometry, documents=ROUTED_DOCS))
+    ids, question = ["b", "a"], "What is the capital of Zorbania?"
+    prompt = _prompt(tiny, question)
+    params = _greedy(12, logprobs=engine == "continuous")
+    try:
+        r = server.submit(prompt, ids, params, query=question).result(120)
+        with pytest.raises(serving_engine.ServeError, match="no document to route by.*'c'"):
+            server.submit(prompt, ["c", "a"], params, query=question)  # c: no document here
+    finally:
+        server.close()
+    router = retrieval.Router(retrieval.make_retriever("bm25", ROUTED_DOCS), list(ROUTED_DOCS))
+    biases = router.biases(question, ids, geometry.relevance)
+    assert biases == [-4.0, 0.0]  # b shares no word with the question
+    cartridges = [store.load_cartridge(i) for i in ids]
+    with serving_engine.COMPILE_LOCK:
+        (want,) = sampling.generate(
+            tiny.params, tiny.config, [prompt], sampling.SamplingParams(
+                max_new_tokens=12, stop_ids=tuple(tok_lib.stop_token_ids(tiny.tokenizer))),
+            prefix=attention.compose_in_order(cartridges, geometry, biases))
+    stops = set(tok_lib.stop_token_ids(tiny.tokenizer))
+    kept = want[:next((i for i, t in enumerate(want) if t in stops), len(want))]
+    assert r.text == tiny.tokenizer.decode(kept)
+    if engine == "static":
+        return
+    assert [e.token for e in r.logprobs] == kept
+    bank = attention.bank_from_cartridges(cartridges)
+    with serving_engine.COMPILE_LOCK:
+        (lp,) = scoring.score_continuations(tiny, [prompt], [kept], bank=bank,
+                                            selections=[[0, 1]], slots=2, geometry=geometry,
+                                            biases=[biases])
+        (plain,) = scoring.score_continuations(
+            tiny, [prompt], [kept], bank=bank, selections=[[0, 1]], slots=2,
+            geometry=attention.Geometry.parse("parallel,count_power=0.5"))
+    error = np.abs(np.asarray([e.logprob for e in r.logprobs]) - lp).max()
+    assert error < 2e-5 and np.abs(np.asarray(plain) - lp).max() > 10 * error, error
+
+
 def test_a_request_waiting_for_the_budget_is_passed_by_one_that_fits(warm, tiny):
     """The budget holds b + c: while they are pinned, a request for a waits, and a later one
     for b (already resident) joins at once."""
@@ -248,7 +299,7 @@ def test_the_server_composes_by_the_geometry_its_cartridges_were_trained_under(t
         serial.catalogue.check_request(4, ["x", "y"], 4)
     finally:
         serial.close()
-    with pytest.raises(ValueError, match="routes by relevance.*without relevance"):
+    with pytest.raises(ValueError, match="routes by relevance.*--documents"):
         _engine(tiny, s, geometry=attention.Geometry.parse("parallel,relevance=2"))
     s.save("z", _cartridge(tiny, "z", 8))  # trained under the default, serial
     with pytest.raises(ValueError, match=r"different composition geometries.*'z'"):

@@ -137,3 +137,13 @@ def test_escaping_special_tokens(tok):
     assert maker(doc_attack, escape=True).count(tok.convert_tokens_to_ids("<|im_start|>")) == \
         maker([_m("system", "x"), _m("user", "q")]).count(
             tok.convert_tokens_to_ids("<|im_start|>"))
+
+
+def test_the_routing_question_is_the_last_user_message():
+    last = serving_prompt.last_user_text
+    assert last([{"role": "system", "content": "Be brief."},
+                 {"role": "user", "content": "What is the capital of Zorbania?"},
+                 {"role": "assistant", "content": None},
+                 {"role": "user", "content": "And its currency?"}]) == "And its currency?"
+    assert last([{"role": "system", "content": "Be brief."}]) == ""
+    assert last([{"role": "user", "content": None}]) == ""

@@ -223,15 +223,17 @@ def compose(bank: CartridgeBank, selection: jax.Array, selected: jax.Array,
     return prefix
 
 
-def compose_in_order(cartridges: list[Cartridge],
-                     geometry: Geometry = DEFAULT_GEOMETRY) -> dict | None:
+def compose_in_order(cartridges: list[Cartridge], geometry: Geometry = DEFAULT_GEOMETRY,
+                     biases: Sequence[float] | None = None) -> dict | None:
     """The batch-1 prefix of `cartridges` composed in the order given (None for none): what
-    `experiments.chat --cartridges` reads before its prompt."""
+    `experiments.chat --cartridges` reads before its prompt. `biases`: one logit bias per
+    cartridge (a routing geometry's, `compose`'s cartridge_bias)."""
     if not cartridges:
         return None
     n = len(cartridges)
+    bias = None if biases is None else jnp.asarray(biases, jnp.float32)[None]
     return compose(bank_from_cartridges(cartridges), jnp.arange(n, dtype=jnp.int32)[None],
-                   jnp.ones((1, n), bool), geometry)
+                   jnp.ones((1, n), bool), geometry, bias)
 
 
 def visible_tokens(token_counts: Sequence[int]) -> int:

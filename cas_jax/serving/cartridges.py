@@ -30,6 +30,7 @@ import numpy as np
 
 from cas_jax.cartridges import attention, budget as budget_lib, store as store_lib
 from cas_jax.cartridges.cartridge import Cartridge, CartridgeMismatchError
+from cas_jax.documents import retrieval
 from cas_jax.model import decoder as decoder_lib
 from cas_jax.model.loading import LoadedModel
 from cas_jax.serving.engine import ServeConfig, ServeError
@@ -73,10 +74,27 @@ class Catalogue:
                 logging.warning("serving under geometry %r cartridges trained under another: "
                                 "%s", str(config.geometry), other)
         self.geometry: attention.Geometry = self.config.geometry
+        self.router: retrieval.Router | None = None
         if self.geometry.relevance > 0:
-            raise ValueError(f"geometry {self.geometry} routes by relevance, which needs the "
-                             f"documents' texts to score; the server has none: serve with "
-                             f"--geometry set to the same geometry without relevance")
+            if not config.documents:
+                raise ValueError(f"geometry {self.geometry} routes by relevance, which scores "
+                                 f"a request's cartridges by their documents' texts: serve "
+                                 f"with --documents (the collection the cartridges stand for), "
+                                 f"or --geometry without relevance")
+            self.router = retrieval.Router(
+                retrieval.make_retriever(config.router, config.documents), config.documents)
+
+    def biases(self, query: str, ids: list[str]) -> tuple[float, ...]:
+        """The request's cartridge logit biases under a routing geometry (none otherwise):
+        `retrieval.Router.biases` of `query` (its last user message); 400 names a cartridge
+        whose document the server does not hold."""
+        if self.router is None:
+            return ()
+        try:
+            return tuple(self.router.biases(query, ids, self.geometry.relevance))
+        except KeyError as e:
+            raise _refuse(400, f"cartridges are routed by their documents' relevance to the "
+                          f"question, and {e.args[0]}", "cartridge_not_routable") from None
 
     def public(self, message: str) -> str:
         """`message` with the store's root removed from the paths it names."""

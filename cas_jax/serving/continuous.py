@@ -80,9 +80,10 @@ class ContinuousEngine(EngineBase):
     # ------------------------------------------------------------------ requests
 
     def submit(self, prompt: list[int], cartridge_ids: list[str], params: Sampling,
-               listener: Listener | None = None) -> Handle:
+               listener: Listener | None = None, query: str = "") -> Handle:
         """Checks a request and queues it; its Handle (module doc of `serving_engine`).
-        Raises ServeError for a request the server refuses."""
+        Raises ServeError for a request the server refuses. `query` (its last user message)
+        routes its cartridges under a routing geometry."""
         if not prompt:
             raise ServeError(400, "the prompt is empty", param="messages")
         infos = self.catalogue.check_request(len(prompt), list(cartridge_ids),
@@ -95,7 +96,8 @@ class ContinuousEngine(EngineBase):
                              code="context_length_exceeded")
         start = attention.query_start([i.tokens for i in infos], self.config.geometry)
         seed = secrets.randbits(32) if params.seed is None else params.seed % (1 << 32)
-        job = Job(list(prompt), infos, params, Handle(listener), seed, start, need)
+        bias = self.catalogue.biases(query, list(cartridge_ids))
+        job = Job(list(prompt), infos, params, Handle(listener), seed, start, need, bias)
         self._inbox.put(job)
         return job.handle
 
@@ -355,7 +357,12 @@ class ContinuousEngine(EngineBase):
         selected = np.zeros((1, c), bool)
         selection[0, :len(job.bank_slots)] = job.bank_slots
         selected[0, :len(job.bank_slots)] = True
-        composed = self.kernels.get(("compose",))(self.bank.bank, selection, selected)
+        routing = ()
+        if self.config.geometry.relevance > 0:
+            bias = np.zeros((1, c), np.float32)
+            bias[0, :len(job.bias)] = job.bias
+            routing = (bias,)
+        composed = self.kernels.get(("compose",))(self.bank.bank, selection, selected, *routing)
         if not job.infos:
             self._no_cartridges = composed
         return composed

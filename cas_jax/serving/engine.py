@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any
 
 from cas_jax.cartridges import attention
+from cas_jax.documents import retrieval
 from cas_jax.model import sampling
 from cas_jax.serving.text import TokenLogprob
 
@@ -54,6 +55,11 @@ class ServeConfig:
     model_id: the model's name in /v1/models and responses; None = the model file's name.
     geometry: how a request's cartridges are composed (`attention.Geometry`); None = the one
       the store's cartridges were trained under (their meta; they must agree).
+    documents: id -> text of the documents the cartridges stand for; a routing geometry
+      (relevance > 0) needs them: a request's cartridges are biased by their documents'
+      `router` scores for its last user message (`retrieval.Router`, as evaluation routes a
+      question), so a routed request must name cartridges whose ids are documents here.
+    router: "bm25" or "dense" (`retrieval.make_retriever`).
     max_cache_tokens (continuous): rows x KV slots per row of the pool; None = max(context
       window, max_batch * 1024). min_cache_tokens: the smallest KV slots per row.
     prefill_tokens_per_step (continuous): prompt tokens admitted between two decode steps
@@ -79,6 +85,8 @@ class ServeConfig:
     default_max_tokens: int = 256
     model_id: str | None = None
     geometry: attention.Geometry | None = None
+    documents: Mapping[str, str] | None = None
+    router: str = "bm25"
     max_cache_tokens: int | None = None
     min_cache_tokens: int = 128
     prefill_tokens_per_step: int = 512
@@ -94,6 +102,9 @@ class ServeConfig:
             raise ValueError(f"engine {self.engine!r}: expected one of {ENGINES}")
         if self.max_batch < 1 or self.max_cartridges < 0:
             raise ValueError("max_batch must be >= 1 and max_cartridges >= 0")
+        if self.router not in retrieval.RETRIEVER_KINDS:
+            raise ValueError(f"router {self.router!r}: expected one of "
+                             f"{retrieval.RETRIEVER_KINDS}")
 
 
 class ServeError(Exception):

@@ -24,7 +24,8 @@ Kernels (each compiled once per key; `Kernels.compiled` counts them):
   ("insert", R, S)          one chunk of a prompt's K/V into a row's slots
   ("reset", R, S, pfx)      clears a row and sets its prefix
   ("relayout", a, b)        gathers rows and slots of a pool of shape a into one of shape b
-  ("compose",)              one row's prefix from the bank (`attention.compose`)
+  ("compose",)              one row's prefix from the bank (`attention.compose`; under a
+                            routing geometry it also takes the row's cartridge biases)
   ("put", P, dtype)         one cartridge of P tokens into a bank slot
 Sampling is per row: temperature, top-p, penalties and the random stream (seed, draw index)
 are [R] arrays, so one batch mixes them; greedy rows never pay for a vocabulary sort.
@@ -171,6 +172,11 @@ def _insert(cache, row, slots, keys, values, positions):
             "pos": cache["pos"].at[row, slots].set(positions, mode="drop")}
 
 
+def _compose(bank, selection, selected, cartridge_bias=None, *, geometry):
+    """`attention.compose` with the biases positional (a kernel's arguments)."""
+    return attention.compose(bank, selection, selected, geometry, cartridge_bias)
+
+
 def _reset(cache, prefix, counts, row, composed):
     """Empties row `row` and gives it the prefix `composed` (`attention.compose` of one row)."""
     cache = {**cache, "pos": cache["pos"].at[row].set(-1)}
@@ -243,8 +249,8 @@ class Kernels:
         self.bank_like = jax.eval_shape(lambda b: b, bank)
         self.selection_like = jax.ShapeDtypeStruct((1, max(max_cartridges, 1)), jnp.int32)
         self.composed_like = jax.eval_shape(
-            functools.partial(attention.compose, geometry=geometry), bank, self.selection_like,
-            jax.ShapeDtypeStruct(self.selection_like.shape, bool))
+            functools.partial(_compose, geometry=geometry), bank, self.selection_like,
+            *self._compose_args_like())
         self._pools: dict[tuple, tuple] = {}  # pool_like's, by shape
         cache, prefix, _ = self.pool_like(1, 1, True)  # refuses a layout serving cannot hold
         layers = self.decoder.num_layers
@@ -309,6 +315,15 @@ class Kernels:
                                "v": np.zeros(kv.shape, kv.dtype),
                                "pos": np.full((1, slots), -1, np.int32)})
 
+    def _compose_args_like(self) -> tuple:
+        """`attention.compose`'s arguments after the selection: the mask, and under a routing
+        geometry the per-cartridge logit biases [1, C] float32."""
+        like = self.selection_like
+        mask = jax.ShapeDtypeStruct(like.shape, bool)
+        if self.geometry.relevance > 0:
+            return mask, jax.ShapeDtypeStruct(like.shape, jnp.float32)
+        return (mask,)
+
     @staticmethod
     def rows_like(n: int):
         f32, scalar = jax.ShapeDtypeStruct((n,), jnp.float32), jax.ShapeDtypeStruct((), bool)
@@ -359,9 +374,8 @@ class Kernels:
             return fn.lower(cache, prefix, counts, jax.ShapeDtypeStruct((r2,), jnp.int32),
                             jax.ShapeDtypeStruct((r2, s2), jnp.int32))
         if kind == "compose":
-            fn = jax.jit(functools.partial(attention.compose, geometry=self.geometry))
-            return fn.lower(self.bank_like, self.selection_like,
-                            jax.ShapeDtypeStruct(self.selection_like.shape, bool))
+            fn = jax.jit(functools.partial(_compose, geometry=self.geometry))
+            return fn.lower(self.bank_like, self.selection_like, *self._compose_args_like())
         if kind == "put":
             _, p, dtype = key
             kv = jax.ShapeDtypeStruct((dec.num_layers, p, dec.num_kv_heads, dec.head_dim),

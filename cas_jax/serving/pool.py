@@ -48,6 +48,7 @@ class Job:
     seed: int
     start: int  # first query position (attention.query_start)
     need: int  # KV slots of its row: prompt + max_tokens - 1
+    bias: tuple[float, ...] = ()  # its cartridges' logit biases (routing geometry only)
     row: int = -1
     slots: list[int] = dataclasses.field(default_factory=list)  # its ring slots, oldest first
     bank_slots: list[int] = dataclasses.field(default_factory=list)

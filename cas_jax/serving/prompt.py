@@ -58,6 +58,12 @@ def split_messages(messages: Sequence[dict]) -> tuple[str | None, list[dict[str,
     return doc, turns
 
 
+def last_user_text(messages: Sequence[dict]) -> str:
+    """The text of the last user message ("" if none): the question a routing geometry
+    scores a request's cartridges against, as evaluation scores them against the question."""
+    return next((m["content"] or "" for m in reversed(messages) if m["role"] == "user"), "")
+
+
 class PromptMaker:
     """Prompt token ids of chat messages for one tokenizer and context window (module doc)."""
 

@@ -61,7 +61,7 @@ from cas_jax.model.loading import LoadedModel
 from cas_jax.serving.api import ChatCompletionRequest, Responses, check_text
 from cas_jax.serving.continuous import ContinuousEngine
 from cas_jax.serving.engine import Handle, ServeConfig, ServeError
-from cas_jax.serving.prompt import PromptMaker
+from cas_jax.serving.prompt import PromptMaker, last_user_text
 from cas_jax.serving.static import StaticEngine
 
 __all__ = ["make_app", "serve", "ServerThread", "ServeConfig", "ContinuousEngine",
@@ -172,9 +172,11 @@ class _Chat:
         """On a tokenizer thread: the prompt, then the engine's checks and queue."""
         escape = (self.config.escape_special_tokens if req.escape_special_tokens is None
                   else req.escape_special_tokens)
-        prompt = self.prompts(req.chat(), escape)
+        messages = req.chat()
+        prompt = self.prompts(messages, escape)
         return self.engine.submit(prompt, [c.id for c in req.cartridges],
-                                  req.sampling(self.config.default_max_tokens), listener)
+                                  req.sampling(self.config.default_max_tokens), listener,
+                                  query=last_user_text(messages))
 
     def _check(self, req: ChatCompletionRequest) -> None:
         check_text(req.model_dump(exclude_none=True))

@@ -40,6 +40,7 @@ class _Job:
     infos: list[CartridgeInfo]
     params: Sampling
     handle: Handle
+    bias: tuple[float, ...] = ()  # its cartridges' logit biases (routing geometry only)
     cartridges: list[Cartridge] = dataclasses.field(default_factory=list)  # pinned
     bank_slots: list[int] = dataclasses.field(default_factory=list)
 
@@ -69,8 +70,9 @@ class StaticEngine(EngineBase):
                 + self._prefix_width(with_cartridges))
 
     def submit(self, prompt: list[int], cartridge_ids: list[str], params: Sampling,
-               listener: Listener | None = None) -> Handle:
-        """Checks a request and queues it (`serving_engine` module doc)."""
+               listener: Listener | None = None, query: str = "") -> Handle:
+        """Checks a request and queues it (`serving_engine` module doc); `query` (its last
+        user message) routes its cartridges under a routing geometry."""
         if params.seed is not None or params.logprobs:
             raise ServeError(400, "seed and logprobs need the continuous engine "
                              "(--engine=continuous)", param="seed" if params.seed is not None
@@ -89,7 +91,8 @@ class StaticEngine(EngineBase):
                              f"({self._prefix_width(bool(infos))}) = {padded} exceed the context "
                              f"window of {window} tokens; lower max_tokens", param="max_tokens",
                              code="context_length_exceeded")
-        job = _Job(list(prompt), infos, params, Handle(listener))
+        bias = self.catalogue.biases(query, list(cartridge_ids))
+        job = _Job(list(prompt), infos, params, Handle(listener), bias)
         self._inbox.put(job)
         return job.handle
 
@@ -198,12 +201,17 @@ class StaticEngine(EngineBase):
         b_pad = sampling.bucket(len(batch), minimum=1)
         selection = np.zeros((b_pad, self.config.max_cartridges), np.int32)
         selected = np.zeros(selection.shape, bool)
+        routed = self.config.geometry.relevance > 0
+        bias = np.zeros(selection.shape, np.float32) if routed else None
         for i in range(b_pad):
             job = batch[min(i, len(batch) - 1)]
             selection[i, :len(job.bank_slots)] = job.bank_slots
             selected[i, :len(job.bank_slots)] = True
+            if routed:
+                bias[i, :len(job.bias)] = job.bias
         return _compose(self.bank.bank, jnp.asarray(selection), jnp.asarray(selected),
-                        geometry=self.config.geometry)
+                        geometry=self.config.geometry,
+                        cartridge_bias=None if bias is None else jnp.asarray(bias))
 
     def _finish(self, job: _Job, tokens: list[int]) -> Completion:
         tokens = tokens[:job.params.max_tokens]
