@@ -9,9 +9,10 @@ and serving all lay out a sequence the same way:
 chat template applied to the user/assistant turns with NO system turn: a template that inserts
 a default system turn when none is given (SmolLM2: "You are a helpful AI assistant named
 SmolLM...") has it removed, because a fresh system turn between the document and the question
-is where a small model stops reading its document (BUILD_NOTES.md, "Renderings"). Closed book
-is `conversation(messages)` alone; a cartridge made from the K/V of `document(...)` and placed
-before `conversation(...)` computes exactly what ICL computes (tested on the real model).
+is where a small model stops reading its document (docs/log.md, "One rendering"). Closed
+book is `conversation(messages)` alone; a cartridge made from the K/V of `document(...)` and
+placed before `conversation(...)` computes exactly what ICL computes (tested on the real
+model).
 
 Formats of the document block (`FORMATS`):
   plain   the passages' text as raw tokens, then a newline; the conversation's first turn

@@ -68,7 +68,7 @@ class PipelineConfig:
     """Settings of every stage, as the stages' own configs: `synthesis` (self-study),
     `collection` (CAS training: P, batch, steps, the distractor schedule, budget) and `train`
     (optimisation, composition geometry), plus what the pipeline alone reads. Defaults are
-    the 2-core CPU demo and the recipe of BUILD_NOTES.md ("Cartridges that work"): span
+    the 2-core CPU demo and the recipe of docs/log.md ("Session 4: cartridges that work"): span
     conversations only (the 135M model's generated answers carry little of the document),
     whole short documents as chunks, P=64.
 
