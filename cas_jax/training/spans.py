@@ -3,8 +3,8 @@
 A small model asked about its document mostly answers without reading it (docs/log.md,
 "Self-study that stays grounded"). A span conversation sidesteps that: every assistant turn
 is a verbatim segment of the chunk, and every user turn is a cue drawn from that segment, so
-the teacher (who reads the chunk) predicts the answer by copying it while the no-context student cannot; the
-distillation target is the teacher's distribution over those tokens.
+the teacher (who reads the chunk) predicts the answer by copying it while the no-context
+student cannot; the distillation target is the teacher's distribution over those tokens.
 
 Segments are the chunk's lines, a long line cut at sentence ends, else at commas or spaces, to
 at most `max_segment_chars` characters (so a conversation stays within a training sequence); lines
