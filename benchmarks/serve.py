@@ -33,6 +33,10 @@ disconnect mid-stream, three times (RSS before and after, requests still running
 short request while two clients POST 5 MB bodies in a loop (over the 1 MiB body limit), over
 its time alone.
 
+`--skip=static:icl` leaves out cells the last line does not read; `--from_log=LOG` prints
+the summary of a run from its log (its rows and bars lines), e.g. of a run cut off after the
+cells the last line reads.
+
 Last line: `cartridge_vs_icl_throughput=X ttft_p50_s=Y continuous_vs_static=Z`: X = cart 1 /
 icl 1 tokens/s at the last document set (profiles by default) and the largest concurrency, on
 the first engine; Y = that cart 1 cell's TTFT p50; Z = first engine / static tokens/s in the
@@ -59,7 +63,7 @@ from cas_jax.cartridges.cartridge import Cartridge, CartridgeMeta
 from cas_jax.cartridges.store import CartridgeStore
 from cas_jax.documents import corpus
 from cas_jax.model import llama as model_lib, loading, rendering, sampling
-from cas_jax.serving import server
+from cas_jax.serving import engine as serving_engine, server
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("engines", ["continuous", "static"], "Engines, each in its own server.")
@@ -83,6 +87,11 @@ flags.DEFINE_integer("warmup_requests", 0,
                      "ICL at 8k-token documents and 64 clients is ~0.5M prefill tokens a round.")
 flags.DEFINE_integer("warmup_rounds", 3, "Most untimed warm-up rounds per cell (each until "
                      "one compiles nothing; 0: none).")
+flags.DEFINE_list("skip", [], "Cells left out, as ENGINE:MODE (e.g. static:icl: the static "
+                  "engine's ICL cells, which the last line does not read).")
+flags.DEFINE_string("from_log", "", "Print the summary (bars and last line) of an earlier run "
+                    "from its log's printed rows and bars, and exit (for a run cut off after "
+                    "the cells the last line reads).")
 flags.DEFINE_bool("bars", True, "Also measure the issue's bars (module doc).")
 flags.DEFINE_integer("disconnect_clients", 64, "Bars: clients that disconnect mid-stream.")
 flags.DEFINE_integer("seed", 0, "Seed of the documents each request uses.")
@@ -240,6 +249,8 @@ def _table(url: str, engine, engine_name: str, model, docs_by_set: dict,
     for i, (doc_set, docs) in enumerate(docs_by_set.items()):
         for mode, k in _modes(ks, i == 0):
             name = mode if not k else f"{mode} {k}"
+            if f"{engine_name}:{mode}" in FLAGS.skip:
+                continue
             if not _fits(model, mode, k, docs):
                 print(f"{engine_name:<11}{doc_set:<9}{name:<8}  skipped: over the window")
                 continue
@@ -355,13 +366,40 @@ def _bars(url: str, engine) -> dict:
     return out
 
 
-def _summary(results: dict, bars: dict, doc_sets: list[str]) -> None:
+def _bars_line(name: str, values: dict) -> str:
+    return f"bars {name}: " + ", ".join(
+        f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+
+
+def _from_log(path: str) -> tuple[dict, dict, list[str], int]:
+    """(results, bars, document sets, clients) from a run's log: its table rows and bars."""
+    results, bars, sets = {}, {}, []
+    with open(path) as f:
+        for line in f:
+            parts = line.split()
+            if line.startswith("bars ") and ":" in line:
+                name, _, rest = line[5:].partition(": ")
+                bars[name] = {k: v for k, _, v in (kv.partition("=") for kv in
+                                                   rest.strip().split(", "))}
+            elif len(parts) in (11, 12) and parts[0] in serving_engine.ENGINES:
+                mode = " ".join(parts[2:len(parts) - 8])
+                try:
+                    c, tok, t50, t90, itl, e2e = (int(parts[-8]), *map(float, parts[-6:-1]))
+                except ValueError:
+                    continue
+                results[parts[0], parts[1], mode, c] = Cell(tok, t50, t90, itl, e2e)
+                sets += [parts[1]] if parts[1] not in sets else []
+    if not results:
+        raise SystemExit(f"error: --from_log={path} holds no table rows of benchmarks.serve")
+    return results, bars, sets, max(c for *_, c in results)
+
+
+def _summary(results: dict, bars: dict, doc_sets: list[str], c: int | None = None) -> None:
     engines = list(dict.fromkeys(e for e, *_ in results))
-    c = max(int(x) for x in FLAGS.concurrency)
+    c = c or max(int(x) for x in FLAGS.concurrency)
     first = engines[0]
     for name, values in bars.items():
-        print(f"bars {name}: " + ", ".join(
-            f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
+        print(_bars_line(name, values))
     cart, icl = results.get((first, doc_sets[-1], "cart 1", c)), results.get(
         (first, doc_sets[-1], "icl 1", c))
     x = cart.tokens_per_s / icl.tokens_per_s if cart and icl else float("nan")
@@ -377,6 +415,11 @@ def _summary(results: dict, bars: dict, doc_sets: list[str]) -> None:
 
 
 def main(_):
+    if FLAGS.from_log:
+        results, bars, sets, clients = _from_log(FLAGS.from_log)
+        print(f"summary of {FLAGS.from_log}")
+        _summary(results, bars, sets, clients)
+        return
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     ks = [int(k) for k in FLAGS.docs_per_request]
     model = loading.load_model()
@@ -415,6 +458,7 @@ def main(_):
                 _table(s.url, engine, name, model, docs_by_set, results)
                 if FLAGS.bars:
                     bars[name] = _bars(s.url, engine)
+                    print(_bars_line(name, bars[name]), flush=True)  # survives a cut-off run
                 print(f"{name:<11}compiles in all: {_compiles(engine)}", flush=True)
         print()
         _summary(results, bars, list(docs_by_set))
