@@ -63,7 +63,9 @@ from cas_jax.cartridges.cartridge import Cartridge, CartridgeMeta
 from cas_jax.cartridges.store import CartridgeStore
 from cas_jax.documents import corpus
 from cas_jax.model import llama as model_lib, loading, rendering, sampling
-from cas_jax.serving import engine as serving_engine, server
+from cas_jax.serving import server
+
+from benchmarks import serve_report
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("engines", ["continuous", "static"], "Engines, each in its own server.")
@@ -223,15 +225,6 @@ def _fits(model, mode: str, k: int, docs: dict[str, str]) -> bool:
     return k * longest + 64 + FLAGS.max_tokens <= model.config.max_position_embeddings
 
 
-@dataclasses.dataclass
-class Cell:
-    tokens_per_s: float
-    ttft_p50: float
-    ttft_p90: float
-    itl_p50: float
-    e2e_p50: float
-
-
 _HEADER = (f"{'engine':<11}{'docs':<9}{'mode':<8}{'clients':>8}{'requests':>9}{'tok/s':>8}"
            f"{'ttft50':>8}{'ttft90':>8}{'itl50':>8}{'e2e50':>8}{'compiles':>9}")
 
@@ -265,7 +258,7 @@ def _table(url: str, engine, engine_name: str, model, docs_by_set: dict,
                         break
                 compiles = _compiles(engine)
                 wall, res = asyncio.run(_run(url, _bodies(mode, k, n, docs, FLAGS.seed + c), c))
-                cell = Cell(sum(r.tokens for r in res) / wall,
+                cell = serve_report.Cell(sum(r.tokens for r in res) / wall,
                             *np.percentile([r.ttft for r in res], [50, 90]),
                             float(np.median([r.itl for r in res])),
                             float(np.median([r.e2e for r in res])))
@@ -366,59 +359,11 @@ def _bars(url: str, engine) -> dict:
     return out
 
 
-def _bars_line(name: str, values: dict) -> str:
-    return f"bars {name}: " + ", ".join(
-        f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
-
-
-def _from_log(path: str) -> tuple[dict, dict, list[str], int]:
-    """(results, bars, document sets, clients) from a run's log: its table rows and bars."""
-    results, bars, sets = {}, {}, []
-    with open(path) as f:
-        for line in f:
-            parts = line.split()
-            if line.startswith("bars ") and ":" in line:
-                name, _, rest = line[5:].partition(": ")
-                bars[name] = {k: v for k, _, v in (kv.partition("=") for kv in
-                                                   rest.strip().split(", "))}
-            elif len(parts) in (11, 12) and parts[0] in serving_engine.ENGINES:
-                mode = " ".join(parts[2:len(parts) - 8])
-                try:
-                    c, tok, t50, t90, itl, e2e = (int(parts[-8]), *map(float, parts[-6:-1]))
-                except ValueError:
-                    continue
-                results[parts[0], parts[1], mode, c] = Cell(tok, t50, t90, itl, e2e)
-                sets += [parts[1]] if parts[1] not in sets else []
-    if not results:
-        raise SystemExit(f"error: --from_log={path} holds no table rows of benchmarks.serve")
-    return results, bars, sets, max(c for *_, c in results)
-
-
-def _summary(results: dict, bars: dict, doc_sets: list[str], c: int | None = None) -> None:
-    engines = list(dict.fromkeys(e for e, *_ in results))
-    c = c or max(int(x) for x in FLAGS.concurrency)
-    first = engines[0]
-    for name, values in bars.items():
-        print(_bars_line(name, values))
-    cart, icl = results.get((first, doc_sets[-1], "cart 1", c)), results.get(
-        (first, doc_sets[-1], "icl 1", c))
-    x = cart.tokens_per_s / icl.tokens_per_s if cart and icl else float("nan")
-    static = results.get(("static", doc_sets[0], "cart 1", c))
-    mine = results.get((first, doc_sets[0], "cart 1", c))
-    z = mine.tokens_per_s / static.tokens_per_s if static and mine and first != "static" \
-        else float("nan")
-    print(f"cells: X from {first} {doc_sets[-1]} cart 1 / icl 1 at {c} clients; Z from "
-          f"{first} / static {doc_sets[0]} cart 1 at {c} clients (paper: 26.4x cartridge vs "
-          f"ICL throughput)")
-    ttft = cart.ttft_p50 if cart else float("nan")
-    print(f"cartridge_vs_icl_throughput={x:.3f} ttft_p50_s={ttft:.3f} continuous_vs_static={z:.3f}")
-
-
 def main(_):
     if FLAGS.from_log:
-        results, bars, sets, clients = _from_log(FLAGS.from_log)
+        results, bars, sets, clients = serve_report.from_log(FLAGS.from_log)
         print(f"summary of {FLAGS.from_log}")
-        _summary(results, bars, sets, clients)
+        serve_report.summary(results, bars, sets, clients)
         return
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     ks = [int(k) for k in FLAGS.docs_per_request]
@@ -458,10 +403,11 @@ def main(_):
                 _table(s.url, engine, name, model, docs_by_set, results)
                 if FLAGS.bars:
                     bars[name] = _bars(s.url, engine)
-                    print(_bars_line(name, bars[name]), flush=True)  # survives a cut-off run
+                    print(serve_report.bars_line(name, bars[name]), flush=True)  # survives a cut-off run
                 print(f"{name:<11}compiles in all: {_compiles(engine)}", flush=True)
         print()
-        _summary(results, bars, list(docs_by_set))
+        serve_report.summary(results, bars, list(docs_by_set),
+                             max(int(x) for x in FLAGS.concurrency))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
