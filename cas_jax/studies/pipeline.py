@@ -170,6 +170,19 @@ def stamp(cfg: PipelineConfig, **extra) -> dict:
     return {**json.loads(json.dumps(out)), **extra}
 
 
+def isolated_stamp(cfg: PipelineConfig) -> dict:
+    """`stamp` of results read from cartridges each read alone (the isolated oracle and
+    curve): the collection's read geometry is left out when it reads one cartridge as the
+    identity (`Geometry.reshapes_one` False), as such a result is the same under any of them
+    (a CAS run's `--collection.read_geometry=serial` reuses an isolated study recorded under
+    the default)."""
+    g = cfg.collection.read_geometry
+    if g is None or not g.reshapes_one:
+        cfg = dataclasses.replace(cfg, collection=dataclasses.replace(
+            cfg.collection, read_geometry=PipelineConfig().collection.read_geometry))
+    return stamp(cfg)
+
+
 def _leaf_paths(obj, prefix: str = "") -> list[str]:
     out = []
     for f in dataclasses.fields(obj):
