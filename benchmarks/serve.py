@@ -402,8 +402,8 @@ def main(_):
                           f"{time.perf_counter() - t0:.0f} s", flush=True)
                 _table(s.url, engine, name, model, docs_by_set, results)
                 if FLAGS.bars:
-                    bars[name] = _bars(s.url, engine)
-                    print(serve_report.bars_line(name, bars[name]), flush=True)  # survives a cut-off run
+                    bars[name] = _bars(s.url, engine)  # printed now too: a cut-off run keeps it
+                    print(serve_report.bars_line(name, bars[name]), flush=True)
                 print(f"{name:<11}compiles in all: {_compiles(engine)}", flush=True)
         print()
         serve_report.summary(results, bars, list(docs_by_set),

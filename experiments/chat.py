@@ -7,8 +7,8 @@ The cartridges (directories written by `store.save_cartridge`, e.g. by
 `experiments.train_cartridge`) are composed in the order given (`attention.compose`: one sink,
 queries where --geometry puts them; by default the geometry the cartridges were trained
 under; a routing geometry, `...,relevance=R`, also needs --documents to score each
-cartridge's document against the prompt). A cartridge made for another model (fingerprint) or with another layout is refused
-with an error naming it.
+cartridge's document against the prompt). A cartridge made for another model (fingerprint)
+or with another layout is refused with an error naming it.
 """
 
 import sys

@@ -223,6 +223,26 @@ def compose(bank: CartridgeBank, selection: jax.Array, selected: jax.Array,
     return prefix
 
 
+def selection_arrays(selections: Sequence[Sequence[int]], slots: int,
+                      biases: Sequence[Sequence[float]] | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """`compose`'s [N, slots] int32 bank slots, bool `selected` and float32 per-cartridge
+    logit biases (None without `biases`) from per-row lists of bank slots (best first)."""
+    sel = np.zeros((len(selections), slots), np.int32)
+    on = np.zeros((len(selections), slots), bool)
+    bias = None if biases is None else np.zeros((len(selections), slots), np.float32)
+    for i, s in enumerate(selections):
+        if len(s) > slots:
+            raise ValueError(f"row {i} selects {len(s)} cartridges, only {slots} slots per row")
+        sel[i, :len(s)] = s
+        on[i, :len(s)] = True
+        if bias is not None:
+            if len(biases[i]) != len(s):
+                raise ValueError(f"row {i}: {len(biases[i])} biases for {len(s)} cartridges")
+            bias[i, :len(s)] = biases[i]
+    return sel, on, bias
+
+
 def compose_in_order(cartridges: list[Cartridge], geometry: Geometry = DEFAULT_GEOMETRY,
                      biases: Sequence[float] | None = None) -> dict | None:
     """The batch-1 prefix of `cartridges` composed in the order given (None for none): what

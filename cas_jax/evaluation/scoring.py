@@ -80,26 +80,6 @@ def _rows_per_call(rows_per_call: int, prefix_slots: int, prefix_tokens_per_call
     return b
 
 
-def _selection_arrays(selections: Sequence[Sequence[int]], slots: int,
-                      biases: Sequence[Sequence[float]] | None = None
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """[N, slots] int32 bank slots, bool `selected` and float32 per-cartridge logit biases
-    (None without `biases`) from per-row lists (best first)."""
-    sel = np.zeros((len(selections), slots), np.int32)
-    on = np.zeros((len(selections), slots), bool)
-    bias = None if biases is None else np.zeros((len(selections), slots), np.float32)
-    for i, s in enumerate(selections):
-        if len(s) > slots:
-            raise ValueError(f"row {i} selects {len(s)} cartridges, only {slots} slots per row")
-        sel[i, :len(s)] = s
-        on[i, :len(s)] = True
-        if bias is not None:
-            if len(biases[i]) != len(s):
-                raise ValueError(f"row {i}: {len(biases[i])} biases for {len(s)} cartridges")
-            bias[i, :len(s)] = biases[i]
-    return sel, on, bias
-
-
 def _rows(x: np.ndarray | None, rows: list[int]) -> jax.Array | None:
     return None if x is None else jnp.asarray(x[rows])
 
@@ -124,7 +104,7 @@ def score_continuations(model: LoadedModel, prompts: Sequence[list[int]],
         sel = on = bias = None
         b = rows_per_call
     else:
-        sel, on, bias = _selection_arrays(selections, slots, biases)
+        sel, on, bias = attention.selection_arrays(selections, slots, biases)
         b = _rows_per_call(rows_per_call, slots * bank.max_tokens, prefix_tokens_per_call)
     order = sorted(range(n), key=lambda i: len(prompts[i]) + len(continuations[i]))
     out: list[np.ndarray] = [np.zeros(0, np.float32)] * n
@@ -173,7 +153,7 @@ def generate_answers(model: LoadedModel, prompts: Sequence[list[int]], max_new_t
     if bank is None:
         b = rows_per_call
     else:
-        sel, on, bias = _selection_arrays(selections, slots, biases)
+        sel, on, bias = attention.selection_arrays(selections, slots, biases)
         b = _rows_per_call(rows_per_call, slots * bank.max_tokens, prefix_tokens_per_call)
     texts = []
     pbar = progress.bar(n, "generating", "answer")

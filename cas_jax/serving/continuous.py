@@ -352,17 +352,11 @@ class ContinuousEngine(EngineBase):
         made sure the compose kernel is compiled)."""
         if not job.infos and self._no_cartridges is not None:
             return self._no_cartridges
-        c = max(self.config.max_cartridges, 1)
-        selection = np.zeros((1, c), np.int32)
-        selected = np.zeros((1, c), bool)
-        selection[0, :len(job.bank_slots)] = job.bank_slots
-        selected[0, :len(job.bank_slots)] = True
-        routing = ()
-        if self.config.geometry.relevance > 0:
-            bias = np.zeros((1, c), np.float32)
-            bias[0, :len(job.bias)] = job.bias
-            routing = (bias,)
-        composed = self.kernels.get(("compose",))(self.bank.bank, selection, selected, *routing)
+        routed = self.config.geometry.relevance > 0
+        selection, selected, bias = attention.selection_arrays(
+            [job.bank_slots], max(self.config.max_cartridges, 1), [job.bias] if routed else None)
+        composed = self.kernels.get(("compose",))(  # the kernel takes biases when it routes
+            self.bank.bank, selection, selected, *(() if bias is None else (bias,)))
         if not job.infos:
             self._no_cartridges = composed
         return composed

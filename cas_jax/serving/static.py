@@ -198,17 +198,12 @@ class StaticEngine(EngineBase):
         for job in batch:  # the batch's distinct cartridges fit the bank (_take_batch)
             slot_of = self.bank.place(dict(zip(job.ids, job.cartridges)))
             job.bank_slots = [slot_of[i] for i in job.ids]
-        b_pad = sampling.bucket(len(batch), minimum=1)
-        selection = np.zeros((b_pad, self.config.max_cartridges), np.int32)
-        selected = np.zeros(selection.shape, bool)
+        rows = [batch[min(i, len(batch) - 1)] for i in range(sampling.bucket(len(batch),
+                                                                            minimum=1))]
         routed = self.config.geometry.relevance > 0
-        bias = np.zeros(selection.shape, np.float32) if routed else None
-        for i in range(b_pad):
-            job = batch[min(i, len(batch) - 1)]
-            selection[i, :len(job.bank_slots)] = job.bank_slots
-            selected[i, :len(job.bank_slots)] = True
-            if routed:
-                bias[i, :len(job.bias)] = job.bias
+        selection, selected, bias = attention.selection_arrays(
+            [j.bank_slots for j in rows], self.config.max_cartridges,
+            [j.bias for j in rows] if routed else None)
         return _compose(self.bank.bank, jnp.asarray(selection), jnp.asarray(selected),
                         geometry=self.config.geometry,
                         cartridge_bias=None if bias is None else jnp.asarray(bias))
