@@ -81,3 +81,22 @@ def test_a_routing_geometry_needs_the_biases_and_a_known_router(setup):
                           attention.Geometry("serial", relevance=1.0))
     with pytest.raises(ValueError, match="router must be one of"):
         evaluate.EvalConfig(router="tfidf")
+
+
+def test_a_router_keeps_only_its_last_queries():
+    """A server's router sees unbounded queries: it keeps the last `keep` and searches again
+    for one it let go, with the same biases."""
+    from cas_jax.documents import retrieval
+
+    index = retrieval.make_retriever("bm25", DOCS.texts)
+    searches = []
+    search = index.search
+    index.search = lambda query, k: searches.append(query) or search(query, k)
+    router = retrieval.Router(index, DOCS.ids, keep=2)
+    first = router.biases(QS[0].question, ["ta", "zo"], 2.0)
+    router.biases("Vexland", ["ta", "zo"], 2.0)
+    router.biases(QS[0].question, ["ta", "zo"], 2.0)  # still kept
+    router.biases("Plinth", ["ta", "zo"], 2.0)  # drops "Vexland", the oldest
+    assert router.biases(QS[0].question, ["ta", "zo"], 2.0) == first == [-2.0, 0.0]
+    router.biases("Vexland", ["ta", "zo"], 2.0)
+    assert searches == [QS[0].question, "Vexland", "Plinth", "Vexland"]

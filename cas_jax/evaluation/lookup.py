@@ -56,8 +56,8 @@ class CollectionIndex:
     def router(self, kind: str) -> retrieval.Router:
         """The `kind` router over the documents (each question searched once, then kept)."""
         if kind not in self._routers:
-            self._routers[kind] = retrieval.Router(self.retriever(kind, "docs"),
-                                                   self.collection.ids)
+            self._routers[kind] = retrieval.Router(  # a study's questions: keep them all
+                self.retriever(kind, "docs"), self.collection.ids, keep=None)
         return self._routers[kind]
 
     def relevance_biases(self, relevance: float, router: str, questions: Sequence[Question],
