@@ -168,7 +168,7 @@ def test_recorded_stamps_are_reproduced():
     assert len(seen) >= 3
 
 
-def test_the_isolated_stamp_leaves_out_a_read_geometry_that_reads_one_as_identity():
+def test_a_stamp_without_distractors_leaves_out_a_read_geometry_that_reads_one_as_identity():
     """A CAS run reading its composed rows serially reuses an isolated study recorded under
     the default read geometry: one cartridge read alone is the same under both."""
 
@@ -177,7 +177,8 @@ def test_the_isolated_stamp_leaves_out_a_read_geometry_that_reads_one_as_identit
         return dataclasses.replace(cfg, collection=dataclasses.replace(
             cfg.collection, read_geometry=Geometry.parse(spec)))
 
-    base = pipeline.isolated_stamp(pipeline.PipelineConfig())
-    assert pipeline.isolated_stamp(with_read("serial")) == base
-    assert pipeline.stamp(with_read("serial")) != pipeline.stamp(pipeline.PipelineConfig())
-    assert pipeline.isolated_stamp(with_read("serial,temperature=0.8")) != base
+    base = pipeline.stamp(pipeline.PipelineConfig())
+    assert pipeline.stamp(with_read("serial")) == base
+    assert (pipeline.stamp(with_read("serial"), distractors=3)
+            != pipeline.stamp(pipeline.PipelineConfig(), distractors=3))  # composed rows
+    assert pipeline.stamp(with_read("serial,temperature=0.8")) != base

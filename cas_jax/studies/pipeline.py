@@ -150,8 +150,10 @@ def stamp(cfg: PipelineConfig, **extra) -> dict:
     JSON-able: every flat setting (`FLAT`; the geometry as its spec string) but LATER_FIELDS at
     defaults, and then every other section field (by path, `DERIVED` aside) whose value differs
     from the default config's. Without `distractors` in `extra` (or with 0) every row read one
-    cartridge, so a geometry that reads one cartridge as the identity does
-    (`Geometry.reshapes_one` False) trained nothing differently and is left out too."""
+    cartridge, so a geometry that reads one cartridge as the identity (`Geometry.reshapes_one`
+    False) trained and read nothing differently and is left out too: the training geometry,
+    and `collection.read_geometry` (a CAS run reading serially reuses isolated results
+    recorded under the default read geometry)."""
     default, out = PipelineConfig(), {}
     for name, path in FLAT.items():
         value = _get(cfg, path)
@@ -166,21 +168,12 @@ def stamp(cfg: PipelineConfig, **extra) -> dict:
         if (path not in FLAT.values() and path not in DERIVED
                 and _get(cfg, path) != _get(default, path)):
             value = _get(cfg, path)
-            out[path] = str(value) if isinstance(value, Geometry) else value
+            if isinstance(value, Geometry):
+                if not extra.get("distractors") and not value.reshapes_one:
+                    continue
+                value = str(value)
+            out[path] = value
     return {**json.loads(json.dumps(out)), **extra}
-
-
-def isolated_stamp(cfg: PipelineConfig) -> dict:
-    """`stamp` of results read from cartridges each read alone (the isolated oracle and
-    curve): the collection's read geometry is left out when it reads one cartridge as the
-    identity (`Geometry.reshapes_one` False), as such a result is the same under any of them
-    (a CAS run's `--collection.read_geometry=serial` reuses an isolated study recorded under
-    the default)."""
-    g = cfg.collection.read_geometry
-    if g is None or not g.reshapes_one:
-        cfg = dataclasses.replace(cfg, collection=dataclasses.replace(
-            cfg.collection, read_geometry=PipelineConfig().collection.read_geometry))
-    return stamp(cfg)
 
 
 def _leaf_paths(obj, prefix: str = "") -> list[str]:

@@ -289,7 +289,7 @@ def _isolated(model: LoadedModel, run: QualityRun, ev: evaluate.Evaluator, data_
     curve_path = os.path.join(out, "curve.jsonl")
     mc = [q for q in run.questions if q.kind == "mc"]
     oracle_name = f"oracle_cartridge_step{cfg.pipeline.steps}"
-    isolated = pipeline.isolated_stamp(cfg.pipeline)  # stamps results read from these alone
+    isolated = pipeline.stamp(cfg.pipeline)  # stamps the results read from these cartridges
 
     def train_isolated():
         train_with_curve(
