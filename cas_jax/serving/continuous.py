@@ -40,7 +40,8 @@ from cas_jax.model.loading import LoadedModel
 from cas_jax.serving.cartridges import EngineBase
 from cas_jax.serving.engine import Completion, Delta, Handle, Listener, Sampling, ServeConfig
 from cas_jax.serving.engine import ServeError, cancelled
-from cas_jax.serving.kernels import Kernels, rows_tuple
+from cas_jax.serving.kernels import Kernels
+from cas_jax.serving.row_sampling import rows_tuple
 from cas_jax.serving.pool import Job, Pool, Shapes
 from cas_jax.serving.prefill import LongPrefill, prefill_group, row_values
 from cas_jax.serving.text import Detokenizer, StopText, TokenLogprob

@@ -18,7 +18,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from cas_jax.serving.kernels import CHUNK, Kernels, row_arrays, rows_tuple
+from cas_jax.serving.kernels import CHUNK, Kernels
+from cas_jax.serving.row_sampling import row_arrays, rows_tuple
 from cas_jax.serving.pool import Job, Shapes
 
 

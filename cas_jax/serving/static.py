@@ -20,7 +20,6 @@ import threading
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from cas_jax.cartridges import attention, budget as budget_lib
 from cas_jax.cartridges.cartridge import Cartridge
