@@ -78,22 +78,15 @@ def time_attention(config, rows: int, prefix_tokens: int, repeats: int) -> tuple
     """Seconds for one query per row to attend over its own `prefix_tokens` keys in every layer:
     (XLA, as the decoder computes it; numpy batched matmul of the same contraction)."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    from cas_jax.model import llama
-
-    n_layers, kh, dh = config.num_layers, config.num_kv_heads, config.head_dim
     rng = np.random.default_rng(0)
-    k = rng.standard_normal((n_layers, rows, prefix_tokens, kh, dh), np.float32)
-    v = rng.standard_normal(k.shape, np.float32)
-    q = rng.standard_normal((n_layers, rows, 1, config.num_heads, dh), np.float32)
-    visible = jnp.ones((rows, 1, prefix_tokens), bool)
-
-    @jax.jit
-    def xla(q, k, v):
-        return jnp.stack([llama.attend(q[i], [(k[i], v[i], visible)]) for i in range(n_layers)])
-
+    shape = (config.num_layers, rows, prefix_tokens, config.num_kv_heads, config.head_dim)
+    k = rng.standard_normal(shape, np.float32)
+    v = rng.standard_normal(shape, np.float32)
+    q = rng.standard_normal((config.num_layers, rows, 1, config.num_heads, config.head_dim),
+                            np.float32)
+    xla = jax.jit(xla_attention)
     args = jax.device_put((q, k, v))
     jax.block_until_ready(xla(*args))
     t0 = time.perf_counter()
@@ -102,17 +95,48 @@ def time_attention(config, rows: int, prefix_tokens: int, repeats: int) -> tuple
     jax.block_until_ready(out)
     t_xla = (time.perf_counter() - t0) / repeats
 
-    g = config.num_heads // kh
-    qn = q.reshape(n_layers, rows, kh, g, dh).reshape(n_layers, rows * kh, g, dh)
-    kn = np.ascontiguousarray(k.transpose(0, 1, 3, 4, 2)).reshape(n_layers, rows * kh, dh, -1)
-    vn = np.ascontiguousarray(v.transpose(0, 1, 3, 2, 4)).reshape(n_layers, rows * kh, -1, dh)
+    kn, vn = numpy_layout(k, v)
     t0 = time.perf_counter()
     for _ in range(repeats):
-        for i in range(n_layers):
-            s = np.matmul(qn[i], kn[i]) / np.sqrt(dh)
-            p = np.exp(s - s.max(-1, keepdims=True))
-            np.matmul(p / p.sum(-1, keepdims=True), vn[i])
+        numpy_attention(q, kn, vn)
     return t_xla, (time.perf_counter() - t0) / repeats
+
+
+def xla_attention(q, k, v):
+    """`llama.attend` of q [L, R, 1, H, Dh] over one block k, v [L, R, P, K, Dh] (every key
+    visible) in every layer, as the decoder computes a prefix block -> [L, R, 1, H, Dh]."""
+    import jax.numpy as jnp
+
+    from cas_jax.model import llama
+
+    visible = jnp.ones((k.shape[1], 1, k.shape[2]), bool)
+    return jnp.stack([llama.attend(q[i], [(k[i], v[i], visible)]) for i in range(k.shape[0])])
+
+
+def numpy_layout(k, v):
+    """k, v [L, R, P, K, Dh] -> [L, R*K, Dh, P] and [L, R*K, P, Dh]: the layouts in which
+    `numpy_attention`'s matmuls read contiguous memory (made once, outside its timing)."""
+    import numpy as np
+
+    n_layers, rows, p, kh, dh = k.shape
+    return (np.ascontiguousarray(k.transpose(0, 1, 3, 4, 2)).reshape(n_layers, rows * kh, dh, p),
+            np.ascontiguousarray(v.transpose(0, 1, 3, 2, 4)).reshape(n_layers, rows * kh, p, dh))
+
+
+def numpy_attention(q, kn, vn):
+    """`xla_attention` of q over `numpy_layout(k, v)`, layer by layer as numpy batched
+    matmuls."""
+    import numpy as np
+
+    n_layers, rows, _, h, dh = q.shape
+    g = h // (kn.shape[1] // rows)
+    qn = q.reshape(n_layers, kn.shape[1], g, dh)
+    out = np.empty(qn.shape, np.float32)
+    for i in range(n_layers):
+        s = np.matmul(qn[i], kn[i]) / np.sqrt(dh)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        out[i] = np.matmul(p / p.sum(-1, keepdims=True), vn[i])
+    return out.reshape(q.shape)
 
 
 def main(_):
