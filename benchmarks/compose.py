@@ -11,6 +11,8 @@ difference to the same geometry's k=0) goes to --out/report.md and the curve to 
 --interference adds, per (source, geometry), the mean KL per answer token between the model
 reading one unrelated cartridge and the model with none on --heldout conversations.
 --retrievers adds retrieval + cartridges rows per (source, geometry) at --retrieval_k.
+--versus=G adds, for every other geometry, its reading minus G's on the same questions
+(paired 95% CIs) per composed k, their mean over --versus_mean_k and per retrieval row.
 --claims=G writes the claims' method table for CAS read under G (one of --geometries) to
 --out/claims/eval under the names `benchmarks.cas_claims_report` reads, and prints it; its
 last line is then the claims line. Otherwise the last line is
@@ -60,6 +62,10 @@ flags.DEFINE_string("claims", "", "A geometry of --geometries: write the claims'
                     "for the cas source read under it to <out>/claims/eval (standard names: "
                     "cas_oracle, cas_composed_k<k>, retrieval_cas_<r>_k<k>, and the run's "
                     "closed book, ICL, RAG and naive rows) and print its claims.")
+flags.DEFINE_string("versus", "", "A geometry of --geometries: also print every other "
+                    "geometry's reading minus this one's, paired, per composed k, their mean "
+                    "over --versus_mean_k and per retrieval row.")
+flags.DEFINE_list("versus_mean_k", ["1", "3", "7"], "Composed k averaged in --versus's mean row.")
 flags.mark_flag_as_required("run")
 
 STORE_DIRS = {"cas": "cas", "naive": "cartridges"}
@@ -115,6 +121,13 @@ def main(argv):
         claims = attention.Geometry.parse(FLAGS.claims) if FLAGS.claims else None
     except ValueError as e:
         raise app.UsageError(f"--claims: {e}")
+    try:
+        versus = attention.Geometry.parse(FLAGS.versus) if FLAGS.versus else None
+    except ValueError as e:
+        raise app.UsageError(f"--versus: {e}")
+    if versus is not None and versus not in geometries:
+        raise app.UsageError(f"--versus={FLAGS.versus!r} is not one of --geometries "
+                             f"{[str(g) for g in geometries]}")
     if claims is not None and claims not in geometries:
         raise app.UsageError(f"--claims={FLAGS.claims!r} is not one of --geometries "
                              f"{[str(g) for g in geometries]}")
@@ -161,6 +174,11 @@ def main(argv):
                   if os.path.exists(closed) else None)
     if retrieval:
         report += "\n\nRetrieval + cartridges:\n\n" + composition.format_retrieval(retrieval)
+    for g in geometries if versus is not None else ():
+        if g != versus:
+            vs = composition.versus_rows(results, retrieval, str(versus), str(g),
+                                         [int(k) for k in FLAGS.versus_mean_k])
+            report += "\n\n" + composition.format_versus(vs, str(versus), str(g))
     composition.plot_curve(rows, os.path.join(out, "curve.png"), closed_acc)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(report + "\n")

@@ -187,3 +187,38 @@ def test_claims_results_name_the_rows_read_under_one_geometry():
     assert "retrieval_cas_minus_rag" not in line and "token_ratio" not in line
     del table["icl"]
     assert cas_claims_report.claims_line(table).startswith("questions=40 composed_k3")
+
+
+def _scored(correct, nll):
+    """`_result` with each record naming its question, as evaluation writes them."""
+    obj = _result(correct, nll)
+    for i, r in enumerate(obj["records"]):
+        r.update(doc_id=f"d{i % 3}", question=f"q{i}")
+    return obj
+
+
+def test_versus_rows_pair_two_readings_per_k_their_mean_and_retrieval():
+    n = 40
+    base1, base3 = np.zeros(n), np.arange(n) % 2
+    other1, other3 = np.ones(n), np.arange(n) % 2
+    results = {("cas", "a", 0): _scored(np.ones(n), 1.0), ("cas", "b", 0): _scored(np.ones(n), 1.0),
+               ("cas", "a", 1): _scored(base1, 2.0), ("cas", "b", 1): _scored(other1, 2.0),
+               ("cas", "a", 3): _scored(base3, 2.0), ("cas", "b", 3): _scored(other3, 2.0),
+               ("cas", "a", 7): _scored(base3, 2.0)}  # no b at k=7: left out
+    retrieval = {("cas", "a", "bm25", 2): _scored(np.ones(n), 2.0),
+                 ("cas", "b", "bm25", 2): _scored(base3, 2.0)}
+    rows = composition.versus_rows(results, retrieval, "a", "b", [1, 3, 7])
+    by = {r["row"]: r["diff"] for r in rows}
+    assert list(by) == ["composed k=1", "composed k=3", "composed mean k=1,3",
+                        "retrieval bm25 k=2"]
+    assert by["composed k=1"][0] == 1.0 and by["composed k=3"] == (0.0, 0.0, 0.0)
+    mean, lo, hi = by["composed mean k=1,3"]
+    assert mean == 0.5 and lo == hi == 0.5  # every question gains 0.5: no spread
+    assert by["retrieval bm25 k=2"][0] == -0.5
+    assert "| cas | composed k=1 | +1.000 [+1.000, +1.000] |" in composition.format_versus(
+        rows, "a", "b")
+    shuffled = _scored(base1, 2.0)
+    shuffled["records"] = shuffled["records"][::-1]
+    with pytest.raises(ValueError, match="same questions"):
+        composition.versus_rows({("cas", "a", 1): results[("cas", "a", 1)],
+                                 ("cas", "b", 1): shuffled}, {}, "a", "b", [1])

@@ -10,6 +10,9 @@ retraining:
                      eval/<source>_<geometry slug>_k<k>.json.
   composition curve  accuracy with 95% CIs and gold NLL against k, per (source, geometry),
                      and the paired difference of each k to its own k = 0 (`curve_rows`).
+  versus             one geometry's reading minus another's, paired, per composed k, their
+                     mean and per retrieval row (`versus_rows`): what a rule such as the
+                     routing rule of BUILD_NOTES reads.
   interference       the mean KL(p_none || p_cart) per answer token of held-out
                      conversations, between the model reading one unrelated cartridge and the
                      model with none (nats; 0 = the cartridge is quiet off its document).
@@ -146,6 +149,54 @@ def format_retrieval(rows: dict[tuple[str, str, str, int], dict]) -> str:
         lines.append(f"| {src} | {geo} | {r} | {k} | {acc.mean():.3f} [{lo:.3f}, {hi:.3f}] "
                      f"| {'-' if recall is None else f'{recall:.3f}'} "
                      f"| {cas_study.attended_positions(obj):.0f} |")
+    return "\n".join(lines)
+
+
+def versus_rows(results: dict[tuple[str, str, int], dict],
+                retrieval: dict[tuple[str, str, str, int], dict], base: str, other: str,
+                mean_ks: Sequence[int]) -> list[dict]:
+    """`other` geometry's reading minus `base`'s on the same questions, per source: each
+    composed k, the mean over `mean_ks` composed k (each question's correctness averaged over
+    them first, so the interval is paired), then each retrieval (retriever, k). Rows: {source,
+    row, diff: (mean, lo, hi)} with a 95% paired bootstrap interval; rows missing on either
+    side are left out."""
+    rows = []
+    for src in sorted({s for s, _, _ in results}):
+        pairs = {k: (results[(src, base, k)], results[(src, other, k)])
+                 for (s, g, k) in results if s == src and g == base and k > 0
+                 and (src, other, k) in results}
+        for k in sorted(pairs):
+            rows.append({"source": src, "row": f"composed k={k}",
+                         "diff": study.paired_diff_ci(*(_aligned(*pairs[k])))})
+        ks = [k for k in mean_ks if k in pairs]
+        if ks:
+            a = np.mean([_aligned(*pairs[k])[0] for k in ks], axis=0)
+            b = np.mean([_aligned(*pairs[k])[1] for k in ks], axis=0)
+            rows.append({"source": src, "row": "composed mean k=" + ",".join(map(str, ks)),
+                         "diff": study.paired_diff_ci(a, b)})
+        for (s, g, r, k), obj in sorted(retrieval.items()):
+            if s == src and g == base and (src, other, r, k) in retrieval:
+                rows.append({"source": src, "row": f"retrieval {r} k={k}", "diff":
+                             study.paired_diff_ci(*_aligned(obj, retrieval[(src, other, r, k)]))})
+    return rows
+
+
+def _aligned(a: dict, b: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Per-question correctness of two eval objects, refusing records of other questions."""
+    keys = [[(r["doc_id"], r["question"]) for r in o["records"] if r["kind"] == "mc"]
+            for o in (a, b)]
+    if keys[0] != keys[1]:
+        names = [o["summary"].get("method", "?") for o in (a, b)]
+        raise ValueError(f"{names[0]} and {names[1]} are not scored on the same questions in "
+                         "the same order")
+    return study.mc_accuracy(a), study.mc_accuracy(b)
+
+
+def format_versus(rows: Sequence[dict], base: str, other: str) -> str:
+    lines = [f"| source | row | {other} minus {base} [95% CI] |", "|---|---|---|"]
+    for r in rows:
+        d = r["diff"]
+        lines.append(f"| {r['source']} | {r['row']} | {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}] |")
     return "\n".join(lines)
 
 
