@@ -23,11 +23,16 @@ import time
 
 from absl import app, flags
 
-flags.DEFINE_list("rows", ["16", "32", "64"], "Rows per decode step (R).")
-flags.DEFINE_list("prefix_tokens", ["0", "256"], "Cartridge tokens per row (P; 0 = no prefix).")
-flags.DEFINE_integer("slots", 128, "KV ring slots per row (S).")
-flags.DEFINE_integer("steps", 10, "Timed steps per cell (after one untimed).")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The launcher's flags, defined when it runs (the module is imported by tests without
+    them: absl refuses a flag name defined twice in one process)."""
+    flags.DEFINE_list("rows", ["16", "32", "64"], "Rows per decode step (R).")
+    flags.DEFINE_list("prefix_tokens", ["0", "256"], "Cartridge tokens per row (P; 0 = no prefix).")
+    flags.DEFINE_integer("slots", 128, "KV ring slots per row (S).")
+    flags.DEFINE_integer("steps", 10, "Timed steps per cell (after one untimed).")
 
 
 def _step_kernel(model, rows: int, slots: int, prefix_tokens: int):
@@ -173,4 +178,5 @@ def main(_):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

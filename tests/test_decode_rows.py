@@ -27,3 +27,9 @@ def test_the_step_timing_runs_the_engines_kernel(tiny):
         seconds = decode_rows.time_step(tiny, rows=2, slots=8, prefix_tokens=prefix_tokens,
                                         steps=2)
         assert 0 < seconds < 60
+
+
+def test_importing_it_defines_no_flags():
+    from absl import flags
+    assert "steps" not in flags.FLAGS or flags.FLAGS["steps"].help != "Timed steps per cell " \
+        "(after one untimed)."
