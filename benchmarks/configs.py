@@ -60,6 +60,19 @@ SETS = {
         variants={"dev26": ("--epochs=6",)},
         common=("--split=dev", "--profiles=26"),
         out="runs/{name}"),
+    "sections_dev": VariantSet(
+        doc="Issue 25 item 2: the single-cartridge study on two more section types, on DEV "
+            "profiles first: 21 profiles of People and Society sections (310 questions, "
+            "~1,800 tokens, P=64 ~28x) and 28 of Government sections (300 questions on 27 "
+            "sections, ~2,060 tokens, ~32x), at the dev26 recipe. Counts: BUILD_NOTES, "
+            "\"Section types\".",
+        runner=QUALITY,
+        variants={
+            "people": ("--sections=people_and_society", "--profiles=21"),
+            "government": ("--sections=government", "--profiles=28"),
+        },
+        common=("--split=dev", "--epochs=6"),
+        out="runs/sections_dev_{name}"),
     "recipe_dev26": VariantSet(
         doc="Issue 25 item 1: the single cartridge's recipe, one change at a time against "
             "dev26 (its self-study data, held-out set and baselines are reused where the "
