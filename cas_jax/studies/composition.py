@@ -162,16 +162,16 @@ def versus_rows(results: dict[tuple[str, str, int], dict],
     side are left out."""
     rows = []
     for src in sorted({s for s, _, _ in results}):
-        pairs = {k: (results[(src, base, k)], results[(src, other, k)])
+        pairs = {k: _aligned(results[(src, base, k)], results[(src, other, k)])
                  for (s, g, k) in results if s == src and g == base and k > 0
                  and (src, other, k) in results}
         for k in sorted(pairs):
             rows.append({"source": src, "row": f"composed k={k}",
-                         "diff": study.paired_diff_ci(*(_aligned(*pairs[k])))})
+                         "diff": study.paired_diff_ci(*pairs[k])})
         ks = [k for k in mean_ks if k in pairs]
         if ks:
-            a = np.mean([_aligned(*pairs[k])[0] for k in ks], axis=0)
-            b = np.mean([_aligned(*pairs[k])[1] for k in ks], axis=0)
+            a = np.mean([pairs[k][0] for k in ks], axis=0)
+            b = np.mean([pairs[k][1] for k in ks], axis=0)
             rows.append({"source": src, "row": "composed mean k=" + ",".join(map(str, ks)),
                          "diff": study.paired_diff_ci(a, b)})
         for (s, g, r, k), obj in sorted(retrieval.items()):
