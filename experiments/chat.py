@@ -6,9 +6,9 @@
 The cartridges (directories written by `store.save_cartridge`, e.g. by
 `experiments.train_cartridge`) are composed in the order given (`attention.compose`: one sink,
 queries where --geometry puts them; by default the geometry the cartridges were trained
-under; a routing geometry, `...,relevance=R`, also needs --documents to score each
-cartridge's document against the prompt). A cartridge made for another model (fingerprint)
-or with another layout is refused with an error naming it.
+under; a routing geometry, `...,relevance=R`, scores each cartridge's document against the
+prompt: --documents, or the texts recorded by the store the cartridges are in). A cartridge
+made for another model (fingerprint) or with another layout is refused with an error naming it.
 """
 
 import sys
@@ -31,26 +31,35 @@ flags.DEFINE_string("geometry", "", "Composition geometry (attention.Geometry sp
                     "'parallel'); empty = the one the cartridges were trained under.")
 flags.DEFINE_string("documents", "", "The collection the cartridges stand for ('factbook', "
                     "'factbook_sections' or a folder): a routing geometry (relevance > 0) "
-                    "biases each cartridge by its document's relevance to the prompt.")
+                    "biases each cartridge by its document's relevance to the prompt. Empty = "
+                    "the texts recorded by the store holding the first cartridge.")
 flags.DEFINE_enum("router", "bm25", ["bm25", "dense"], "Retriever of a routing geometry.")
 flags.mark_flag_as_required("prompt")
 
 
 def _routing(cartridges, geometry) -> list[float] | None:
     """A routing geometry's biases: each cartridge's document (its meta's doc_id) scored
-    against the prompt by --router over --documents, as evaluation and the server route."""
+    against the prompt by --router over --documents (or the store's texts), as evaluation
+    and the server route."""
     if geometry.relevance <= 0:
         return None
-    if not FLAGS.documents:
-        raise ValueError(f"geometry {geometry} routes by relevance: give --documents, the "
-                         f"collection the cartridges stand for")
-    docs = corpus.load_collection(FLAGS.documents)
-    router = retrieval.Router(retrieval.make_retriever(FLAGS.router, docs.texts), docs.ids)
+    if len(cartridges) < 2:
+        return [0.0] * len(cartridges)  # nothing to route (retrieval.Router.biases)
+    if FLAGS.documents:
+        texts, source = dict(corpus.load_collection(FLAGS.documents).texts), "--documents"
+    else:  # the texts recorded by the store that holds the first cartridge
+        first = FLAGS.cartridges[0]
+        texts, source = store.documents_of(first), f"the store of {first}"
+        if not texts:
+            raise ValueError(f"geometry {geometry} routes by relevance, and {source} records "
+                             f"no documents: give --documents, the collection the cartridges "
+                             f"stand for")
+    router = retrieval.Router(retrieval.make_retriever(FLAGS.router, texts), list(texts))
     ids = [c.meta.doc_id for c in cartridges]
     try:
         return router.biases(FLAGS.prompt, ids, geometry.relevance)
     except KeyError as e:
-        raise ValueError(f"--documents={FLAGS.documents}: {e.args[0]}") from None
+        raise ValueError(f"{source}: {e.args[0]}") from None
 
 
 def main(argv):

@@ -3,7 +3,7 @@
 
   python -m experiments.serve --store=runs/cas [--model=...] [--host=127.0.0.1] [--port=8000] \
       [--engine=continuous|static] [--geometry=parallel] [--budget_bytes=...] [--max_batch=16] \
-      [--documents=factbook_sections]  # routing geometries: ...,relevance=2
+      [--documents=factbook_sections]  # what routing scores; default the store's own texts
 
 Then, e.g. with the openai client:
   client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
@@ -36,11 +36,13 @@ flags.DEFINE_string("geometry", "",
                     "How a request's cartridges are composed (attention.Geometry.parse): "
                     "serial or parallel, optionally ',temperature=X,scale=Y,count_power=Z,"
                     "relevance=R'. Default: the one the store's cartridges were trained under. "
-                    "A routing geometry (relevance > 0) needs --documents.")
+                    "A routing geometry (relevance > 0) scores documents: --documents, or the "
+                    "store's own.")
 flags.DEFINE_string("documents", "", "The collection the cartridges stand for ('factbook', "
                     "'factbook_sections' or a folder; corpus.load_collection): a routing "
                     "geometry biases a request's cartridges by their documents' relevance to "
-                    "its last user message. Empty = none (a routing geometry is refused).")
+                    "its last user message. Empty = the texts the store records (every "
+                    "trained or initialised cartridge's document).")
 flags.DEFINE_enum("router", "bm25", ["bm25", "dense"], "Retriever that scores the documents for "
                   "a routing geometry.")
 flags.DEFINE_integer("budget_bytes", 1 << 30, "Device bytes of resident cartridges.")

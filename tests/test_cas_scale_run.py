@@ -95,7 +95,9 @@ def test_dry_run_on_five_documents_trains_by_the_recipe_and_reads_by_the_geometr
     assert {store.load_cartridge(d).meta.geometry for d in store.list()} == {str(CHOSEN)}
     composed = json.loads((out / "n5" / "eval" / "cas_composed_k3.json").read_text())
     assert composed["stamp"]["read_geometry"] == str(CHOSEN)
-    assert "read parallel,count_power=0.5" in (out / "n5" / "report.md").read_text()
+    assert f"read {CHOSEN}" in (out / "n5" / "report.md").read_text()
+    texts = store.documents()  # what a server or chat over this store routes by
+    assert len(texts) == 5 and all(texts.values())
     assert "| training |" in (out / "report.md").read_text()
 
     def retrain(*a, **k):

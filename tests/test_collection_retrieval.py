@@ -62,6 +62,7 @@ def test_initial_cartridge_is_what_initialise_store_saves(tmp_path, model):
                                              geometry="parallel")
     assert_bitwise_equal(made, store.load_cartridge("ta"))
     assert made.meta == store.load_cartridge("ta").meta and made.meta.geometry == "parallel"
+    assert store.documents() == {"ta": DOCS["ta"].text}  # what a routing reader scores
 
 
 def test_trained_where_the_store_has_one_else_initial(tmp_path, model):

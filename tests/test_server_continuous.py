@@ -299,8 +299,17 @@ def test_the_server_composes_by_the_geometry_its_cartridges_were_trained_under(t
         serial.catalogue.check_request(4, ["x", "y"], 4)
     finally:
         serial.close()
-    with pytest.raises(ValueError, match="routes by relevance.*--documents"):
-        _engine(tiny, s, geometry=attention.Geometry.parse("parallel,relevance=2"))
+    routed = attention.Geometry.parse("parallel,relevance=2")
+    with pytest.raises(ValueError, match="routes by relevance.*records none.*--documents"):
+        _engine(tiny, s, geometry=routed)
+    s.save_document("x", ROUTED_DOCS["a"])  # what training records (initialise_store)
+    s.save_document("y", ROUTED_DOCS["b"])
+    engine = _engine(tiny, s, geometry=routed)  # no --documents: the store's own texts
+    try:
+        assert engine.catalogue.biases("What is the capital of Zorbania?", ["y", "x"]) == (
+            -2.0, 0.0)
+    finally:
+        engine.close()
     s.save("z", _cartridge(tiny, "z", 8))  # trained under the default, serial
     with pytest.raises(ValueError, match=r"different composition geometries.*'z'"):
         _engine(tiny, s)

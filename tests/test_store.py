@@ -311,3 +311,25 @@ def test_adopt_refuses_another_models_cartridge(store, tmp_path):
     with pytest.raises(CartridgeMismatchError, match="cartridge 'd'.*model-b"):
         store.adopt("d", foreign)
     assert not store.exists("d")
+
+
+def test_documents_are_recorded_beside_their_cartridges(store):
+    """A store keeps the text each cartridge stands for (what a routing reader scores), by
+    id as cartridges are quoted; a cartridge directory finds its store's texts."""
+    assert store.documents() == {} and store_lib.documents_of(store.cartridge_dir("a")) == {}
+    store.save(".hidden/x", make_cartridge(".hidden/x", 0))
+    store.save_document(".hidden/x", "Zorbania's capital is Quillton. Ünïcode kept.")
+    store.save_document("b", "first")
+    store.save_document("b", "second")  # replaced, atomically
+    want = {".hidden/x": "Zorbania's capital is Quillton. Ünïcode kept.", "b": "second"}
+    assert store.documents() == want
+    assert store_lib.documents_of(store.cartridge_dir(".hidden/x")) == want
+    assert not [n for n in os.listdir(os.path.join(store.root, "documents"))
+                if n.endswith(".tmp")]
+    assert store.list() == [".hidden/x"]  # documents are not cartridges
+    with pytest.raises(TypeError, match="document 'c'"):
+        store.save_document("c", b"bytes")
+    with open(store.document_path("bad"), "wb") as f:
+        f.write(b"\xff\xfe not text")
+    with pytest.raises(store_lib.CartridgeStoreError, match=r"documents/bad\.txt.*not UTF-8"):
+        store.documents()

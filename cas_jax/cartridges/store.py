@@ -3,6 +3,8 @@
 A store (`CartridgeStore(root)`):
   <root>/STORE.json                  {"format": "cas_jax.store/1"}
   <root>/cartridges/<quoted id>/     the cartridge directory of `id`
+  <root>/documents/<quoted id>.txt   the text of the document `id` stands for (optional: what
+                                     a routing geometry scores a question against)
 where <quoted id> is `urllib.parse.quote(doc_id, safe="")` with a leading "." written "%2E".
 Reading or writing one cartridge touches only its directory. One process writes a store; within
 it, calls are thread-safe (one lock per cartridge id). A reader in another process keeps reading
@@ -30,13 +32,27 @@ from cas_jax.cartridges.files import (CURRENT, CartridgeNotFoundError, Cartridge
                                       save_cartridge, write_version)
 
 # The store is the persistence API: it also hands out the one-directory functions and errors.
-__all__ = ["CURRENT", "STORE_FORMAT", "BackingStore", "CartridgeNotFoundError",
+__all__ = ["CURRENT", "DOCUMENTS", "STORE_FORMAT", "BackingStore", "CartridgeNotFoundError",
            "CartridgeStore", "CartridgeStoreError", "CorruptCartridgeError",
            "OptStateMismatchError", "OptTemplate", "VerifyReport", "cached_opt_template",
-           "load_cartridge", "load_for_model", "save_cartridge"]
+           "documents_of", "load_cartridge", "load_for_model", "save_cartridge"]
 
 STORE_FORMAT = "cas_jax.store/1"
+DOCUMENTS = "documents"
 _MAX_DIR_NAME = 200
+
+
+def _quoted(doc_id: str) -> str:
+    """`doc_id` as a file name (module doc); ValueError for an id no file name can hold."""
+    if not isinstance(doc_id, str) or not doc_id:
+        raise ValueError(f"cartridge id must be a non-empty string, got {doc_id!r}")
+    name = urllib.parse.quote(doc_id, safe="")
+    if name.startswith("."):
+        name = "%2E" + name[1:]
+    if len(name) > _MAX_DIR_NAME:
+        raise ValueError(f"cartridge id {doc_id!r} is too long: quoted it has {len(name)} "
+                         f"characters, at most {_MAX_DIR_NAME} fit a directory name")
+    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,15 +119,40 @@ class CartridgeStore:
 
     def cartridge_dir(self, doc_id: str) -> str:
         """The cartridge directory of `doc_id` (also loadable with `load_cartridge`)."""
-        if not isinstance(doc_id, str) or not doc_id:
-            raise ValueError(f"cartridge id must be a non-empty string, got {doc_id!r}")
-        name = urllib.parse.quote(doc_id, safe="")
-        if name.startswith("."):
-            name = "%2E" + name[1:]
-        if len(name) > _MAX_DIR_NAME:
-            raise ValueError(f"cartridge id {doc_id!r} is too long: quoted it has {len(name)} "
-                             f"characters, at most {_MAX_DIR_NAME} fit a directory name")
-        return os.path.join(self._cartridges_dir, name)
+        return os.path.join(self._cartridges_dir, _quoted(doc_id))
+
+    def document_path(self, doc_id: str) -> str:
+        """Where `save_document` records the text of the document `doc_id` stands for."""
+        return os.path.join(self.root, DOCUMENTS, _quoted(doc_id) + ".txt")
+
+    def save_document(self, doc_id: str, text: str) -> None:
+        """Records (atomically) the text of the document `doc_id` stands for: a reader of
+        this store under a routing geometry scores a question against it."""
+        if not isinstance(text, str):
+            raise TypeError(f"document {doc_id!r}: text must be a string, got {type(text)}")
+        path = self.document_path(doc_id)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+
+    def documents(self) -> dict[str, str]:
+        """id -> text of every document recorded by `save_document`, sorted by id (empty for
+        a store that records none). CartridgeStoreError names a file that is not UTF-8."""
+        folder = os.path.join(self.root, DOCUMENTS)
+        if not os.path.isdir(folder):
+            return {}
+        texts = {}
+        for name in sorted(os.listdir(folder)):
+            if not name.endswith(".txt") or name.startswith("."):
+                continue
+            try:
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    texts[urllib.parse.unquote(name[:-4])] = f.read()
+            except UnicodeDecodeError as e:
+                raise CartridgeStoreError(f"{DOCUMENTS}/{name} of store {self.root}: not UTF-8 "
+                                          f"text ({e})") from None
+        return dict(sorted(texts.items()))
 
     def exists(self, doc_id: str) -> bool:
         return os.path.exists(os.path.join(self.cartridge_dir(doc_id), CURRENT))
@@ -221,6 +262,15 @@ class CartridgeStore:
             except (CartridgeStoreError, CartridgeMismatchError) as e:
                 errors[i] = str(e)
         return VerifyReport(ok=tuple(ok), errors=errors)
+
+
+def documents_of(cartridge_dir: str) -> dict[str, str]:
+    """The documents recorded by the store that holds the cartridge directory `cartridge_dir`
+    (`<root>/cartridges/<id>`); empty when it is not in a store."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cartridge_dir)))
+    if not os.path.exists(os.path.join(root, "STORE.json")):
+        return {}
+    return CartridgeStore(root).documents()
 
 
 def load_for_model(path: str, model) -> Cartridge:

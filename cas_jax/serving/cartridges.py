@@ -76,13 +76,14 @@ class Catalogue:
         self.geometry: attention.Geometry = self.config.geometry
         self.router: retrieval.Router | None = None
         if self.geometry.relevance > 0:
-            if not config.documents:
+            documents = config.documents or store.documents()
+            if not documents:
                 raise ValueError(f"geometry {self.geometry} routes by relevance, which scores "
-                                 f"a request's cartridges by their documents' texts: serve "
-                                 f"with --documents (the collection the cartridges stand for), "
-                                 f"or --geometry without relevance")
+                                 f"a request's cartridges by their documents' texts, and the "
+                                 f"store records none: serve with --documents (the collection "
+                                 f"the cartridges stand for), or --geometry without relevance")
             self.router = retrieval.Router(
-                retrieval.make_retriever(config.router, config.documents), config.documents)
+                retrieval.make_retriever(config.router, documents), documents)
 
     def biases(self, query: str, ids: list[str]) -> tuple[float, ...]:
         """The request's cartridge logit biases under a routing geometry (none otherwise):

@@ -59,6 +59,8 @@ class ServeConfig:
       (relevance > 0) needs them: a request's cartridges are biased by their documents'
       `router` scores for its last user message (`retrieval.Router`, as evaluation routes a
       question), so a routed request must name cartridges whose ids are documents here.
+      None = the texts the store records (`CartridgeStore.documents`: those of every
+      cartridge trained or initialised in it).
     router: "bm25" or "dense" (`retrieval.make_retriever`).
     max_cache_tokens (continuous): rows x KV slots per row of the pool; None = max(context
       window, max_batch * 1024). min_cache_tokens: the smallest KV slots per row.

@@ -10,6 +10,7 @@ the store restores their optimizer state into.
 from __future__ import annotations
 
 import dataclasses
+import os
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -106,11 +107,15 @@ def initialise_store(store: CartridgeStore, model: LoadedModel, texts: dict[str,
     compressed to its P most-attended positions; a block shorter than P falls back to
     first_tokens) or "sampled_chunks" (the K/V of the block's opening and chunks sampled
     through the rest of it, `sampled_chunk_tokens`). geometry: the composition geometry
-    training will use, kept in each cartridge's meta."""
+    training will use, kept in each cartridge's meta. Each document's text is recorded in
+    the store too (`CartridgeStore.save_document`, also for a cartridge made before), which
+    is what a reader routes by."""
     if init not in INITS:
         raise ValueError(f"init {init!r}: expected one of {INITS}")
     made = []
     for doc_id, text in texts.items():
+        if not os.path.exists(store.document_path(doc_id)):
+            store.save_document(doc_id, text)
         if store.exists(doc_id):
             continue
         c = initial_cartridge(model, doc_id, text, tokens_per_doc, num_frozen, init, geometry)
