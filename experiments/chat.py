@@ -57,7 +57,7 @@ def _routing(cartridges, geometry) -> list[float] | None:
     router = retrieval.Router(retrieval.make_retriever(FLAGS.router, texts), list(texts))
     ids = [c.meta.doc_id for c in cartridges]
     try:
-        return router.biases(FLAGS.prompt, ids, geometry.relevance)
+        return router.biases(FLAGS.prompt, ids, geometry.relevance, geometry.relevance_floor)
     except KeyError as e:
         raise ValueError(f"{source}: {e.args[0]}") from None
 

@@ -239,7 +239,7 @@ def test_relevance_routing_biases_each_cartridge_by_its_own_value(params):
     g = attention.Geometry.parse("parallel,count_power=0.5,relevance=2")
     assert g.relevance == 2.0 and attention.Geometry.parse(str(g)) == g
     assert str(g) == "parallel,count_power=0.5,relevance=2"
-    with pytest.raises(ValueError, match="relevance must be >= 0"):
+    with pytest.raises(ValueError, match="relevance and relevance_floor must be >= 0"):
         attention.Geometry("parallel", relevance=-1.0)
     _, bank = _bank(params, [7, 12, 5], max_tokens=12)
     selection = jnp.array([[2, 0, 1]])

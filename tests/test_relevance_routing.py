@@ -100,3 +100,34 @@ def test_a_router_keeps_only_its_last_queries():
     assert router.biases(QS[0].question, ["ta", "zo"], 2.0) == first == [-2.0, 0.0]
     router.biases("Vexland", ["ta", "zo"], 2.0)
     assert searches == [QS[0].question, "Vexland", "Plinth", "Vexland"]
+
+
+def test_a_relevance_floor_routes_close_scores_less():
+    """relevance_floor f: d = (best - score) / max(spread, f * |best|), so a set whose scores
+    are all near the best (an unsure retriever) is barely routed; f = 0 is the spread rule."""
+    from cas_jax.documents import retrieval
+    assert retrieval.relevance_biases([10.0, 9.0], 2.0) == [0.0, -2.0]
+    assert np.allclose(retrieval.relevance_biases([10.0, 9.0], 2.0, floor=1.0), [0.0, -0.2])
+    assert np.allclose(retrieval.relevance_biases([10.0, 1.0, 0.0], 2.0, floor=1.0),
+                       [0.0, -1.8, -2.0])  # spread already >= the best: the spread rule
+    assert retrieval.relevance_biases([3.0, 3.0], 2.0, floor=1.0) == [0.0, 0.0]
+    assert retrieval.relevance_biases([], 2.0) == []
+    g = attention.Geometry.parse("parallel,relevance=2,relevance_floor=1")
+    assert g.relevance_floor == 1.0 and attention.Geometry.parse(str(g)) == g
+    assert str(attention.Geometry.parse("parallel,relevance=2")) == "parallel,relevance=2"
+    with pytest.raises(ValueError, match="relevance_floor must be >= 0"):
+        attention.Geometry("parallel", relevance=2, relevance_floor=-1)
+
+
+def test_the_evaluator_routes_by_the_geometrys_floor(setup):
+    model, _ = setup
+    entries = [["ta", "zo", "pl"], ["zo", "ve"]]
+    spread = _evaluator(model, "parallel,relevance=3").relevance_biases([QS[0], QS[1]], entries)
+    ev = _evaluator(model, "parallel,relevance=3,relevance_floor=1")
+    floored = ev.relevance_biases([QS[0], QS[1]], entries)
+    router = ev.index.router("bm25")
+    for q, e, got in zip([QS[0], QS[1]], entries, floored):
+        s = router.scores(q.question)[[router.ids.index(i) for i in e]]
+        want = -3 * (s.max() - s) / max(s.max() - s.min(), abs(s.max()))
+        assert np.allclose(got, want)
+    assert all(f >= s for a, b in zip(floored, spread) for f, s in zip(a, b))

@@ -26,9 +26,11 @@ server alike, so a cartridge is always read the way it was trained):
     the prefix without "logit_scale"/"logit_bias" entries, so the forward is unchanged;
   * relevance routing (`relevance` = r > 0): each composed cartridge's logits also get
     -r * d, where d in [0, 1] is how far its document's retrieval score for the question
-    falls below the best of the row's set ((best - score) / (best - worst)). The reader
-    computes d from the documents' texts and passes it as `compose(cartridge_bias=)`; a
-    reader without the texts (the server, chat) cannot read such a geometry.
+    falls below the best of the row's set: (best - score) / max(best - worst,
+    relevance_floor * |best|). With relevance_floor 0 the worst of a set always gets -r;
+    with 1 a set of near-equal scores (an uncertain retriever) is barely routed. The reader
+    computes d from the documents' texts (`retrieval.Router`: its own, or the ones the store
+    records) and passes it as `compose(cartridge_bias=)`.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ from cas_jax.cartridges.cartridge import Cartridge
 from cas_jax.model.decoder import num_prefix_tokens  # noqa: F401
 
 LAYOUTS = ("serial", "parallel")
-_LOGIT_FIELDS = ("temperature", "scale", "count_power", "relevance")  # a spec's key=value names
+_LOGIT_FIELDS = ("temperature", "scale", "count_power", "relevance", "relevance_floor")
+"""A spec's key=value names."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +61,8 @@ class Geometry:
     further multiplied by n_active ** -count_power (1 = a composed set weighs what one
     cartridge weighs when each draws equal mass). relevance: a cartridge's weights are
     multiplied by exp(-relevance * d), d its document's normalised retrieval distance from
-    the best of the set (module doc; 0 = off).
+    the best of the set (module doc; 0 = off). relevance_floor: d's denominator is at least
+    this share of the best score (module doc; 0 = the set's spread alone).
     """
 
     layout: str = "serial"
@@ -66,6 +70,7 @@ class Geometry:
     scale: float = 1.0
     count_power: float = 0.0
     relevance: float = 0.0
+    relevance_floor: float = 0.0
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -73,8 +78,9 @@ class Geometry:
         if not self.temperature > 0 or not self.scale > 0:
             raise ValueError(f"geometry temperature and scale must be > 0, got "
                              f"{self.temperature} and {self.scale}")
-        if not self.relevance >= 0:
-            raise ValueError(f"geometry relevance must be >= 0, got {self.relevance}")
+        if not self.relevance >= 0 or not self.relevance_floor >= 0:
+            raise ValueError(f"geometry relevance and relevance_floor must be >= 0, got "
+                             f"{self.relevance} and {self.relevance_floor}")
 
     @property
     def reshapes_logits(self) -> bool:

@@ -153,13 +153,18 @@ def make_retriever(kind: str, texts: Mapping[str, str],
     raise ValueError(f"unknown retriever kind {kind!r}; expected one of {RETRIEVER_KINDS}")
 
 
-def relevance_biases(scores: Sequence[float], relevance: float) -> list[float]:
-    """Relevance routing's logit biases (`attention.Geometry.relevance` r) of a composed set
-    from its documents' retrieval scores: -r * (best - score) / (best - worst), so 0 for the
-    best, -r for the worst, and 0 for all when they tie."""
+def relevance_biases(scores: Sequence[float], relevance: float, floor: float = 0.0
+                     ) -> list[float]:
+    """Relevance routing's logit biases (`attention.Geometry.relevance` r, `relevance_floor`
+    f) of a composed set from its documents' retrieval scores: -r * (best - score) /
+    max(best - worst, f * |best|), so 0 for the best and 0 for all when they tie; with f = 0
+    the worst gets -r, with f > 0 less when the scores are close to the best's."""
     s = np.asarray(scores, np.float64)
-    spread = s.max() - s.min() if len(s) else 0.0
-    return [0.0] * len(s) if spread <= 0 else (-relevance * (s.max() - s) / spread).tolist()
+    if not len(s):
+        return []
+    best = s.max()
+    spread = max(best - s.min(), floor * abs(best))
+    return [0.0] * len(s) if spread <= 0 else (-relevance * (best - s) / spread).tolist()
 
 
 class Router:
@@ -187,7 +192,8 @@ class Router:
                 self._scores.popitem(last=False)
         return self._scores[query]
 
-    def biases(self, query: str, ids: Sequence[str], relevance: float) -> list[float]:
+    def biases(self, query: str, ids: Sequence[str], relevance: float, floor: float = 0.0
+               ) -> list[float]:
         """`relevance_biases` of the texts `ids` for `query`; KeyError names ids not indexed."""
         unknown = [i for i in ids if i not in self._at]
         if unknown:
@@ -195,7 +201,8 @@ class Router:
                            f"{len(self.ids)} documents")
         if len(ids) < 2:
             return [0.0] * len(ids)  # nothing to route, no search
-        return relevance_biases(self.scores(query)[[self._at[i] for i in ids]], relevance)
+        return relevance_biases(self.scores(query)[[self._at[i] for i in ids]], relevance,
+                                floor)
 
 
 def _check_texts(texts: Mapping[str, str]) -> list[str]:

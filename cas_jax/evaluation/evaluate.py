@@ -350,8 +350,9 @@ class Evaluator:
                          ) -> list[list[float]]:
         """Per question, its composed documents' logit biases under the geometry's relevance
         (`lookup.CollectionIndex.relevance_biases`, scored by `EvalConfig.router`)."""
-        return self.index.relevance_biases(self.config.geometry.relevance, self.config.router,
-                                           questions, entries)
+        g = self.config.geometry
+        return self.index.relevance_biases(g.relevance, self.config.router, questions, entries,
+                                           g.relevance_floor)
 
     def _context_records(self, questions: Sequence[Question], contexts: list[_Context],
                          budget: int) -> list[dict[str, Any]]:

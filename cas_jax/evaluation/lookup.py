@@ -61,8 +61,9 @@ class CollectionIndex:
         return self._routers[kind]
 
     def relevance_biases(self, relevance: float, router: str, questions: Sequence[Question],
-                         entries: list[list[str]]) -> list[list[float]]:
-        """Per question, its composed documents' logit biases under relevance r
+                         entries: list[list[str]], floor: float = 0.0) -> list[list[float]]:
+        """Per question, its composed documents' logit biases under relevance r and floor f
         (`retrieval.relevance_biases` of the router's scores for the question text)."""
         route = self.router(router)
-        return [route.biases(q.question, e, relevance) for q, e in zip(questions, entries)]
+        return [route.biases(q.question, e, relevance, floor)
+                for q, e in zip(questions, entries)]

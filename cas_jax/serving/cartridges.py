@@ -92,7 +92,8 @@ class Catalogue:
         if self.router is None:
             return ()
         try:
-            return tuple(self.router.biases(query, ids, self.geometry.relevance))
+            return tuple(self.router.biases(query, ids, self.geometry.relevance,
+                                            self.geometry.relevance_floor))
         except KeyError as e:
             raise _refuse(400, f"cartridges are routed by their documents' relevance to the "
                           f"question, and {e.args[0]}", "cartridge_not_routable") from None

@@ -162,7 +162,7 @@ def versus_rows(results: dict[tuple[str, str, int], dict],
     side are left out."""
     rows = []
     for src in sorted({s for s, _, _ in results}):
-        pairs = {k: _aligned(results[(src, base, k)], results[(src, other, k)])
+        pairs = {k: aligned_accuracy(results[(src, base, k)], results[(src, other, k)])
                  for (s, g, k) in results if s == src and g == base and k > 0
                  and (src, other, k) in results}
         for k in sorted(pairs):
@@ -176,13 +176,15 @@ def versus_rows(results: dict[tuple[str, str, int], dict],
                          "diff": study.paired_diff_ci(a, b)})
         for (s, g, r, k), obj in sorted(retrieval.items()):
             if s == src and g == base and (src, other, r, k) in retrieval:
-                rows.append({"source": src, "row": f"retrieval {r} k={k}", "diff":
-                             study.paired_diff_ci(*_aligned(obj, retrieval[(src, other, r, k)]))})
+                pair = aligned_accuracy(obj, retrieval[(src, other, r, k)])
+                rows.append({"source": src, "row": f"retrieval {r} k={k}",
+                             "diff": study.paired_diff_ci(*pair)})
     return rows
 
 
-def _aligned(a: dict, b: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Per-question correctness of two eval objects, refusing records of other questions."""
+def aligned_accuracy(a: dict, b: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Per-question correctness of two eval objects (`eval/<method>.json`), refusing records
+    of other questions or in another order (ValueError naming both methods)."""
     keys = [[(r["doc_id"], r["question"]) for r in o["records"] if r["kind"] == "mc"]
             for o in (a, b)]
     if keys[0] != keys[1]:
