@@ -51,7 +51,8 @@ flags.DEFINE_string("geometry", str(attention.DEFAULT_GEOMETRY),
                     "Composition geometry of the training rows (attention.Geometry spec).")
 flags.DEFINE_string("read_geometry", "", "Composition geometry kept in every cartridge, the "
                     "one evaluation, chat and the server compose it by; empty = --geometry "
-                    "(issue 24's dev choice: serial training, read parallel,count_power=0.5).")
+                    "(issue 24's choice: serial training, read "
+                    "parallel,count_power=0.5,relevance=4,relevance_floor=1).")
 flags.DEFINE_integer("ramp_steps", 100, "Steps for the 'ramp' schedule to reach k_max.")
 flags.DEFINE_enum("grad_scope", "target", GRAD_SCOPES, "Which active cartridges get updates.")
 flags.DEFINE_integer("budget_bytes", 1 << 30, "Device bytes for resident cartridges + Adam.")

@@ -20,7 +20,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 REC = os.path.join(ROOT, "benchmarks", "results", "quality")
 TEST_CAS_ROW = os.path.join(ROOT, "benchmarks", "results", "compose_test", "serial", "eval",
                             "cas_composed_k15.json")
-CHOSEN = Geometry("parallel", count_power=0.5)
+CHOSEN = Geometry("parallel", count_power=0.5, relevance=4, relevance_floor=1)
 
 
 def _flags(*argv):

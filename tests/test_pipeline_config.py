@@ -40,7 +40,7 @@ def _old_stage_configs(flat: dict, tokens_per_doc: int, distractors: int):
             p_iso=c.p_iso, quiet=c.quiet if distractors else 0.0),
         grad_scope=c.grad_scope, budget_bytes=c.budget_bytes,
         checkpoint_every=max(c.steps // 4, 1), seed=c.seed,
-        read_geometry=Geometry("parallel", count_power=0.5))  # issue 24's dev choice, added later
+        read_geometry=pipeline.READ_GEOMETRY)  # issue 24's, added later
     tr = train.TrainConfig(lr=c.lr, total_steps=c.steps, geometry=c.geometry)
     return c, syn, col, tr
 

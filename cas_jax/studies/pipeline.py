@@ -32,9 +32,13 @@ SPANS_ONLY = tuple(float(f == synthesis.SPANS) for f in synthesis.FAMILIES)
 SYNTHESIS = synthesis.SynthesisConfig(chunk_min=1024, chunk_max=1024, max_user_tokens=48,
                                       max_answer_tokens=96, family_weights=SPANS_ONLY,
                                       no_repeat_ngram_size=4)
+READ_GEOMETRY = Geometry("parallel", count_power=0.5, relevance=4, relevance_floor=1)
+"""Issue 24's choice (BUILD_NOTES "Composition"): queries after the longest cartridge, the
+prefix weighed by n ** -0.5, and relevance routing whose distances are floored by the best
+score (so an unsure retriever's set is barely routed)."""
 COLLECTION = CollectionConfig(tokens_per_doc=64, batch_size=4, seq_len=320, steps=48,
                               distractors=DistractorSchedule(k_max=2),
-                              read_geometry=Geometry("parallel", count_power=0.5))
+                              read_geometry=READ_GEOMETRY)
 TRAIN = train.TrainConfig(lr=2e-2)
 """The sections of the default PipelineConfig."""
 

@@ -72,8 +72,9 @@ class CollectionConfig:
     the budget manager's reader threads. read_geometry: the composition geometry recorded in
     each cartridge (`CartridgeMeta.geometry`), the one every reader composes it by (evaluation,
     chat, the server, exports); None = the geometry training composes its rows by
-    (`TrainConfig.geometry`). Issue 24's dev study chose cartridges trained under serial and
-    read under parallel,count_power=0.5."""
+    (`TrainConfig.geometry`). Issue 24 chose cartridges trained under serial and read under
+    parallel,count_power=0.5,relevance=4,relevance_floor=1 (`pipeline.READ_GEOMETRY`): routing
+    scores each cartridge's document, which the store records (`CartridgeStore.documents`)."""
 
     tokens_per_doc: int = 128
     init: str = "first_tokens"
