@@ -2,7 +2,9 @@
 composition of several cartridges into one file with one sink, and the two launchers end to end
 on a tiny model."""
 
+import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -397,3 +399,21 @@ def test_launchers_round_trip_a_composed_bf16_peft_adapter(tmp_path):
     assert r.returncode != 0
     assert "would drop the last 9 of these 9" in r.stderr and "whole pages of 16" in r.stderr
     assert not (tmp_path / "toka").exists()
+
+
+def test_exporting_cartridges_read_under_another_geometry_warns(tmp_path, caplog):
+    """One file holds the serial composition only: cartridges cas_jax reads otherwise (here
+    routed) are still written, with a warning naming their geometry; serial ones are not."""
+    routed = "parallel,count_power=0.5,relevance=4,relevance_floor=1"
+    parts = [make_cartridge(p=8, doc_id=d, seed=i) for i, d in enumerate("ab")]
+    parts = [c.replace(meta=dataclasses.replace(c.meta, geometry=routed)) for c in parts]
+    s = _store_with(tmp_path, parts)
+    with caplog.at_level(logging.WARNING):
+        interop.export_cartridge(str(tmp_path / "one.pt"), model_fingerprint=FP,
+                                 expected_shape=SHAPE, store=s.root, doc_ids=["a"])
+        assert not caplog.records  # one cartridge reads the same under every geometry
+        interop.export_cartridge(str(tmp_path / "two.pt"), model_fingerprint=FP,
+                                 expected_shape=SHAPE, store=s.root, doc_ids=["a", "b"])
+    assert [r.getMessage() for r in caplog.records] == [
+        f"cas_jax composes these cartridges under {routed}; one file holds the serial "
+        "composition only, which is how its consumer will read them"]

@@ -20,8 +20,9 @@ nearest even, as torch's .to(torch.bfloat16) does; the reference's cartridges ar
 Several cartridges in one file (`compose_one_sink`), for consumers that read one prefix: the
 cartridges in the order given, token 0 (the attention sink) of all but the first dropped, as
 `attention.compose` shows them. The consumer starts the queries after all those tokens: the
-`serial` composition geometry with plain attention logits; the `parallel` one, or reshaped
-prefix logits, cannot be written as one prefix.
+`serial` composition geometry with plain attention logits; the `parallel` one, reshaped
+prefix logits or relevance routing (biases that depend on each question) cannot be written as
+one prefix, and exporting several cartridges that cas_jax reads otherwise logs a warning.
 
 `store` arguments below are a CartridgeStore root (it holds STORE.json) or the --store folder of
 `experiments.train_collection` (whose store is its `cartridges/` folder).
@@ -29,6 +30,7 @@ prefix logits, cannot be written as one prefix.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 
@@ -38,6 +40,7 @@ import numpy as np
 import optax
 
 from cas_jax.cartridges import store as store_lib
+from cas_jax.cartridges.attention import Geometry
 from cas_jax.cartridges.cartridge import Cartridge, CartridgeMeta, check_compatible
 from cas_jax.interop.common import CartridgeFormatError
 from cas_jax.interop.peft_format import load_peft_cartridge, save_peft_cartridge
@@ -193,6 +196,11 @@ def export_cartridge(out: str, *, model_fingerprint: str, expected_shape: tuple[
     common = dict(model_fingerprint=model_fingerprint, expected_shape=expected_shape)
     sources = ([read_cas_cartridge(store=store, doc_id=d, **common) for d in doc_ids]
                or [read_cas_cartridge(cartridge_dir=d, **common) for d in cartridge_dirs])
+    read = {str(Geometry.parse(s.meta.geometry)) for s in sources}
+    if len(sources) > 1 and read != {"serial"}:
+        logging.warning("cas_jax composes these cartridges under %s; one file holds the serial "
+                        "composition only, which is how its consumer will read them",
+                        " / ".join(sorted(read)))
     c = compose_one_sink([cast(s, dtype) for s in sources])
     save(c, out, format, names=names, page_size=page_size)
     return c
