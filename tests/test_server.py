@@ -114,7 +114,9 @@ def _ask(client, question, ids, max_tokens=8, **kw):
 
 def test_get_endpoints(running):
     url, engine = running[0].url, running[1]
-    assert httpx.get(url + "/health").json()["status"] == "ok"
+    health = httpx.get(url + "/health").json()
+    assert health["status"] == "ok" and health["geometry"] == str(engine.catalogue.geometry)
+    assert health["routing"] is None  # an unrouted geometry
     models = httpx.get(url + "/v1/models").json()
     assert [m["id"] for m in models["data"]] == [MODEL_ID]
     rows = {r["id"]: r for r in httpx.get(url + "/v1/cartridges").json()["data"]}

@@ -306,6 +306,7 @@ def test_the_server_composes_by_the_geometry_its_cartridges_were_trained_under(t
     s.save_document("y", ROUTED_DOCS["b"])
     engine = _engine(tiny, s, geometry=routed)  # no --documents: the store's own texts
     try:
+        assert engine.catalogue.routing == {"router": "bm25", "documents": 2, "from": "store"}
         assert engine.catalogue.biases("What is the capital of Zorbania?", ["y", "x"]) == (
             -2.0, 0.0)
     finally:

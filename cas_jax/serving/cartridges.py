@@ -75,8 +75,11 @@ class Catalogue:
                                 "%s", str(config.geometry), other)
         self.geometry: attention.Geometry = self.config.geometry
         self.router: retrieval.Router | None = None
+        self.routing: dict | None = None  # how a routed request is scored (GET /health)
         if self.geometry.relevance > 0:
             documents = config.documents or store.documents()
+            self.routing = {"router": config.router, "documents": len(documents),
+                            "from": "config" if config.documents else "store"}
             if not documents:
                 raise ValueError(f"geometry {self.geometry} routes by relevance, which scores "
                                  f"a request's cartridges by their documents' texts, and the "

@@ -13,8 +13,9 @@ Endpoints:
       as the attention prefix under `ServeConfig.geometry`, and `escape_special_tokens`.
       usage: prompt_tokens, completion_tokens, total_tokens (prompt + completion) and
       cartridge_tokens (the visible prefix tokens, counted apart).
-  GET /v1/models, GET /v1/cartridges (id, tokens, bytes, resident), GET /health (the engine's
-      counters: steps, pool shape, compiles, paging).
+  GET /v1/models, GET /v1/cartridges (id, tokens, bytes, resident), GET /health (the
+      composition geometry, how routed requests are scored, and the engine's counters: steps,
+      pool shape, compiles, paging).
 
 A request's path: the body is refused with 413 past `max_body_bytes` before it is parsed (by
 Content-Length, or while it is read); the messages are rendered to prompt tokens on the
@@ -239,7 +240,9 @@ def make_app(model: LoadedModel, store: CartridgeStore, config: ServeConfig = Se
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "model": model_id, **engine.status()}
+        cat = engine.catalogue
+        return {"status": "ok", "model": model_id, "geometry": str(cat.geometry),
+                "routing": cat.routing, **engine.status()}
 
     @app.get("/v1/models")
     def models():
