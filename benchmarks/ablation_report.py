@@ -69,11 +69,9 @@ def main(argv):
         if run_dir == FLAGS.base:
             vs_acc = vs_nll = "(base)"
         else:
-            d, dlo, dhi = study.paired_diff_ci([base[1][i][0] for i in ids], acc)
-            vs_acc = f"{d:+.3f} [{dlo:+.3f}, {dhi:+.3f}]"
-            d, dlo, dhi = study.paired_diff_ci([base[1][i][1] for i in ids],
-                                               [scores[i][1] for i in ids])
-            vs_nll = f"{d:+.3f} [{dlo:+.3f}, {dhi:+.3f}]"
+            vs_acc = study.format_diff(study.paired_diff_ci([base[1][i][0] for i in ids], acc))
+            vs_nll = study.format_diff(study.paired_diff_ci([base[1][i][1] for i in ids],
+                                                            [scores[i][1] for i in ids]))
         lines.append(f"| {name} | {points} | {acc.mean():.3f} [{lo:.3f}, {hi:.3f}] | {vs_acc} "
                      f"| {vs_nll} |")
     table = "\n".join(lines)

@@ -16,9 +16,10 @@ self-study (24 conversations per document, P=64), CAS "all6" (serial training ro
 k <= 3 distractors, gradients to every cartridge of a row, 6 epochs: 36 steps of 4 rows per
 document), read under `--read_geometry` (default the pipeline's `CollectionConfig.
 read_geometry`, parallel,count_power=0.5,relevance=4,relevance_floor=1; kept in every
-cartridge's meta). Every recipe field is a flag under benchmarks.quality's name (`--cas_epochs`, `--cas_grad_scope`, `--tokens`,
-`--geometry`, `--train.schedule`, ...). Training runs through the budget manager with a device
-budget of `--budget_frac` of all cartridge bytes (raised to one step's bank of batch x (1 + k)).
+cartridge's meta). Every recipe field is a flag under benchmarks.quality's name
+(`--cas_epochs`, `--cas_grad_scope`, `--tokens`, `--geometry`, `--train.schedule`, ...).
+Training runs through the budget manager with a device budget of `--budget_frac` of all
+cartridge bytes (raised to one step's bank of batch x (1 + k)).
 
 Per n, in `<out>/n<n>/`, resumably: self-study, CAS training, then on the same questions: CAS
 oracle, CAS composed with k=3 others of the collection, retrieval + CAS and RAG over the whole

@@ -64,9 +64,9 @@ def main(argv):
             acc_a, acc_b = composition.aligned_accuracy(_load(FLAGS.a, ma), _load(FLAGS.b, mb))
         except ValueError as e:
             raise app.UsageError(f"{ma} vs {mb}: {e}") from None
-        mean, lo, hi = study.paired_diff_ci(acc_a, acc_b)
+        diff = study.format_diff(study.paired_diff_ci(acc_a, acc_b))
         lines.append(f"| {ma} | {mb} | {len(acc_a)} | {acc_a.mean():.3f} | {acc_b.mean():.3f} "
-                     f"| {mean:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
+                     f"| {diff} |")
     text = "\n".join(lines)
     print(text)
     if FLAGS.out:

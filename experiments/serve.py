@@ -35,9 +35,9 @@ flags.DEFINE_enum("engine", "continuous", list(serving_engine.ENGINES),
 flags.DEFINE_string("geometry", "",
                     "How a request's cartridges are composed (attention.Geometry.parse): "
                     "serial or parallel, optionally ',temperature=X,scale=Y,count_power=Z,"
-                    "relevance=R'. Default: the one the store's cartridges were trained under. "
-                    "A routing geometry (relevance > 0) scores documents: --documents, or the "
-                    "store's own.")
+                    "relevance=R,relevance_floor=F'. Default: the one the store's "
+                    "cartridges were trained under. A routing geometry (relevance > 0) scores "
+                    "documents: --documents, or the store's own.")
 flags.DEFINE_string("documents", "", "The collection the cartridges stand for ('factbook', "
                     "'factbook_sections' or a folder; corpus.load_collection): a routing "
                     "geometry biases a request's cartridges by their documents' relevance to "

@@ -143,7 +143,7 @@ class CartridgeStore:
         if not os.path.isdir(folder):
             return {}
         texts = {}
-        for name in sorted(os.listdir(folder)):
+        for name in os.listdir(folder):
             if not name.endswith(".txt") or name.startswith("."):
                 continue
             try:

@@ -216,16 +216,14 @@ def format_composition_rows(rows: Sequence[dict], k: int) -> str:
     def ci(m, lo_hi):
         return f"{m:.3f} [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]"
 
-    def diff(d):
-        return f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"
-
     lines = [f"| run | oracle accuracy | composed k={k} accuracy | gold NLL oracle / composed "
              "| composed - own oracle | composed - first row's composed |", "|" + "---|" * 6]
     for r in rows:
         lines.append(f"| {r['run']} | {ci(r['oracle'], r['oracle_ci'])} "
                      f"| {ci(r['composed'], r['composed_ci'])} "
                      f"| {r['oracle_nll']:.3f} / {r['composed_nll']:.3f} "
-                     f"| {diff(r['composed_minus_oracle'])} | {diff(r['composed_vs_first'])} |")
+                     f"| {study.format_diff(r['composed_minus_oracle'])} "
+                     f"| {study.format_diff(r['composed_vs_first'])} |")
     return "\n".join(lines)
 
 

@@ -130,7 +130,7 @@ def format_curve(rows: Sequence[dict]) -> str:
              "|---|---|---|---|---|---|"]
     for r in rows:
         d = r["minus_oracle"]
-        diff = "-" if d is None else f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"
+        diff = "-" if d is None else study.format_diff(d)
         lo, hi = r["accuracy_ci"]
         lines.append(f"| {r['source']} | {r['geometry']} | {r['k']} | {r['accuracy']:.3f} "
                      f"[{lo:.3f}, {hi:.3f}] | {r['gold_nll']:.3f} | {diff} |")
@@ -198,7 +198,7 @@ def format_versus(rows: Sequence[dict], base: str, other: str) -> str:
     lines = [f"| source | row | {other} minus {base} [95% CI] |", "|---|---|---|"]
     for r in rows:
         d = r["diff"]
-        lines.append(f"| {r['source']} | {r['row']} | {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}] |")
+        lines.append(f"| {r['source']} | {r['row']} | {study.format_diff(d)} |")
     return "\n".join(lines)
 
 

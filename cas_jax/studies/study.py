@@ -71,6 +71,12 @@ def paired_recovered_ci(method: np.ndarray, closed: np.ndarray, icl: np.ndarray,
     return float(np.percentile(r, 2.5)), float(np.percentile(r, 97.5))
 
 
+def format_diff(diff: Sequence[float]) -> str:
+    """A (mean, lo, hi) difference as reports print it: "+0.012 [-0.030, +0.052]"."""
+    mean, lo, hi = diff
+    return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
 def paired_diff_ci(a: Sequence[float], b: Sequence[float], samples: int = CI_SAMPLES,
                    seed: int = 0) -> tuple[float, float, float]:
     """(mean of b - a, 95% bootstrap interval) over questions resampled jointly: two methods
