@@ -5,6 +5,7 @@ chunks (cas_jax.serving.prefill)."""
 
 import concurrent.futures
 import dataclasses
+import os
 import threading
 import time
 
@@ -311,6 +312,11 @@ def test_the_server_composes_by_the_geometry_its_cartridges_were_trained_under(t
             -2.0, 0.0)
     finally:
         engine.close()
+    with open(s.document_path("w"), "wb") as f:
+        f.write(b"\xff not text")
+    with pytest.raises(ValueError, match=r"documents cannot be routed by.*w\.txt.*not UTF-8"):
+        _engine(tiny, s, geometry=routed)  # refused at start-up (the launcher's one-line error)
+    os.remove(s.document_path("w"))
     s.save("z", _cartridge(tiny, "z", 8))  # trained under the default, serial
     with pytest.raises(ValueError, match=r"different composition geometries.*'z'"):
         _engine(tiny, s)

@@ -77,7 +77,10 @@ class Catalogue:
         self.router: retrieval.Router | None = None
         self.routing: dict | None = None  # how a routed request is scored (GET /health)
         if self.geometry.relevance > 0:
-            documents = config.documents or store.documents()
+            try:
+                documents = config.documents or store.documents()
+            except store_lib.CartridgeStoreError as e:  # start-up refuses it, as a bad config
+                raise ValueError(f"the store's documents cannot be routed by: {e}") from None
             self.routing = {"router": config.router, "documents": len(documents),
                             "from": "config" if config.documents else "store"}
             if not documents:
