@@ -262,6 +262,30 @@ def test_relevance_routing_biases_each_cartridge_by_its_own_value(params):
     assert "logit_bias" not in attention.compose(bank, selection, selected, attention.PARALLEL)
 
 
+def test_an_effective_count_counts_the_set_by_its_routed_weights(params):
+    g = attention.Geometry.parse("parallel,count_power=0.5,relevance=4,effective_count=1")
+    assert g.effective_count == 1.0 and attention.Geometry.parse(str(g)) == g
+    assert str(g) == "parallel,count_power=0.5,relevance=4,effective_count=1"
+    with pytest.raises(ValueError, match="effective_count is 0 \\(off\\) or 1"):
+        attention.Geometry("parallel", effective_count=0.5)
+    _, bank = _bank(params, [7, 12, 5], max_tokens=12)
+    selection = jnp.array([[2, 0, 1], [1, 2, 0]])
+    selected = jnp.array([[True, True, True], [True, True, False]])
+    bias = jnp.array([[0.0, -1.0, -3.0], [0.0, 0.0, 0.0]])
+    got = np.asarray(attention.compose(bank, selection, selected, g, cartridge_bias=bias)
+                     ["logit_bias"]).reshape(2, 3, 12)
+    # Row 0: n = 1 + e^-1 + e^-3, not 3; row 1 (no routing) counts its 2 cartridges.
+    n = 1.0 + np.exp(-1.0) + np.exp(-3.0)
+    np.testing.assert_allclose(got[0, :, 0], -0.5 * np.log(n) + np.array([0.0, -1.0, -3.0]),
+                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got[1, :2, 0], -0.5 * np.log(2.0), rtol=0, atol=1e-6)
+    counted = attention.compose(bank, selection, selected,
+                                attention.Geometry("parallel", count_power=0.5, relevance=4),
+                                cartridge_bias=bias)
+    np.testing.assert_allclose(np.asarray(counted["logit_bias"]).reshape(2, 3, 12)[0, :, 0],
+                               -0.5 * np.log(3.0) + np.array([0.0, -1.0, -3.0]), atol=1e-5)
+
+
 def test_parallel_queries_start_after_the_longest_cartridge(params):
     _, bank = _bank(params, [7, 12, 5], max_tokens=12)
     selection = jnp.array([[2, 0, 1], [1, 0, 0], [0, 0, 0]])

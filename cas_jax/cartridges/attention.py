@@ -22,8 +22,11 @@ server alike, so a cartridge is always read the way it was trained):
                 from the queries it was trained at alone (APE's shared positions);
   * the prefix block's attention logits may be reshaped (APE-style, `temperature`, `scale`,
     `count_power`): logit / temperature + log(scale) - count_power * log(n_active), where
-    n_active is the number of composed cartridges of the row. The identity (1, 1, 0) leaves
-    the prefix without "logit_scale"/"logit_bias" entries, so the forward is unchanged;
+    n_active is the number of composed cartridges of the row (with `effective_count` = 1,
+    the routed set's total weight instead: sum over its cartridges of exp(routing bias), so a
+    set whose other cartridges are routed away weighs like the one left). The identity
+    (1, 1, 0) leaves the prefix without "logit_scale"/"logit_bias" entries, so the forward is
+    unchanged;
   * relevance routing (`relevance` = r > 0): each composed cartridge's logits also get
     -r * d, where d in [0, 1] is how far its document's retrieval score for the question
     falls below the best of the row's set: (best - score) / max(best - worst,
@@ -48,7 +51,8 @@ from cas_jax.cartridges.cartridge import Cartridge
 from cas_jax.model.decoder import num_prefix_tokens  # noqa: F401
 
 LAYOUTS = ("serial", "parallel")
-_LOGIT_FIELDS = ("temperature", "scale", "count_power", "relevance", "relevance_floor")
+_LOGIT_FIELDS = ("temperature", "scale", "count_power", "relevance", "relevance_floor",
+                 "effective_count")
 """A spec's key=value names."""
 
 
@@ -62,7 +66,9 @@ class Geometry:
     cartridge weighs when each draws equal mass). relevance: a cartridge's weights are
     multiplied by exp(-relevance * d), d its document's normalised retrieval distance from
     the best of the set (module doc; 0 = off). relevance_floor: d's denominator is at least
-    this share of the best score (module doc; 0 = the set's spread alone).
+    this share of the best score (module doc; 0 = the set's spread alone). effective_count:
+    1 = count_power counts the set by its routed weights, sum exp(-relevance * d), not by its
+    size (equal without routing; 0 = by its size).
     """
 
     layout: str = "serial"
@@ -71,6 +77,7 @@ class Geometry:
     count_power: float = 0.0
     relevance: float = 0.0
     relevance_floor: float = 0.0
+    effective_count: float = 0.0
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -81,6 +88,9 @@ class Geometry:
         if not self.relevance >= 0 or not self.relevance_floor >= 0:
             raise ValueError(f"geometry relevance and relevance_floor must be >= 0, got "
                              f"{self.relevance} and {self.relevance_floor}")
+        if self.effective_count not in (0.0, 1.0):
+            raise ValueError(f"geometry effective_count is 0 (off) or 1 (on), got "
+                             f"{self.effective_count}")
 
     @property
     def reshapes_logits(self) -> bool:
@@ -219,7 +229,12 @@ def compose(bank: CartridgeBank, selection: jax.Array, selected: jax.Array,
         start = jnp.max(lengths, axis=1)
     prefix = {"k": k, "v": v, "mask": mask.reshape(b, c * p), "start": start.astype(jnp.int32)}
     if geometry.reshapes_logits or cartridge_bias is not None:
-        n_active = jnp.maximum(jnp.sum(active, axis=1), 1).astype(jnp.float32)  # [B]
+        if geometry.effective_count and cartridge_bias is not None:
+            weights = jnp.exp(jnp.asarray(cartridge_bias, jnp.float32))
+            n_active = jnp.sum(jnp.where(active, weights, 0.0), axis=1)  # [B]
+            n_active = jnp.where(jnp.any(active, axis=1), n_active, 1.0)
+        else:
+            n_active = jnp.maximum(jnp.sum(active, axis=1), 1).astype(jnp.float32)  # [B]
         bias = math.log(geometry.scale) - geometry.count_power * jnp.log(n_active)
         bias = jnp.broadcast_to(bias[:, None, None], (b, c, p))
         if cartridge_bias is not None:
