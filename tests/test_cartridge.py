@@ -286,6 +286,36 @@ def test_an_effective_count_counts_the_set_by_its_routed_weights(params):
                                -0.5 * np.log(3.0) + np.array([0.0, -1.0, -3.0]), atol=1e-5)
 
 
+def test_a_routed_sink_is_the_best_routed_cartridges_and_unreshaped(params):
+    g = attention.Geometry.parse("parallel,temperature=0.5,count_power=0.5,relevance=4,"
+                                 "routed_sink=1")
+    assert attention.Geometry.parse(str(g)) == g and g.routed_sink == 1.0
+    _, bank = _bank(params, [7, 12, 5], max_tokens=12)
+    selection = jnp.array([[2, 0, 1], [1, 2, 0]])
+    selected = jnp.array([[True, True, True], [False, True, True]])
+    bias = jnp.array([[-2.0, 0.0, -1.0], [0.0, -3.0, -1.0]])
+    prefix = attention.compose(bank, selection, selected, g, cartridge_bias=bias)
+    mask = np.asarray(prefix["mask"]).reshape(2, 3, 12)
+    logit_bias = np.asarray(prefix["logit_bias"]).reshape(2, 3, 12)
+    logit_scale = np.asarray(prefix["logit_scale"]).reshape(2, 3, 12)
+    # Row 0: the second cartridge (bias 0) shows its sink; row 1: its first slot is not
+    # selected, so the best active one is the third (-1 beats -3).
+    assert mask[:, :, 0].tolist() == [[False, True, False], [False, False, True]]
+    assert logit_bias[0, 1, 0] == 0.0 and logit_scale[0, 1, 0] == 1.0
+    assert logit_bias[1, 2, 0] == 0.0 and logit_scale[1, 2, 0] == 1.0
+    np.testing.assert_allclose(logit_bias[0, :, 1], -0.5 * np.log(3.0) + np.array([-2, 0, -1]),
+                               atol=1e-5)
+    assert np.all(logit_scale[0, :, 1:] == 2.0)
+    # Everything but the sink is what the geometry without the option gives.
+    plain = attention.compose(bank, selection, selected,
+                              dataclasses.replace(g, routed_sink=0.0), cartridge_bias=bias)
+    assert np.asarray(plain["mask"]).reshape(2, 3, 12)[:, :, 0].tolist() == \
+        [[True, False, False], [False, True, False]]
+    np.testing.assert_array_equal(np.asarray(plain["logit_bias"]).reshape(2, 3, 12)[:, :, 1:],
+                                  logit_bias[:, :, 1:])
+    np.testing.assert_array_equal(np.asarray(plain["start"]), np.asarray(prefix["start"]))
+
+
 def test_parallel_queries_start_after_the_longest_cartridge(params):
     _, bank = _bank(params, [7, 12, 5], max_tokens=12)
     selection = jnp.array([[2, 0, 1], [1, 0, 0], [0, 0, 0]])

@@ -13,8 +13,9 @@ Composition geometry (`Geometry`; one value is used by training, evaluation, cha
 server alike, so a cartridge is always read the way it was trained):
   * the selected cartridges' tokens are laid out in selection order, C * P_max prefix slots;
   * every cartridge keeps its own keys as trained (each was rotated with positions 0..P-1);
-  * only the first active cartridge's token 0 (the attention sink) is visible; the sinks of the
-    others are masked, so composing N cartridges shows one sink;
+  * only the first active cartridge's token 0 (the attention sink) is visible (`routed_sink`:
+    the best-routed one's); the sinks of the others are masked, so composing N cartridges
+    shows one sink;
   * where the queries start (`num_prefix_tokens`, the prefix's "start" entry):
       serial    after every visible prefix token (the reference's concatenation): a query
                 is C*P - (C-1) positions past a cartridge's first token when C are composed;
@@ -33,7 +34,8 @@ server alike, so a cartridge is always read the way it was trained):
     relevance_floor * |best|). With relevance_floor 0 the worst of a set always gets -r;
     with 1 a set of near-equal scores (an uncertain retriever) is barely routed. The reader
     computes d from the documents' texts (`retrieval.Router`: its own, or the ones the store
-    records) and passes it as `compose(cartridge_bias=)`.
+    records) and passes it as `compose(cartridge_bias=)`. With `routed_sink` = 1 the one
+    visible sink is the best-routed cartridge's, read with no reshaping at all.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from cas_jax.model.decoder import num_prefix_tokens  # noqa: F401
 
 LAYOUTS = ("serial", "parallel")
 _LOGIT_FIELDS = ("temperature", "scale", "count_power", "relevance", "relevance_floor",
-                 "effective_count")
+                 "effective_count", "routed_sink")
 """A spec's key=value names."""
 
 
@@ -68,7 +70,10 @@ class Geometry:
     the best of the set (module doc; 0 = off). relevance_floor: d's denominator is at least
     this share of the best score (module doc; 0 = the set's spread alone). effective_count:
     1 = count_power counts the set by its routed weights, sum exp(-relevance * d), not by its
-    size (equal without routing; 0 = by its size).
+    size (equal without routing; 0 = by its size). routed_sink: 1 = the one visible sink is
+    the best-routed cartridge's (the highest cartridge_bias; ties: the first), and its logit
+    is left as the model reads a cartridge alone (no scale, count or routing term); 0 = the
+    first active cartridge's sink, biased with its cartridge.
     """
 
     layout: str = "serial"
@@ -78,6 +83,7 @@ class Geometry:
     relevance: float = 0.0
     relevance_floor: float = 0.0
     effective_count: float = 0.0
+    routed_sink: float = 0.0
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -88,9 +94,10 @@ class Geometry:
         if not self.relevance >= 0 or not self.relevance_floor >= 0:
             raise ValueError(f"geometry relevance and relevance_floor must be >= 0, got "
                              f"{self.relevance} and {self.relevance_floor}")
-        if self.effective_count not in (0.0, 1.0):
-            raise ValueError(f"geometry effective_count is 0 (off) or 1 (on), got "
-                             f"{self.effective_count}")
+        for name in ("effective_count", "routed_sink"):
+            if getattr(self, name) not in (0.0, 1.0):
+                raise ValueError(f"geometry {name} is 0 (off) or 1 (on), got "
+                                 f"{getattr(self, name)}")
 
     @property
     def reshapes_logits(self) -> bool:
@@ -220,8 +227,12 @@ def compose(bank: CartridgeBank, selection: jax.Array, selected: jax.Array,
     lengths = jnp.where(selected, bank.lengths[selection], 0)
     mask = tok < lengths[:, :, None]  # [B, C, P]
     active = lengths > 0
-    first_active = jnp.cumsum(active, axis=1) == 1
-    drop_sink = active & ~first_active
+    if geometry.routed_sink and cartridge_bias is not None:
+        routed = jnp.where(active, jnp.asarray(cartridge_bias, jnp.float32), -jnp.inf)
+        shows_sink = active & (jnp.arange(c)[None] == jnp.argmax(routed, axis=1)[:, None])
+    else:
+        shows_sink = jnp.cumsum(active, axis=1) == 1
+    drop_sink = active & ~shows_sink
     mask = mask & ~((tok == 0) & drop_sink[:, :, None])
     if geometry.layout == "serial":
         start = jnp.sum(mask, axis=(1, 2))
@@ -239,7 +250,11 @@ def compose(bank: CartridgeBank, selection: jax.Array, selected: jax.Array,
         bias = jnp.broadcast_to(bias[:, None, None], (b, c, p))
         if cartridge_bias is not None:
             bias = bias + jnp.asarray(cartridge_bias, jnp.float32)[:, :, None]
-        prefix["logit_scale"] = jnp.full((b, c * p), 1.0 / geometry.temperature, jnp.float32)
+        scale = jnp.full((b, c, p), 1.0 / geometry.temperature, jnp.float32)
+        if geometry.routed_sink:
+            sink = (tok == 0) & shows_sink[:, :, None]
+            bias, scale = jnp.where(sink, 0.0, bias), jnp.where(sink, 1.0, scale)
+        prefix["logit_scale"] = scale.reshape(b, c * p)
         prefix["logit_bias"] = bias.reshape(b, c * p).astype(jnp.float32)
     return prefix
 
