@@ -35,7 +35,8 @@ flags.DEFINE_enum("engine", "continuous", list(serving_engine.ENGINES),
 flags.DEFINE_string("geometry", "",
                     "How a request's cartridges are composed (attention.Geometry.parse): "
                     "serial or parallel, optionally ',temperature=X,scale=Y,count_power=Z,"
-                    "relevance=R,relevance_floor=F'. Default: the one the store's "
+                    "relevance=R,relevance_floor=F,effective_count=0|1,routed_sink=0|1' "
+                    "(the attention module doc). Default: the one the store's "
                     "cartridges were trained under. A routing geometry (relevance > 0) scores "
                     "documents: --documents, or the store's own.")
 flags.DEFINE_string("documents", "", "The collection the cartridges stand for ('factbook', "
