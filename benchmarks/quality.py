@@ -21,6 +21,7 @@ import functools
 from absl import app, flags
 
 from cas_jax import config_flags
+from cas_jax.documents import retrieval
 from cas_jax.model import loading, rendering
 from cas_jax.studies import pipeline, quality_config, study_runs
 from cas_jax.training import distractors, losses, synthesis
@@ -89,6 +90,9 @@ HELPS = {
                                     "(evaluation; kept in each CAS cartridge); 'none' = the "
                                     "training one. Recorded rows read under serial (results/"
                                     "quality_cas*) are reused only with 'serial' here.",
+    P + "collection.router": "With a routing --train.geometry (relevance > 0): the "
+                             "retriever that routes each composed training row by its "
+                             "conversation's first exchange (cas_jax.training.routing).",
     "cas": "Also the collection methods (issue 12, `cas_jax.studies.cas_study`): CAS oracle "
            "and composed, naive composed, monolithic, retrieval + CAS, RAG.",
     "cas_epochs": "CAS training length in epochs of the self-study data (0: --epochs, the "
@@ -113,7 +117,7 @@ HELPS = {
     "cas_recipe.monolithic": "With --cas: also train and evaluate the monolithic baseline "
                              "(n_docs x P tokens; slow: its prefix is the whole budget).",
 }
-CHOICES = {P + "collection.init": INITS, P + "synthesis.format": rendering.FORMATS,
+CHOICES = {P + "collection.init": INITS, P + "collection.router": retrieval.RETRIEVER_KINDS, P + "synthesis.format": rendering.FORMATS,
            P + "train.loss": losses.LOSS_KINDS, P + "train.schedule": ("constant", "cosine"),
            "cas_recipe.schedule": distractors.SCHEDULES, "cas_recipe.grad_scope": GRAD_SCOPES}
 

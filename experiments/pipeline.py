@@ -21,7 +21,7 @@ import time
 from absl import app, flags
 
 from cas_jax import config_flags
-from cas_jax.documents import corpus
+from cas_jax.documents import corpus, retrieval
 from cas_jax.evaluation import evaluate, questions as questions_lib
 from cas_jax.evaluation.results import format_table, write_report
 from cas_jax.model import loading, rendering
@@ -71,8 +71,12 @@ CONFIG = config_flags.define(
            "collection.distractors.kind": "How CAS training draws k (distractors module doc).",
            "collection.distractors.p_iso": "Mixed schedule: share of rows read alone.",
            "collection.distractors.quiet": "Share of quiet CAS steps (distilled toward the "
-                                           "model with no cartridge)."},
+                                           "model with no cartridge).",
+           "collection.router": "With a routing --geometry (relevance > 0): the retriever "
+                                "that routes each composed training row by its "
+                                "conversation's first exchange (cas_jax.training.routing)."},
     choices={"collection.init": INITS, "collection.grad_scope": GRAD_SCOPES,
+             "collection.router": retrieval.RETRIEVER_KINDS,
              "collection.distractors.kind": distractors.SCHEDULES,
              "synthesis.format": rendering.FORMATS, "train.loss": losses.LOSS_KINDS,
              "train.schedule": ("constant", "cosine")})

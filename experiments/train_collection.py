@@ -24,7 +24,7 @@ from absl import app, flags
 
 from cas_jax import distributed
 from cas_jax.cartridges import attention
-from cas_jax.documents import corpus
+from cas_jax.documents import corpus, retrieval
 from cas_jax.model import loading
 from cas_jax.studies import pipeline
 from cas_jax.training import dataset, train
@@ -53,6 +53,9 @@ flags.DEFINE_string("read_geometry", "", "Composition geometry kept in every car
                     "one evaluation, chat and the server compose it by; empty = --geometry "
                     "(issue 24's choice: serial training, read "
                     "parallel,count_power=0.5,relevance=4,relevance_floor=1).")
+flags.DEFINE_enum("router", "bm25", list(retrieval.RETRIEVER_KINDS), "With a routing "
+                  "--geometry (relevance > 0): the retriever that routes each composed row by "
+                  "its conversation's first exchange (cas_jax.training.routing).")
 flags.DEFINE_integer("ramp_steps", 100, "Steps for the 'ramp' schedule to reach k_max.")
 flags.DEFINE_enum("grad_scope", "target", GRAD_SCOPES, "Which active cartridges get updates.")
 flags.DEFINE_integer("budget_bytes", 1 << 30, "Device bytes for resident cartridges + Adam.")
@@ -94,7 +97,7 @@ def main(argv):
         read = attention.Geometry.parse(FLAGS.read_geometry) if FLAGS.read_geometry else None
     except ValueError as e:
         raise app.UsageError(f"--geometry / --read_geometry: {e}")
-    cfg = dataclasses.replace(cfg, read_geometry=read)
+    cfg = dataclasses.replace(cfg, read_geometry=read, router=FLAGS.router)
     tcfg = train.TrainConfig(lr=FLAGS.lr, total_steps=FLAGS.steps, geometry=geometry)
     if distributed.is_primary():
         os.makedirs(FLAGS.store, exist_ok=True)

@@ -184,13 +184,17 @@ class Router:
         if query in self._scores:
             self._scores.move_to_end(query)
         else:
-            row = np.zeros(len(self.ids))
-            for doc_id, score in self.retriever.search(query, len(self.ids)):
-                row[self._at[doc_id]] = score
-            self._scores[query] = row
+            self._scores[query] = self.score_all(query)
             while self.keep is not None and len(self._scores) > self.keep:
                 self._scores.popitem(last=False)
         return self._scores[query]
+
+    def score_all(self, query: str) -> np.ndarray:
+        """`scores` without the cache (safe from several threads: a data pipeline's)."""
+        row = np.zeros(len(self.ids))
+        for doc_id, score in self.retriever.search(query, len(self.ids)):
+            row[self._at[doc_id]] = score
+        return row
 
     def biases(self, query: str, ids: Sequence[str], relevance: float, floor: float = 0.0
                ) -> list[float]:

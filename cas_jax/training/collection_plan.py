@@ -21,6 +21,7 @@ import numpy as np
 from cas_jax import distributed
 from cas_jax.training import dataset
 from cas_jax.training.distractors import DistractorSchedule, StepPlan, plan_step
+from cas_jax.training.routing import RowRouter
 
 GRAD_SCOPES = ("target", "all")
 
@@ -55,9 +56,11 @@ class StepPlanner:
 
     def __init__(self, data_dir: str, data_ids: list[str], cartridge_of: Mapping[str, str],
                  all_ids: tuple[str, ...], *, batch_size: int, seq_len: int, seed: int,
-                 length_bucket: int, schedule: DistractorSchedule):
-        self.data = dataset.make_train_iterator(data_dir, batch_size, seq_len, seed,
-                                                num_epochs=None, drop_remainder=True)
+                 length_bucket: int, schedule: DistractorSchedule,
+                 router: RowRouter | None = None):
+        self.data = dataset.make_train_iterator(
+            data_dir, batch_size, seq_len, seed, num_epochs=None, drop_remainder=True,
+            route=None if router is None else router.scores)
         self.data_ids, self.cartridge_of, self.all_ids = data_ids, cartridge_of, all_ids
         self.seed, self.length_bucket, self.schedule = seed, length_bucket, schedule
 
@@ -82,6 +85,13 @@ def trainable_slots(plan: StepPlan, capacity: int, grad_scope: str) -> np.ndarra
     return trainable
 
 
-def host_batch(batch: dict, plan: StepPlan, rows: slice) -> dict:
-    """This process's rows of the batch with their bank selection."""
-    return dict(batch, selection=plan.selection[rows], selected=plan.selected[rows])
+def host_batch(batch: dict, plan: StepPlan, rows: slice, router: RowRouter | None = None
+               ) -> dict:
+    """This process's rows of the batch with their bank selection, and with `router` (a
+    routing geometry's) their cartridge_bias."""
+    out = {k: v for k, v in batch.items() if k != "route_scores"}
+    out.update(selection=plan.selection[rows], selected=plan.selected[rows])
+    if router is not None:
+        out["cartridge_bias"] = router.biases(batch.get("route_scores"), plan.doc_ids,
+                                              out["selection"], out["selected"])
+    return out

@@ -20,6 +20,8 @@ tokens, and the last position, whose target is cut off, is unmasked):
   teacher_ids [B, T, k] int32            teacher_logprobs [B, T, k] float32 (0 where not masked)
   doc_index [B] int32 (index in `doc_ids(data_dir)`)   conversation_index [B] int32
   length [B] int32 (valid tokens)
+  route_scores [B, N] float32 (only with `make_train_iterator(route=)`: each row's retrieval
+    scores against the N documents a routing geometry composes from, `training.routing`)
 Positions are not included: the trainer gives valid token t position offset + t and padding -1.
 The trainers cut each batch to its longest row rounded up to `length_bucket` tokens
 (`trim_batch`): self-study conversations are mostly far shorter than `seq_len`, and the padding
@@ -36,7 +38,7 @@ import json
 import os
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grain
 import jax
@@ -290,8 +292,10 @@ class ConversationSource:
             raise CorruptDatasetError(f"{path}: record {local} is corrupted: {e}") from e
 
 
-def pad_example(conv: Conversation, *, seq_len: int, doc_index: dict[str, int]) -> dict:
-    """One training row of the batch format (module doc), truncated/padded to seq_len.
+def pad_example(conv: Conversation, *, seq_len: int, doc_index: dict[str, int],
+                route: Callable[[Conversation], np.ndarray] | None = None) -> dict:
+    """One training row of the batch format (module doc), truncated/padded to seq_len; with
+    `route`, also its route_scores.
 
     A truncated row keeps its first seq_len tokens; its last position is unmasked, since the
     token it predicts is cut off (so loss_mask[t] always implies token t+1 is in the row).
@@ -308,10 +312,13 @@ def pad_example(conv: Conversation, *, seq_len: int, doc_index: dict[str, int]) 
     teacher_ids[where] = conv.teacher_ids[:len(where)]
     teacher_logprobs = np.zeros((seq_len, k), np.float32)
     teacher_logprobs[where] = conv.teacher_logprobs[:len(where)]
-    return {"tokens": tokens, "loss_mask": loss_mask, "teacher_ids": teacher_ids,
-            "teacher_logprobs": teacher_logprobs,
-            "doc_index": np.int32(doc_index[conv.doc_id]),
-            "conversation_index": np.int32(conv.conversation_index), "length": np.int32(n)}
+    row = {"tokens": tokens, "loss_mask": loss_mask, "teacher_ids": teacher_ids,
+           "teacher_logprobs": teacher_logprobs,
+           "doc_index": np.int32(doc_index[conv.doc_id]),
+           "conversation_index": np.int32(conv.conversation_index), "length": np.int32(n)}
+    if route is not None:
+        row["route_scores"] = np.asarray(route(conv), np.float32)
+    return row
 
 
 SEQUENCE_FIELDS = ("tokens", "loss_mask", "teacher_ids", "teacher_logprobs")
@@ -362,7 +369,8 @@ class _ProcessRows(grain.MapDataset):
 def make_train_iterator(data_dir: str, batch_size: int, seq_len: int, seed: int = 0, *,
                         shuffle: bool = True, num_epochs: int | None = 1,
                         shard_index: int | None = None, shard_count: int | None = None,
-                        drop_remainder: bool = False, num_threads: int = 4
+                        drop_remainder: bool = False, num_threads: int = 4,
+                        route: Callable[[Conversation], np.ndarray] | None = None
                         ) -> grain.DatasetIterator:
     """A checkpointable iterator over this process's rows of every global training batch.
 
@@ -374,7 +382,8 @@ def make_train_iterator(data_dir: str, batch_size: int, seq_len: int, seed: int 
     processes' batches are the single-process batch. With several processes batch_size must
     divide evenly and a partial last global batch is dropped. The iterator has
     get_state()/set_state() for checkpoints; its state is the same on every process.
-    Logs how many conversations are truncated to seq_len.
+    Logs how many conversations are truncated to seq_len. route: each row's route_scores
+    (module doc), computed in the pipeline's threads.
     """
     if shard_index is None or shard_count is None:
         shard_index, shard_count = jax.process_index(), jax.process_count()
@@ -399,7 +408,8 @@ def make_train_iterator(data_dir: str, batch_size: int, seq_len: int, seed: int 
             raise ValueError(f"{data_dir}: {len(source)} conversations make no global batch "
                              f"of {batch_size}")
     ds = ds.map(functools.partial(
-        pad_example, seq_len=seq_len, doc_index={d: i for i, d in enumerate(source.doc_ids)}))
+        pad_example, seq_len=seq_len, doc_index={d: i for i, d in enumerate(source.doc_ids)},
+        route=route))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                               prefetch_buffer_size=2 * per))
     return iter(ds.batch(per, drop_remainder=drop_remainder))

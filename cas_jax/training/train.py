@@ -65,7 +65,7 @@ from cas_jax.training.hooks import Hooks, StepInfo
 
 DATA_AXIS = "data"
 BATCH_KEYS = ("tokens", "length", "loss_mask", "teacher_ids", "teacher_logprobs", "selection",
-              "selected")
+              "selected", "cartridge_bias")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,16 +180,23 @@ def cartridges_from_state(state: TrainState, metas: Sequence) -> list[Cartridge]
 def batch_prefix(keys: jax.Array, values: jax.Array, batch: dict,
                  geometry: Geometry = DEFAULT_GEOMETRY) -> dict:
     """The `model.forward` prefix for a batch: composed from the bank by `selection`, or the
-    single cartridge (N = 1) broadcast to every row, both laid out by `geometry`."""
+    single cartridge (N = 1) broadcast to every row, both laid out by `geometry`. A routing
+    geometry reads the batch's cartridge_bias [B, C] (`training.routing`); a row of one
+    cartridge is routed by nothing, so without it every bias is 0 there."""
     n, n_layers, p, kh, dh = keys.shape
     b = batch["tokens"].shape[0]
     bank = CartridgeBank(keys, values, jnp.full((n,), p, jnp.int32))
     if "selection" in batch:
-        return compose(bank, batch["selection"], batch["selected"], geometry)
+        bias = batch.get("cartridge_bias")
+        if bias is None and geometry.relevance > 0 and batch["selection"].shape[1] == 1:
+            bias = jnp.zeros(batch["selection"].shape, jnp.float32)
+        return compose(bank, batch["selection"], batch["selected"], geometry, bias)
     if n != 1:
         raise ValueError(f"a batch without `selection` needs exactly one cartridge, got {n}")
     if geometry.reshapes_logits:  # one cartridge per row, read as a composed set of one
-        return compose(bank, jnp.zeros((b, 1), jnp.int32), jnp.ones((b, 1), bool), geometry)
+        zeros = jnp.zeros((b, 1), jnp.float32) if geometry.relevance > 0 else None
+        return compose(bank, jnp.zeros((b, 1), jnp.int32), jnp.ones((b, 1), bool), geometry,
+                       zeros)
     shape = (n_layers, b, p, kh, dh)
     return {"k": jnp.broadcast_to(keys[0][:, None], shape),
             "v": jnp.broadcast_to(values[0][:, None], shape),

@@ -45,7 +45,7 @@ from cas_jax import distributed, progress
 from cas_jax.cartridges.attention import Geometry
 from cas_jax.cartridges.budget import BudgetManager
 from cas_jax.model.loading import LoadedModel
-from cas_jax.training import dataset, train
+from cas_jax.training import dataset, routing, train
 from cas_jax.training.collection_init import (INITS, document_tokens, initialise_store,
                                               opt_template_fn, single_parts)
 from cas_jax.training.collection_paging import bank_arrays, page_in, page_out
@@ -74,7 +74,11 @@ class CollectionConfig:
     chat, the server, exports); None = the geometry training composes its rows by
     (`TrainConfig.geometry`). Issue 24 chose cartridges trained under serial and read under
     parallel,count_power=0.5,relevance=4,relevance_floor=1 (`pipeline.READ_GEOMETRY`): routing
-    scores each cartridge's document, which the store records (`CartridgeStore.documents`)."""
+    scores each cartridge's document, which the store records (`CartridgeStore.documents`).
+    router: the retriever ("bm25" or "dense") that routes composed training rows when
+    `TrainConfig.geometry` routes by relevance (`training.routing`: each row by its
+    conversation's first exchange, over the documents of `texts` or, on a resumed run, the
+    ones the store records)."""
 
     tokens_per_doc: int = 128
     init: str = "first_tokens"
@@ -91,6 +95,7 @@ class CollectionConfig:
     seed: int = 0
     log_every: int = 5
     read_geometry: Geometry | None = None
+    router: str = "bm25"
 
     def __post_init__(self):
         if self.grad_scope not in GRAD_SCOPES:
@@ -135,9 +140,14 @@ def train_collection(model: LoadedModel, data_dir: str, store_dir: str, cfg: Col
     main, view = open_run_stores(store_dir, model.fingerprint)
     data_ids, cartridge_of, all_ids = resolve_cartridges(data_dir, cartridge_of)
     _initialise_missing(main, model, store_dir, cfg, train_config, optimizer, all_ids, texts)
+    router = routing.row_router(
+        train_config.geometry, all_ids,
+        composes=cfg.distractors.k_max > 0 or cfg.distractors.quiet > 0, kind=cfg.router,
+        texts=texts if texts is not None or train_config.geometry.relevance <= 0
+        else main.documents())
     planner = StepPlanner(data_dir, data_ids, cartridge_of, all_ids, batch_size=cfg.batch_size,
                           seq_len=cfg.seq_len, seed=cfg.seed, length_bucket=cfg.length_bucket,
-                          schedule=cfg.distractors)
+                          schedule=cfg.distractors, router=router)
     commit = CommitProtocol(store_dir, view, template)
     run = commit.resume()
     step, last_loss = 0, float("nan")
@@ -152,7 +162,7 @@ def train_collection(model: LoadedModel, data_dir: str, store_dir: str, cfg: Col
     reporter = Reporter(manager, cfg.steps, step, last_loss, cfg.log_every, on_report, hooks)
     try:
         step = _run_steps(cfg, step, stop_after, planner, manager, commit, reporter, step_fn,
-                          jax.device_put(model.params, rep), mesh)
+                          jax.device_put(model.params, rep), mesh, router)
     finally:
         # Also on a simulated kill: what this flushes lands in the pending store, which the
         # next run discards, exactly as after a real kill.
@@ -162,7 +172,7 @@ def train_collection(model: LoadedModel, data_dir: str, store_dir: str, cfg: Col
 
 def _run_steps(cfg: CollectionConfig, step: int, stop_after: int | None, planner: StepPlanner,
                manager: BudgetManager, commit: CommitProtocol, reporter: Reporter, step_fn,
-               params, mesh) -> int:
+               params, mesh, router: routing.RowRouter | None = None) -> int:
     """The training loop from `step`; returns the step it stopped at (cfg.steps, or earlier
     after `stop_after` steps)."""
     capacity = cfg.batch_size * cfg.distractors.max_slots
@@ -185,7 +195,7 @@ def _run_steps(cfg: CollectionConfig, step: int, stop_after: int | None, planner
             trainable = trainable_slots(plan, capacity, cfg.grad_scope)
             parts, opt_state, metrics = step_fn(
                 parts, opt_state, jax.device_put(trainable, rep), params,
-                train.device_batch(host_batch(current.batch, plan, rows), mesh), plan.quiet)
+                train.device_batch(host_batch(current.batch, plan, rows, router), mesh), plan.quiet)
             updated = page_out(manager, bank, parts, opt_state, trainable)
             tokens = int(np.sum(current.batch["length"]))
             loss = reporter.record(metrics, tokens)
