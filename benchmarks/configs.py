@@ -92,7 +92,8 @@ SETS = {
         doc="Issue 24: one-change CAS training ablations from the TEST run's base (all6: "
             "serial rows, uniform k <= 3, gradients to all, 6 epochs) on dev26's questions, "
             "read under serial (cas_claims.sh); compare with `benchmarks.compose --run=OUT "
-            "--sources=cas --geometries=...` for other read geometries.",
+            "--sources=cas --geometries=...` for other read geometries (G2, the default read "
+            "geometry, for every variant: BUILD_NOTES \"Training under the read geometry\").",
         runner=CLAIMS,
         variants={
             "base": ("--cas_epochs=6", "--cas_grad_scope=all"),
@@ -101,6 +102,11 @@ SETS = {
                       "--cas_p_iso=0.5"),
             "k7": ("--cas_epochs=6", "--cas_grad_scope=all", "--cas_distractors=7"),
             "target": ("--cas_epochs=6",),
+            # Trained under the read geometry G2 (pipeline.READ_GEOMETRY), rows routed by
+            # their first exchange (cas_jax.training.routing).
+            "routed": ("--cas_epochs=6", "--cas_grad_scope=all",
+                       "--train.geometry=parallel,count_power=0.5,relevance=4,"
+                       "relevance_floor=1"),
         },
         common=("--split=dev", "--profiles=26", "--epochs=6", "--nocas_naive",
                 "--compose_k=1,3,7", "--positions=", "--retrievers="),
