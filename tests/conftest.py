@@ -90,6 +90,33 @@ def make_cartridge(p=16, dtype=np.float32, num_frozen=1, doc_id="doc", seed=0,
                      meta=CartridgeMeta(fingerprint, doc_id, num_frozen, "first_tokens"))
 
 
+def write_conversations(path, doc_ids, vocab_size: int, rng: np.random.Generator, k: int = 3,
+                        count: int = 24, messages=lambda doc, i: "[]",
+                        seed_family: str = "question") -> str:
+    """A one-shard self-study dataset at `path`: `count` conversations of 8-13 random tokens,
+    the i-th about doc_ids[i % n] (its messages JSON `messages(doc, i)`), each with 4 masked
+    positions and a random teacher top-k of width k. Returns the path."""
+    from cas_jax.training import dataset
+
+    convs = []
+    for i in range(count):
+        doc = doc_ids[i % len(doc_ids)]
+        n = int(rng.integers(8, 14))
+        mask = np.zeros(n, bool)
+        mask[n - 5:n - 1] = True
+        ids = rng.integers(0, vocab_size, size=(4, k)).astype(np.int32)
+        lp = np.log(np.sort(rng.dirichlet(np.ones(k), size=4), axis=1)[:, ::-1])
+        convs.append(dataset.Conversation(
+            tokens=rng.integers(0, vocab_size, n).astype(np.int32), loss_mask=mask,
+            teacher_ids=ids, teacher_logprobs=np.ascontiguousarray(lp.astype(np.float32)),
+            doc_id=doc, conversation_index=i, chunk_start=0, chunk_end=n,
+            seed_family=seed_family, messages=messages(doc, i)))
+    w = dataset.ShardWriter(str(path), 0, 1, run={"t": 1}, doc_ids=list(doc_ids),
+                            num_items=count, num_batches=1)
+    w.write_batch(0, convs)
+    return str(path)
+
+
 def assert_bitwise_equal(a, b):
     """Two cartridges hold the same bytes, dtype and shape, and freeze as many tokens."""
     for x, y in ((a.keys, b.keys), (a.values, b.values)):

@@ -15,7 +15,7 @@ from cas_jax.documents import retrieval
 from cas_jax.training import dataset, routing, train, train_collection as tc
 from cas_jax.training.collection_plan import StepPlanner, host_batch
 from cas_jax.training.distractors import DistractorSchedule
-from conftest import tiny_model
+from conftest import tiny_model, write_conversations
 
 DOCS = ["a", "b", "c", "d", "e", "f"]
 WORDS = {"a": "apple", "b": "banana", "c": "cherry", "d": "durian", "e": "elder", "f": "fig"}
@@ -31,25 +31,9 @@ def _messages(doc: str, i: int) -> str:
                        {"role": "user", "content": "And the apple?"}])
 
 
-def _dataset(path, vocab: int):
-    rng = np.random.default_rng(0)
-    convs = []
-    for i in range(24):
-        doc = DOCS[i % len(DOCS)]
-        n = int(rng.integers(8, 14))
-        mask = np.zeros(n, bool)
-        mask[n - 5:n - 1] = True
-        ids = rng.integers(0, vocab, size=(4, 3)).astype(np.int32)
-        lp = np.log(np.sort(rng.dirichlet(np.ones(3), size=4), axis=1)[:, ::-1])
-        convs.append(dataset.Conversation(
-            tokens=rng.integers(0, vocab, n).astype(np.int32), loss_mask=mask, teacher_ids=ids,
-            teacher_logprobs=np.ascontiguousarray(lp.astype(np.float32)), doc_id=doc,
-            conversation_index=i, chunk_start=0, chunk_end=n, seed_family="spans",
-            messages=_messages(doc, i)))
-    w = dataset.ShardWriter(str(path), 0, 1, run={"t": 1}, doc_ids=DOCS, num_items=24,
-                            num_batches=1)
-    w.write_batch(0, convs)
-    return str(path)
+def _dataset(path, vocab: int) -> str:
+    return write_conversations(path, DOCS, vocab, np.random.default_rng(0), messages=_messages,
+                               seed_family="spans")
 
 
 def test_first_exchange_is_the_first_user_turn_and_its_answer():

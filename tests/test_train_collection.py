@@ -10,7 +10,7 @@ from cas_jax.model import llama as model_lib
 from cas_jax.model.loading import LoadedModel
 from cas_jax.training import dataset, train, train_collection as tc
 from cas_jax.training.distractors import DistractorSchedule, plan_step
-from conftest import tiny_config
+from conftest import tiny_config, write_conversations
 
 CFG = tiny_config(vocab_size=64, max_position_embeddings=8192)
 DOCS = ["a", "b", "c", "d", "e", "f", "g", "h"]
@@ -36,22 +36,7 @@ def test_plan_never_picks_the_target_and_respects_k():
 
 def _dataset(path, rng, k=3):
     """24 conversations of DOCS with random teacher top-k of width k."""
-    convs = []
-    for i in range(24):
-        doc = DOCS[i % len(DOCS)]
-        n = int(rng.integers(8, 14))
-        mask = np.zeros(n, bool)
-        mask[n - 5:n - 1] = True
-        ids = rng.integers(0, CFG.vocab_size, size=(4, k)).astype(np.int32)
-        lp = np.log(np.sort(rng.dirichlet(np.ones(k), size=4), axis=1)[:, ::-1]).astype(np.float32)
-        convs.append(dataset.Conversation(
-            tokens=rng.integers(0, CFG.vocab_size, n).astype(np.int32), loss_mask=mask,
-            teacher_ids=ids, teacher_logprobs=np.ascontiguousarray(lp), doc_id=doc,
-            conversation_index=i, chunk_start=0, chunk_end=n, seed_family="question",
-            messages="[]"))
-    w = dataset.ShardWriter(str(path), 0, 1, run={"t": 1}, doc_ids=DOCS, num_items=24,
-                            num_batches=1)
-    w.write_batch(0, convs)
+    write_conversations(path, DOCS, CFG.vocab_size, rng, k=k)
 
 
 @pytest.fixture
