@@ -105,7 +105,7 @@ SETS = {
             # Trained under the read geometry G2 (pipeline.READ_GEOMETRY), rows routed by
             # their first exchange (cas_jax.training.routing).
             "routed": ("--cas_epochs=6", "--cas_grad_scope=all",
-                       "--train.geometry=parallel,count_power=0.5,relevance=4,"
+                       "--geometry=parallel,count_power=0.5,relevance=4,"
                        "relevance_floor=1"),
         },
         common=("--split=dev", "--profiles=26", "--epochs=6", "--nocas_naive",

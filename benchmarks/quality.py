@@ -85,12 +85,13 @@ HELPS = {
     P + "seed": "Seed of questions, synthesis and training.",
     P + "train.geometry": "Composition geometry of the training rows "
                           "(attention.Geometry: serial, parallel, optionally "
-                          "',temperature=T,scale=S,count_power=C').",
+                          "',temperature=T,scale=S,count_power=C,relevance=R,...'; a routing "
+                          "one routes each row by --collection.router).",
     P + "collection.read_geometry": "Composition geometry the cartridges are read by "
                                     "(evaluation; kept in each CAS cartridge); 'none' = the "
                                     "training one. Recorded rows read under serial (results/"
                                     "quality_cas*) are reused only with 'serial' here.",
-    P + "collection.router": "With a routing --train.geometry (relevance > 0): the "
+    P + "collection.router": "With a routing --geometry (relevance > 0): the "
                              "retriever that routes each composed training row by its "
                              "conversation's first exchange (cas_jax.training.routing).",
     "cas": "Also the collection methods (issue 12, `cas_jax.studies.cas_study`): CAS oracle "
