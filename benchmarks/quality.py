@@ -118,8 +118,8 @@ HELPS = {
     "cas_recipe.monolithic": "With --cas: also train and evaluate the monolithic baseline "
                              "(n_docs x P tokens; slow: its prefix is the whole budget).",
 }
-CHOICES = {P + "collection.init": INITS, P + "collection.router": retrieval.RETRIEVER_KINDS, P + "synthesis.format": rendering.FORMATS,
-           P + "train.loss": losses.LOSS_KINDS, P + "train.schedule": ("constant", "cosine"),
+CHOICES = {P + "collection.init": INITS, P + "collection.router": retrieval.RETRIEVER_KINDS,
+           P + "synthesis.format": rendering.FORMATS, P + "train.loss": losses.LOSS_KINDS, P + "train.schedule": ("constant", "cosine"),
            "cas_recipe.schedule": distractors.SCHEDULES, "cas_recipe.grad_scope": GRAD_SCOPES}
 
 

@@ -224,11 +224,13 @@ def compose(bank: CartridgeBank, selection: jax.Array, selected: jax.Array,
     k = jnp.moveaxis(k, 2, 0).reshape(n_layers, b, c * p, kh, dh)
     v = jnp.moveaxis(v, 2, 0).reshape(n_layers, b, c * p, kh, dh)
     tok = jnp.arange(p)[None, None, :]
+    if cartridge_bias is not None:
+        cartridge_bias = jnp.asarray(cartridge_bias, jnp.float32)
     lengths = jnp.where(selected, bank.lengths[selection], 0)
     mask = tok < lengths[:, :, None]  # [B, C, P]
     active = lengths > 0
     if geometry.routed_sink and cartridge_bias is not None:
-        routed = jnp.where(active, jnp.asarray(cartridge_bias, jnp.float32), -jnp.inf)
+        routed = jnp.where(active, cartridge_bias, -jnp.inf)
         shows_sink = active & (jnp.arange(c)[None] == jnp.argmax(routed, axis=1)[:, None])
     else:
         shows_sink = jnp.cumsum(active, axis=1) == 1
@@ -241,15 +243,14 @@ def compose(bank: CartridgeBank, selection: jax.Array, selected: jax.Array,
     prefix = {"k": k, "v": v, "mask": mask.reshape(b, c * p), "start": start.astype(jnp.int32)}
     if geometry.reshapes_logits or cartridge_bias is not None:
         if geometry.effective_count and cartridge_bias is not None:
-            weights = jnp.exp(jnp.asarray(cartridge_bias, jnp.float32))
-            n_active = jnp.sum(jnp.where(active, weights, 0.0), axis=1)  # [B]
+            n_active = jnp.sum(jnp.where(active, jnp.exp(cartridge_bias), 0.0), axis=1)  # [B]
             n_active = jnp.where(jnp.any(active, axis=1), n_active, 1.0)
         else:
             n_active = jnp.maximum(jnp.sum(active, axis=1), 1).astype(jnp.float32)  # [B]
         bias = math.log(geometry.scale) - geometry.count_power * jnp.log(n_active)
         bias = jnp.broadcast_to(bias[:, None, None], (b, c, p))
         if cartridge_bias is not None:
-            bias = bias + jnp.asarray(cartridge_bias, jnp.float32)[:, :, None]
+            bias = bias + cartridge_bias[:, :, None]
         scale = jnp.full((b, c, p), 1.0 / geometry.temperature, jnp.float32)
         if geometry.routed_sink:
             sink = (tok == 0) & shows_sink[:, :, None]

@@ -92,6 +92,6 @@ def host_batch(batch: dict, plan: StepPlan, rows: slice, router: RowRouter | Non
     out = {k: v for k, v in batch.items() if k != "route_scores"}
     out.update(selection=plan.selection[rows], selected=plan.selected[rows])
     if router is not None:
-        out["cartridge_bias"] = router.biases(batch.get("route_scores"), plan.doc_ids,
+        out["cartridge_bias"] = router.biases(batch["route_scores"], plan.doc_ids,
                                               out["selection"], out["selected"])
     return out

@@ -41,23 +41,15 @@ def first_exchange(messages: str) -> str:
 
 
 class RowRouter:
-    """Routes training rows over the documents `ids` (the run's cartridge ids, in order).
+    """Routes training rows by `router` over the run's cartridge ids (`router.ids`, in
+    order), under `geometry`'s relevance and floor."""
 
-    router None: every row reads one cartridge (no distractors, no quiet steps), so every
-    bias is 0 and nothing is scored.
-    """
-
-    def __init__(self, geometry: Geometry, ids: Sequence[str],
-                 router: retrieval.Router | None = None):
-        if router is not None and tuple(router.ids) != tuple(ids):
-            raise ValueError("the router must index the run's cartridge ids, in order")
-        self.geometry, self.ids, self.router = geometry, tuple(ids), router
-        self._at = {d: i for i, d in enumerate(self.ids)}
+    def __init__(self, geometry: Geometry, router: retrieval.Router):
+        self.geometry, self.router = geometry, router
+        self._at = {d: i for i, d in enumerate(router.ids)}
 
     def scores(self, conv: Conversation) -> np.ndarray:
         """float32 [N]: the row's retrieval scores against every document."""
-        if self.router is None:
-            return np.zeros(len(self.ids), np.float32)
         return self.router.score_all(first_exchange(conv.messages)).astype(np.float32)
 
     def biases(self, route_scores: np.ndarray, slot_ids: Sequence[str], selection: np.ndarray,
@@ -65,8 +57,6 @@ class RowRouter:
         """float32 [B, C]: each row's composed cartridges' routing biases. route_scores [B, N];
         slot_ids: the document of each step-bank slot; selection/selected [B, C]."""
         out = np.zeros(selection.shape, np.float32)
-        if self.router is None:
-            return out
         g = self.geometry
         for row in range(selection.shape[0]):
             cols = np.flatnonzero(selected[row])
@@ -80,17 +70,17 @@ class RowRouter:
 
 def row_router(geometry: Geometry, ids: Sequence[str], composes: bool, kind: str,
                texts: Mapping[str, str] | None) -> RowRouter | None:
-    """The run's `RowRouter`, or None when `geometry` does not route. composes: whether any
-    row reads more than one cartridge (distractors or quiet steps); only then are `texts`
-    (cartridge id -> document) scored by a `kind` retriever ("bm25" or "dense")."""
-    if geometry.relevance <= 0:
+    """The run's `RowRouter` over the cartridge ids `ids`, or None when no row needs one:
+    `geometry` does not route, or no row reads more than one cartridge (composes False: no
+    distractors, no quiet steps; `train.batch_prefix` gives a row of one cartridge bias 0).
+    Otherwise `texts` (cartridge id -> document) are indexed by a `kind` retriever ("bm25" or
+    "dense"); ValueError names the ids without one."""
+    if geometry.relevance <= 0 or not composes:
         return None
-    if not composes:
-        return RowRouter(geometry, ids)
     missing = [d for d in ids if texts is None or d not in texts]
     if missing:
         raise ValueError(f"training under the routing geometry {geometry} scores each "
                          f"cartridge's document; no text for {missing[:5]} (pass texts, or "
                          "a store that records its documents)")
     retriever = retrieval.make_retriever(kind, {d: texts[d] for d in ids})
-    return RowRouter(geometry, ids, retrieval.Router(retriever, ids, keep=1))
+    return RowRouter(geometry, retrieval.Router(retriever, ids, keep=1))

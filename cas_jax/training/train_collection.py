@@ -140,11 +140,11 @@ def train_collection(model: LoadedModel, data_dir: str, store_dir: str, cfg: Col
     main, view = open_run_stores(store_dir, model.fingerprint)
     data_ids, cartridge_of, all_ids = resolve_cartridges(data_dir, cartridge_of)
     _initialise_missing(main, model, store_dir, cfg, train_config, optimizer, all_ids, texts)
+    composes = cfg.distractors.k_max > 0 or cfg.distractors.quiet > 0
+    routes = train_config.geometry.relevance > 0 and composes
     router = routing.row_router(
-        train_config.geometry, all_ids,
-        composes=cfg.distractors.k_max > 0 or cfg.distractors.quiet > 0, kind=cfg.router,
-        texts=texts if texts is not None or train_config.geometry.relevance <= 0
-        else main.documents())
+        train_config.geometry, all_ids, composes, kind=cfg.router,
+        texts=texts if texts is not None or not routes else main.documents())
     planner = StepPlanner(data_dir, data_ids, cartridge_of, all_ids, batch_size=cfg.batch_size,
                           seq_len=cfg.seq_len, seed=cfg.seed, length_bucket=cfg.length_bucket,
                           schedule=cfg.distractors, router=router)
