@@ -71,6 +71,10 @@ def test_rows_are_routed_by_their_first_exchange_as_a_reader_routes(tmp_path):
     # bias 0 in `train.batch_prefix`).
     assert routing.row_router(ROUTED, DOCS, composes=False, kind="bm25", texts=None) is None
     assert routing.row_router(attention.PARALLEL, DOCS, True, "bm25", None) is None
+    silent = dataclasses.replace(by_index[0], messages=json.dumps(
+        [{"role": "assistant", "content": "x"}]))
+    with pytest.raises(ValueError, match="conversation 0 of document 'a': .*without a user"):
+        router.scores(silent)
 
 
 @pytest.mark.slow

@@ -50,7 +50,12 @@ class RowRouter:
 
     def scores(self, conv: Conversation) -> np.ndarray:
         """float32 [N]: the row's retrieval scores against every document."""
-        return self.router.score_all(first_exchange(conv.messages)).astype(np.float32)
+        try:
+            query = first_exchange(conv.messages)
+        except ValueError as e:
+            raise ValueError(f"conversation {conv.conversation_index} of document "
+                             f"{conv.doc_id!r}: {e}") from None
+        return self.router.score_all(query).astype(np.float32)
 
     def biases(self, route_scores: np.ndarray, slot_ids: Sequence[str], selection: np.ndarray,
                selected: np.ndarray) -> np.ndarray:
